@@ -1,0 +1,219 @@
+"""The transparency log: checks and appends signed records, signs tree heads, serves proofs.
+
+`TransparencyLog` is what the audit log service wraps and what tests and the
+simulator run in-process (`LocalSink`). It refuses a record that does not parse,
+whose signature does not verify against its signer's registered key (a party's
+first record is its self-signed KEY_REGISTRATION), or whose counter does not
+exceed the signer's last one.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import structlog
+
+from .checkpoint import LogSigner, SignedTreeHead
+from .errors import CounterReplay, KeyConflict, RecordError, StoreCorrupted, UnknownSigner
+from .merkle import MerkleTree, leaf_hash
+from .record import SIGNATURE_BYTES, AuditRecord, Direction, KeyRegistration, leaf_data
+from .signing import verify_signature
+from .store import LogEntry, LogStore, StoredEntry
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True, kw_only=True)
+class AppendResult:
+    """Where a record landed: its index, its leaf hash and the tree head that includes it."""
+
+    index: int
+    leaf_hash: bytes
+    tree_head: SignedTreeHead
+
+
+@dataclass(frozen=True, kw_only=True)
+class Accepted:
+    """A record that passed the log's checks, ready to be stored."""
+
+    record: AuditRecord
+    entry: LogEntry
+
+
+def registration_key(record: AuditRecord) -> bytes | None:
+    """The signing key a record registers for its signer, or None when it registers none."""
+    attrs = record.attributes
+    if isinstance(attrs, KeyRegistration) and record.direction == Direction.SENT:
+        return attrs.signing_key
+    return None
+
+
+class Registry:
+    """Signers' registered keys and last counters, replayed from the log in index order."""
+
+    def __init__(self) -> None:
+        self.keys: dict[str, bytes] = {}
+        self.counters: dict[str, int] = {}
+
+    def check(self, data: bytes, signature: bytes) -> Accepted:
+        """Decodes and checks one record against the registry (without recording it).
+
+        Raises RecordError, SignatureError, UnknownSigner, KeyConflict, CounterReplay.
+        """
+        if len(signature) != SIGNATURE_BYTES:
+            raise RecordError(
+                "signature", expected=f"{SIGNATURE_BYTES} bytes", found=len(signature)
+            )
+        record = AuditRecord.decode(data)
+        party = record.signer
+        registered = self.keys.get(party)
+        offered = registration_key(record)
+        if offered is not None and registered is not None and offered != registered:
+            raise KeyConflict(
+                f"party {party!r} already registered another signing key",
+                expected=registered.hex(),
+                found=offered.hex(),
+            )
+        key = registered if registered is not None else offered
+        if key is None:
+            raise UnknownSigner(
+                f"party {party!r} has no registered key; its first record must be its "
+                "KEY_REGISTRATION",
+                expected="KEY_REGISTRATION",
+                found=record.payload_type.name,
+            )
+        verify_signature(key, data, signature, what=f"record of {party}")
+        last = self.counters.get(party, 0)
+        if record.counter <= last:
+            raise CounterReplay(
+                f"counter {record.counter} of {party!r} is not above its last counter {last}",
+                expected=f"> {last}",
+                found=record.counter,
+            )
+        entry = LogEntry(
+            record=data,
+            signature=signature,
+            party=party,
+            counter=record.counter,
+            leaf_hash=leaf_hash(leaf_data(data, signature)),
+        )
+        return Accepted(record=record, entry=entry)
+
+    def add(self, accepted: Accepted) -> None:
+        party = accepted.record.signer
+        key = registration_key(accepted.record)
+        if key is not None:
+            self.keys[party] = key
+        self.counters[party] = accepted.record.counter
+
+
+class TransparencyLog:
+    """An append-only Merkle log over a `LogStore`, signing a tree head per append. Thread-safe."""
+
+    def __init__(self, *, store: LogStore, signer: LogSigner) -> None:
+        self._store = store
+        self._signer = signer
+        self._lock = threading.Lock()
+        self._registry = Registry()
+        self._tree = MerkleTree()
+        size = store.size()
+        for start in range(0, size, 4096):
+            for stored in store.get(start, min(size, start + 4096)):
+                self._replay(stored)
+        heads = store.tree_heads()
+        if heads:
+            latest = heads[-1]
+            if latest.size != size or self._tree.root(latest.size) != latest.root_hash:
+                raise StoreCorrupted(
+                    "stored log does not match its latest signed tree head",
+                    expected=(latest.size, latest.root_hash.hex()),
+                    found=(size, self._tree.root().hex()),
+                )
+        elif size:
+            raise StoreCorrupted("entries without a signed tree head", expected=0, found=size)
+        self._head = heads[-1] if heads else signer.sign(0, self._tree.root())
+        log.info("audit_log_opened", tree_size=size, origin=signer.origin)
+
+    def _replay(self, stored: StoredEntry) -> None:
+        if stored.index != self._tree.size:
+            raise StoreCorrupted("entry index gap", expected=self._tree.size, found=stored.index)
+        accepted = self._registry.check(stored.record, stored.signature)
+        if accepted.entry.leaf_hash != stored.leaf_hash:
+            raise StoreCorrupted(
+                f"leaf hash of entry {stored.index}",
+                expected=accepted.entry.leaf_hash.hex(),
+                found=stored.leaf_hash.hex(),
+            )
+        self._registry.add(accepted)
+        self._tree.append(stored.leaf_hash)
+
+    @property
+    def size(self) -> int:
+        with self._lock:
+            return self._tree.size
+
+    @property
+    def signer(self) -> LogSigner:
+        return self._signer
+
+    def append(self, record: bytes, signature: bytes) -> AppendResult:
+        """Checks and appends one signed record. Raises what `Registry.check` raises."""
+        return self.append_many([(record, signature)])[0]
+
+    def append_many(self, items: Sequence[tuple[bytes, bytes]]) -> list[AppendResult]:
+        """Checks and appends records in one transaction: all are appended or none."""
+        with self._lock:
+            staged = Registry()
+            staged.keys, staged.counters = dict(self._registry.keys), dict(self._registry.counters)
+            accepted = []
+            for record, signature in items:
+                one = staged.check(record, signature)
+                staged.add(one)
+                accepted.append(one)
+            first = self._tree.size
+            for one in accepted:
+                self._tree.append(one.entry.leaf_hash)
+            head = self._signer.sign(self._tree.size, self._tree.root())
+            try:
+                self._store.append([a.entry for a in accepted], head)
+            except BaseException:
+                self._tree.truncate(first)
+                raise
+            self._registry, self._head = staged, head
+        return [
+            AppendResult(index=first + i, leaf_hash=a.entry.leaf_hash, tree_head=head)
+            for i, a in enumerate(accepted)
+        ]
+
+    def tree_head(self) -> SignedTreeHead:
+        with self._lock:
+            return self._head
+
+    def inclusion_proof(self, index: int, size: int) -> list[bytes]:
+        """Raises LogRangeError when index >= size or size exceeds the log."""
+        with self._lock:
+            return self._tree.inclusion_proof(index, size)
+
+    def consistency_proof(self, first: int, second: int) -> list[bytes]:
+        """Raises LogRangeError when first > second or second exceeds the log."""
+        with self._lock:
+            return self._tree.consistency_proof(first, second)
+
+    def entries(self, start: int, end: int) -> list[StoredEntry]:
+        """Raises LogRangeError outside [0, size]."""
+        return self._store.get(start, end)
+
+    def close(self) -> None:
+        self._store.close()
+
+
+class LocalSink:
+    """The gate's sink over an in-process `TransparencyLog` (tests, simulator)."""
+
+    def __init__(self, log: TransparencyLog) -> None:
+        self._log = log
+
+    def append(self, record: bytes, signature: bytes) -> AppendResult:
+        return self._log.append(record, signature)

@@ -1,0 +1,247 @@
+"""Durable, append-only storage of log entries and issued tree heads, behind `LogStore`.
+
+Two backends share one contract (tests/audit/test_store.py): `MemoryLogStore` for
+tests and the simulator, `SqliteLogStore` for the service (WAL, synchronous=FULL,
+triggers that abort UPDATE and DELETE, the index assigned inside the insert's
+own transaction).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from .checkpoint import SignedTreeHead
+from .errors import LogRangeError, StoreCorrupted
+
+
+@dataclass(frozen=True, kw_only=True)
+class LogEntry:
+    """What the log appends: the signed record, its signer and counter, and its leaf hash."""
+
+    record: bytes
+    signature: bytes
+    party: str
+    counter: int
+    leaf_hash: bytes
+
+
+@dataclass(frozen=True, kw_only=True)
+class StoredEntry:
+    """An entry as read back, with the index the log assigned."""
+
+    index: int
+    record: bytes
+    signature: bytes
+    leaf_hash: bytes
+
+
+class LogStore(Protocol):
+    """Append-only storage. `append` writes entries and the tree head they produce atomically."""
+
+    def append(self, entries: Sequence[LogEntry], head: SignedTreeHead) -> int:
+        """Appends entries at the end (all or none) with `head` of size size()+len(entries).
+
+        Returns the first new index. Raises StoreCorrupted when `head.size` does not fit.
+        """
+        ...
+
+    def get(self, start: int, end: int) -> list[StoredEntry]:
+        """Entries with start <= index < end, in index order."""
+        ...
+
+    def size(self) -> int: ...
+
+    def leaf_hashes(self) -> list[bytes]: ...
+
+    def tree_heads(self) -> list[SignedTreeHead]:
+        """Every tree head stored, by increasing size."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class MemoryLogStore:
+    """An in-memory `LogStore` (thread-safe)."""
+
+    def __init__(self) -> None:
+        self._entries: list[LogEntry] = []
+        self._heads: list[SignedTreeHead] = []
+        self._lock = threading.Lock()
+
+    def append(self, entries: Sequence[LogEntry], head: SignedTreeHead) -> int:
+        with self._lock:
+            first = len(self._entries)
+            _check_head(first, entries, head)
+            self._entries.extend(entries)
+            self._heads.append(head)
+            return first
+
+    def get(self, start: int, end: int) -> list[StoredEntry]:
+        with self._lock:
+            _check_range(start, end, len(self._entries))
+            return [_stored(i, e) for i, e in enumerate(self._entries[start:end], start)]
+
+    def size(self) -> int:
+        with self._lock:
+            return len(self._entries)
+
+    def leaf_hashes(self) -> list[bytes]:
+        with self._lock:
+            return [e.leaf_hash for e in self._entries]
+
+    def tree_heads(self) -> list[SignedTreeHead]:
+        with self._lock:
+            return list(self._heads)
+
+    def close(self) -> None:
+        pass
+
+
+def _stored(index: int, entry: LogEntry) -> StoredEntry:
+    return StoredEntry(
+        index=index, record=entry.record, signature=entry.signature, leaf_hash=entry.leaf_hash
+    )
+
+
+def _check_head(first: int, entries: Sequence[LogEntry], head: SignedTreeHead) -> None:
+    if not entries:
+        raise ValueError("append: got no entries, want at least one")
+    if head.size != first + len(entries):
+        raise StoreCorrupted(
+            "tree head size does not follow the appended entries",
+            expected=first + len(entries),
+            found=head.size,
+        )
+
+
+def _check_range(start: int, end: int, size: int) -> None:
+    if not 0 <= start <= end:
+        raise LogRangeError(f"entry range: got [{start}, {end}), want 0 <= start <= end")
+    if end > size:
+        raise LogRangeError(f"entry range end: got {end}, want <= {size} (the log size)")
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS entries (
+    idx INTEGER PRIMARY KEY,
+    party TEXT NOT NULL,
+    counter INTEGER NOT NULL,
+    record BLOB NOT NULL,
+    signature BLOB NOT NULL,
+    leaf_hash BLOB NOT NULL,
+    UNIQUE (party, counter)
+);
+CREATE TABLE IF NOT EXISTS tree_heads (
+    tree_size INTEGER PRIMARY KEY,
+    root_hash BLOB NOT NULL,
+    checkpoint BLOB NOT NULL
+);
+CREATE TRIGGER IF NOT EXISTS entries_no_update BEFORE UPDATE ON entries
+    BEGIN SELECT RAISE(ABORT, 'audit log entries are append-only'); END;
+CREATE TRIGGER IF NOT EXISTS entries_no_delete BEFORE DELETE ON entries
+    BEGIN SELECT RAISE(ABORT, 'audit log entries are append-only'); END;
+CREATE TRIGGER IF NOT EXISTS tree_heads_no_update BEFORE UPDATE ON tree_heads
+    BEGIN SELECT RAISE(ABORT, 'tree heads are append-only'); END;
+CREATE TRIGGER IF NOT EXISTS tree_heads_no_delete BEFORE DELETE ON tree_heads
+    BEGIN SELECT RAISE(ABORT, 'tree heads are append-only'); END;
+"""
+
+APPEND_ONLY_TRIGGERS = frozenset(
+    {"entries_no_update", "entries_no_delete", "tree_heads_no_update", "tree_heads_no_delete"}
+)
+
+# The index is computed by the INSERT itself, inside the BEGIN IMMEDIATE transaction.
+_INSERT = (
+    "INSERT INTO entries (idx, party, counter, record, signature, leaf_hash) "
+    "SELECT COALESCE(MAX(idx), -1) + 1, ?, ?, ?, ?, ? FROM entries"
+)
+
+
+class SqliteLogStore:
+    """A `LogStore` in one SQLite file. `readonly=True` opens evidence without writing to it."""
+
+    def __init__(self, path: Path | str, *, readonly: bool = False) -> None:
+        self.path = Path(path)
+        if readonly:
+            uri = f"{self.path.resolve().as_uri()}?mode=ro"
+            self._db = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
+        else:
+            self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.executescript(_SCHEMA)
+        self._lock = threading.Lock()
+
+    def append(self, entries: Sequence[LogEntry], head: SignedTreeHead) -> int:
+        rows = [(e.party, e.counter, e.record, e.signature, e.leaf_hash) for e in entries]
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                first = self._size_locked()
+                _check_head(first, entries, head)
+                self._db.executemany(_INSERT, rows)
+                self._db.execute(
+                    "INSERT INTO tree_heads (tree_size, root_hash, checkpoint) VALUES (?, ?, ?)",
+                    (head.size, head.root_hash, head.checkpoint),
+                )
+                if self._size_locked() != head.size:
+                    raise StoreCorrupted(
+                        "entries table is not contiguous",
+                        expected=head.size,
+                        found=self._size_locked(),
+                    )
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            return first
+
+    def _size_locked(self) -> int:
+        row = self._db.execute("SELECT COALESCE(MAX(idx), -1) + 1 FROM entries").fetchone()
+        return int(row[0])
+
+    def get(self, start: int, end: int) -> list[StoredEntry]:
+        with self._lock:
+            _check_range(start, end, self._size_locked())
+            rows = self._db.execute(
+                "SELECT idx, record, signature, leaf_hash FROM entries "
+                "WHERE idx >= ? AND idx < ? ORDER BY idx",
+                (start, end),
+            ).fetchall()
+        return [
+            StoredEntry(index=int(i), record=bytes(r), signature=bytes(s), leaf_hash=bytes(h))
+            for i, r, s, h in rows
+        ]
+
+    def size(self) -> int:
+        with self._lock:
+            return self._size_locked()
+
+    def leaf_hashes(self) -> list[bytes]:
+        with self._lock:
+            rows = self._db.execute("SELECT leaf_hash FROM entries ORDER BY idx").fetchall()
+        return [bytes(r[0]) for r in rows]
+
+    def tree_heads(self) -> list[SignedTreeHead]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT tree_size, root_hash, checkpoint FROM tree_heads ORDER BY tree_size"
+            ).fetchall()
+        return [
+            SignedTreeHead(size=int(n), root_hash=bytes(r), checkpoint=bytes(c)) for n, r, c in rows
+        ]
+
+    def triggers(self) -> frozenset[str]:
+        """Names of the triggers present (the verifier checks the append-only ones are there)."""
+        with self._lock:
+            rows = self._db.execute("SELECT name FROM sqlite_master WHERE type = 'trigger'")
+            return frozenset(str(r[0]) for r in rows.fetchall())
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()

@@ -1,0 +1,116 @@
+"""Neighbour graph of a window: who masks with whom and who holds whose secret shares.
+
+For small cohorts this is the complete graph (Bonawitz et al. 2017). For large
+ones it is a random Harary graph as in SecAgg+ (Bell et al. 2020): the cohort is
+ordered by a keyed hash of (public seed, window, party id) and each party is
+joined to the ``k/2`` parties on either side of it on that ring. Every party and
+the aggregator derive the same graph from public inputs, so no one has to be
+trusted to announce it, and it changes every window.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from echelon.secagg.config import MAX_PARTY_ID, SecAggConfig
+from echelon.secagg.errors import ConfigError, UnknownParty
+
+_GRAPH_DOMAIN = b"echelon/secagg/v1/neighbour-graph"
+
+
+def graph_degree(cohort_size: int, config: SecAggConfig) -> int:
+    """Number of neighbours of each party for a cohort of ``cohort_size`` parties.
+
+    The complete graph (``cohort_size - 1``) when ``config.neighbours`` is at
+    least that, or when it is ``None`` and the cohort has at most
+    ``config.complete_graph_max`` parties; otherwise an even degree (a Harary
+    graph needs one), ``config.neighbours`` rounded up, or ``2 * ceil(2 * log2(n))``.
+    """
+    complete = cohort_size - 1
+    if config.neighbours is None:
+        if cohort_size <= config.complete_graph_max:
+            return complete
+        wanted = 2 * math.ceil(2 * math.log2(cohort_size))
+    else:
+        wanted = config.neighbours + config.neighbours % 2
+    return min(wanted, complete)
+
+
+def validate_cohort(cohort: Sequence[int], config: SecAggConfig) -> tuple[int, ...]:
+    """Return the cohort as a sorted tuple, or raise ``ConfigError`` saying what is wrong."""
+    ordered = tuple(sorted(cohort))
+    if len(set(ordered)) != len(ordered):
+        raise ConfigError(
+            f"cohort: got repeated party ids in {list(ordered)}", expected="unique", found=ordered
+        )
+    if not 2 <= len(ordered) <= config.max_participants:
+        raise ConfigError(
+            f"cohort: got {len(ordered)} parties, want 2..{config.max_participants} "
+            "(raise SecAggConfig.max_participants, within its overflow check)",
+            expected=(2, config.max_participants),
+            found=len(ordered),
+        )
+    if ordered[0] < 0 or ordered[-1] > MAX_PARTY_ID:
+        raise ConfigError(
+            f"cohort: party ids must lie in 0..{MAX_PARTY_ID}, got {ordered[0]}..{ordered[-1]}",
+            expected=(0, MAX_PARTY_ID),
+            found=(ordered[0], ordered[-1]),
+        )
+    return ordered
+
+
+@dataclass(frozen=True, kw_only=True)
+class NeighbourGraph:
+    """The neighbourhoods and Shamir thresholds of one window's cohort."""
+
+    cohort: tuple[int, ...]
+    neighbours: dict[int, frozenset[int]]
+    threshold_fraction: float
+
+    @classmethod
+    def build(
+        cls, *, cohort: Sequence[int], window: int, graph_seed: bytes, config: SecAggConfig
+    ) -> NeighbourGraph:
+        """Derive the graph from public inputs; raises ``ConfigError`` for a bad cohort."""
+        members = validate_cohort(cohort, config)
+        degree = graph_degree(len(members), config)
+        ring = sorted(
+            members,
+            key=lambda party: hashlib.sha256(
+                _GRAPH_DOMAIN
+                + len(graph_seed).to_bytes(4, "big")
+                + graph_seed
+                + window.to_bytes(8, "big")
+                + party.to_bytes(4, "big")
+            ).digest(),
+        )
+        size = len(ring)
+        neighbours: dict[int, frozenset[int]] = {}
+        for position, party in enumerate(ring):
+            if degree == size - 1:
+                peers = set(members) - {party}
+            else:
+                peers = set()
+                for step in range(1, degree // 2 + 1):
+                    peers.add(ring[(position + step) % size])
+                    peers.add(ring[(position - step) % size])
+            neighbours[party] = frozenset(peers)
+        return cls(
+            cohort=members, neighbours=neighbours, threshold_fraction=config.threshold_fraction
+        )
+
+    def of(self, party: int) -> frozenset[int]:
+        """Neighbours of ``party`` (never itself); raises ``UnknownParty`` outside the cohort."""
+        try:
+            return self.neighbours[party]
+        except KeyError:
+            raise UnknownParty(
+                f"party {party} is not in the cohort", expected=self.cohort, found=party
+            ) from None
+
+    def threshold(self, party: int) -> int:
+        """Shares of ``party``'s secrets needed to reconstruct them: a strict majority."""
+        return math.floor(self.threshold_fraction * len(self.of(party))) + 1

@@ -1,0 +1,70 @@
+"""Throughput of a boundary's device pool: tokens/s of inner steps for N workers on the demo
+corpus (`python -m echelon.training.bench --corpus-cache DIR --workers 1 2`)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from echelon.training.corpus import fetch_domain
+from echelon.training.data import DataConfig
+from echelon.training.inner import InnerConfig
+from echelon.training.pool import DevicePool, PoolConfig
+from echelon.training.tokenizer import TokenizerConfig, obtain_tokenizer
+
+
+def measure(cfg: PoolConfig, *, steps: int, windows: int) -> float:
+    """Tokens/s over `windows` windows of `steps` steps (after one warm-up window)."""
+    with DevicePool(cfg) as pool:
+        theta = np.zeros(pool.layout().numel, dtype=np.float32)
+        pool.run_window(window=0, global_flat=theta, steps=2, inner=None, deadline_s=600.0)
+        tokens = 0
+        started = time.perf_counter()
+        for window in range(1, windows + 1):
+            result = pool.run_window(
+                window=window, global_flat=theta, steps=steps, inner=None, deadline_s=600.0
+            )
+            tokens += result.tokens
+        return tokens / (time.perf_counter() - started)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m echelon.training.bench")
+    parser.add_argument("--corpus-cache", type=Path, required=True)
+    parser.add_argument("--domain", default="python-docs")
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--threads-per-worker", type=int, default=1)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--windows", type=int, default=2)
+    parser.add_argument("--offline", action="store_true")
+    args = parser.parse_args(argv)
+    text = fetch_domain(
+        args.domain, args.corpus_cache, max_bytes=1 << 20, allow_network=not args.offline
+    )
+    with tempfile.TemporaryDirectory(prefix="echelon-bench-") as tmp:
+        tok_dir = Path(tmp) / "tokenizer"
+        obtain_tokenizer(TokenizerConfig(files=(text.path,), vocab_size=4096), tok_dir)
+        for n in args.workers:
+            cfg = PoolConfig(
+                n_workers=n,
+                data=DataConfig(files=(text.path,), seq_len=args.seq_len),
+                tokenizer_dir=tok_dir,
+                work_dir=Path(tmp) / f"work-{n}",
+                threads_per_worker=args.threads_per_worker,
+                inner_cfg=InnerConfig(batch_size=args.batch_size, seq_len=args.seq_len),
+                eval_each_window=False,
+            )
+            rate = measure(cfg, steps=args.steps, windows=args.windows)
+            print(f"workers={n} threads/worker={args.threads_per_worker} tokens/s={rate:.0f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,159 @@
+"""Control plane between a boundary agent's device pool and its worker processes.
+
+Control messages travel over one multiprocessing Pipe per worker (picklable frozen
+dataclasses, no model state except the public global adapter for evaluation). Tensors
+(the global adapter theta_v and the contributions) travel over a gloo group in which the
+agent is rank 0: point-to-point, so that a dead or slow worker cannot wedge the others.
+The group is rebuilt, on a fresh TCPStore port, whenever membership changes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Literal, Protocol, cast
+
+import numpy as np
+import torch
+from torch._C._distributed_c10d import PrefixStore, ProcessGroupGloo, TCPStore, Work
+
+from echelon.training.data import DataConfig
+from echelon.training.inner import InnerConfig
+from echelon.training.model_config import LoraConfig, ModelConfig
+
+LOOPBACK = "127.0.0.1"
+Partition = Literal["iid", "dirichlet"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class WorkerSpec:
+    """Everything one worker process needs; picklable, sent once at spawn."""
+
+    shard: int
+    n_shards: int
+    data: DataConfig
+    partition: Partition
+    dirichlet_alpha: float
+    model_cfg: ModelConfig
+    lora_cfg: LoraConfig
+    inner_cfg: InnerConfig
+    tokenizer_dir: Path
+    threads: int
+    device: str
+    work_dir: Path
+    eval_batches: int
+    eval_batch_size: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class GroupInfo:
+    """Where and how to join the gloo group of one membership generation."""
+
+    host: str
+    port: int
+    generation: int
+    world_size: int
+    timeout_s: float
+
+
+@dataclass(frozen=True, kw_only=True)
+class JoinGroup:
+    group: GroupInfo
+    rank: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class StartWindow:
+    """Receive theta_v from rank 0, run `steps` inner steps, send the contribution to rank 0."""
+
+    window: int
+    steps: int
+    inner: InnerConfig | None
+    send_timeout_s: float
+
+
+@dataclass(frozen=True, kw_only=True)
+class Evaluate:
+    """Validation loss of the boundary's held-out text under the (global) adapter `theta`."""
+
+    theta: np.ndarray
+
+
+@dataclass(frozen=True)
+class Stop:
+    pass
+
+
+@dataclass(frozen=True, kw_only=True)
+class Ready:
+    shard: int
+    layout_json: str
+    device: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class Joined:
+    generation: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class WindowDone:
+    window: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvalResult:
+    loss: float
+
+
+@dataclass(frozen=True, kw_only=True)
+class WorkerError:
+    """The worker could not do what it was asked; it keeps serving control messages."""
+
+    message: str
+
+
+ToWorker = JoinGroup | StartWindow | Evaluate | Stop
+FromWorker = Ready | Joined | WindowDone | EvalResult | WorkerError
+
+
+def new_store(world_size: int, timeout_s: float) -> TCPStore:
+    """Agent side: a rendezvous store on a free ephemeral loopback port."""
+    return TCPStore(
+        LOOPBACK,
+        0,
+        world_size,
+        True,
+        timeout=timedelta(seconds=timeout_s),
+        wait_for_workers=False,
+    )
+
+
+def client_store(info: GroupInfo) -> TCPStore:
+    """Worker side: a client of the agent's rendezvous store."""
+    return TCPStore(
+        info.host, info.port, info.world_size, False, timeout=timedelta(seconds=info.timeout_s)
+    )
+
+
+class PointToPointGroup(Protocol):
+    """The part of a gloo process group that the pool uses (torch's stubs omit these methods
+    on `ProcessGroupGloo`, which has them at run time)."""
+
+    def send(self, tensors: list[torch.Tensor], dstRank: int, tag: int) -> Work: ...
+
+    def recv(self, tensors: list[torch.Tensor], srcRank: int, tag: int) -> Work: ...
+
+    def abort(self) -> None: ...
+
+
+def connect(info: GroupInfo, rank: int, store: TCPStore) -> PointToPointGroup:
+    """Join the gloo group of `info` as `rank` (blocks until all members joined or timeout).
+
+    The gloo timeout is `info.timeout_s`, not gloo's 30 minute default, so a dead peer becomes
+    an error within seconds. The caller keeps `store` alive as long as the group.
+    """
+    prefixed = PrefixStore(f"echelon/pool/{info.generation}", store)
+    group = ProcessGroupGloo(prefixed, rank, info.world_size, timedelta(seconds=info.timeout_s))
+    return cast(PointToPointGroup, group)

@@ -1,0 +1,378 @@
+"""The boundary agent's device pool: spawns and supervises one worker process per device, runs
+participation windows over a gloo group in which the agent is rank 0, and returns only the
+token-weighted SUM of the workers' deltas (never one worker's update or token count).
+
+Per window: a StartWindow control message over each worker's Pipe; theta_v to each worker
+point-to-point over gloo; each worker's contribution (see `contribution.py`) back
+point-to-point, waited on until the window's deadline. A worker that dies or misses the
+deadline is dropped (killed), the window completes with the survivors, and the group is
+rebuilt on a fresh rendezvous port before the next window.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import time
+from dataclasses import dataclass, field
+from datetime import timedelta
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
+from pathlib import Path
+from typing import Literal, TypeVar
+
+import numpy as np
+import structlog
+import torch
+from torch._C._distributed_c10d import TCPStore
+
+from echelon.training.adapter import AdapterLayout, AdapterLayoutError
+from echelon.training.contribution import (
+    CONTRIBUTION_TAG,
+    THETA_TAG,
+    ContributionSum,
+    new_receive_buffer,
+)
+from echelon.training.control import (
+    LOOPBACK,
+    EvalResult,
+    Evaluate,
+    FromWorker,
+    GroupInfo,
+    Joined,
+    JoinGroup,
+    Partition,
+    PointToPointGroup,
+    Ready,
+    StartWindow,
+    Stop,
+    ToWorker,
+    WindowDone,
+    WorkerError,
+    WorkerSpec,
+    connect,
+    new_store,
+)
+from echelon.training.data import DataConfig
+from echelon.training.inner import InnerConfig
+from echelon.training.model_config import LoraConfig, ModelConfig
+
+log = structlog.get_logger(__name__)
+
+_M = TypeVar("_M", Ready, Joined, WindowDone, EvalResult)
+_POLL_S = 0.05
+_REBUILD_ATTEMPTS = 3
+
+
+def _worker_entry(spec: WorkerSpec, conn: Connection) -> None:
+    # Runs in the spawned child: the worker module (and transformers, peft) is imported there
+    # only, so the agent process stays lean.
+    from echelon.training.worker import worker_main
+
+    worker_main(spec, conn)
+
+
+class PoolError(RuntimeError):
+    """The pool cannot do what was asked (not started, closed, or no worker left)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class PoolConfig:
+    """One boundary's devices. `backend` picks the workers' compute device ("gloo": CPU,
+    "nccl": CUDA required, "auto": CUDA when present); the agent/worker exchange always runs
+    on gloo, since NCCL cannot include the CPU-only agent."""
+
+    n_workers: int
+    data: DataConfig
+    tokenizer_dir: Path
+    work_dir: Path
+    partition: Partition = "iid"
+    dirichlet_alpha: float = 0.5
+    model_cfg: ModelConfig = field(default_factory=ModelConfig)
+    lora_cfg: LoraConfig = field(default_factory=LoraConfig)
+    inner_cfg: InnerConfig = field(default_factory=InnerConfig)
+    threads_per_worker: int = 1
+    collective_timeout_s: float = 30.0
+    start_timeout_s: float = 300.0
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    restart_dead_workers: bool = False
+    eval_each_window: bool = True
+    eval_batches: int = 8
+    eval_batch_size: int = 8
+    eval_timeout_s: float = 120.0
+
+    def __post_init__(self) -> None:
+        if self.n_workers < 1:
+            raise ValueError(f"PoolConfig.n_workers: got {self.n_workers}, want >= 1")
+        if self.threads_per_worker < 1:
+            raise ValueError(
+                f"PoolConfig.threads_per_worker: got {self.threads_per_worker}, want >= 1"
+            )
+        if self.collective_timeout_s <= 0 or self.start_timeout_s <= 0:
+            raise ValueError("PoolConfig: collective_timeout_s and start_timeout_s must be > 0")
+        if self.inner_cfg.seq_len > self.data.seq_len:
+            raise ValueError(
+                f"PoolConfig.inner_cfg.seq_len: got {self.inner_cfg.seq_len}, want <= "
+                f"data.seq_len={self.data.seq_len} (blocks are cut at data.seq_len)"
+            )
+        if self.backend == "nccl" and not torch.cuda.is_available():
+            raise ValueError("PoolConfig.backend: 'nccl' needs CUDA; use 'auto' or 'gloo'")
+        if self.eval_batches < 1 or self.eval_batch_size < 1:
+            raise ValueError("PoolConfig: eval_batches and eval_batch_size must be >= 1")
+
+
+@dataclass(frozen=True)
+class DeviceWindowResult:
+    """The boundary's sum for one window: `delta_sum = sum_i w_i * (theta_v - theta_i)` with
+    `w_i = tokens_i`; `weight_sum = sum_i w_i = tokens`; `train_loss` token-weighted;
+    `val_loss` of `theta_v - delta_sum / weight_sum` on held-out text (None when not run)."""
+
+    delta_sum: np.ndarray
+    weight_sum: float
+    tokens: int
+    devices: int
+    train_loss: float
+    val_loss: float | None
+
+
+@dataclass
+class _WorkerHandle:
+    shard: int
+    process: BaseProcess
+    conn: Connection
+    rank: int = 0
+
+
+class DevicePool:
+    """Agent side of one boundary's device plane (rank 0 of the workers' gloo group).
+
+    Not thread-safe: one caller drives start, windows, evaluation and close in turn.
+    """
+
+    def __init__(self, cfg: PoolConfig) -> None:
+        self.cfg = cfg
+        self._ctx = mp.get_context("spawn")
+        self._workers: dict[int, _WorkerHandle] = {}
+        self._layout: AdapterLayout | None = None
+        self._group: PointToPointGroup | None = None
+        self._store: TCPStore | None = None
+        self._generation = 0
+        self._dirty = True
+        self._started = False
+        self._closed = False
+
+    # ---- life cycle -------------------------------------------------------------------
+    def start(self) -> None:
+        """Spawn the workers, wait until each has loaded its model and shard, build the group.
+
+        Raises:
+            PoolError: no worker came up, or the workers disagree on the adapter layout.
+        """
+        if self._started:
+            return
+        self.cfg.work_dir.mkdir(parents=True, exist_ok=True)
+        handles = [self._spawn(shard) for shard in range(self.cfg.n_workers)]
+        for handle in handles:
+            self._admit(handle)
+        if not self._workers:
+            raise PoolError("no worker started; see the workers' logs")
+        self._started = True
+        self._rebuild_group()
+
+    def close(self) -> None:
+        """Stop the workers (Stop, then terminate, then kill); idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        for handle in self._workers.values():
+            self._send(handle, Stop())
+        deadline = time.monotonic() + 10.0
+        for handle in list(self._workers.values()):
+            handle.process.join(max(0.0, deadline - time.monotonic()))
+            self._kill(handle)
+        self._workers.clear()
+        self._abort_group()
+        log.info("pool_closed")
+
+    def __enter__(self) -> DevicePool:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- queries ----------------------------------------------------------------------
+    def layout(self) -> AdapterLayout:
+        if self._layout is None:
+            raise PoolError("DevicePool.layout: call start() first")
+        return self._layout
+
+    def alive_workers(self) -> int:
+        return sum(1 for h in self._workers.values() if h.process.is_alive())
+
+    def worker_pids(self) -> dict[int, int]:
+        """Shard index -> process id of the live workers (for operators and fault tests)."""
+        return {s: h.process.pid for s, h in self._workers.items() if h.process.pid is not None}
+
+    # ---- windows ----------------------------------------------------------------------
+    def run_window(
+        self,
+        *,
+        window: int,
+        global_flat: np.ndarray,
+        steps: int,
+        inner: InnerConfig | None,
+        deadline_s: float,
+    ) -> DeviceWindowResult:
+        """Run `steps` inner steps on every live worker from `global_flat` and return the sum
+        of their weighted deltas. `deadline_s` is seconds from now; a worker that has not
+        delivered by then is dropped.
+
+        Raises:
+            AdapterLayoutError: `global_flat` does not match the layout.
+            PoolError: the pool is not running or no worker contributed.
+        """
+        layout = self._check_running()
+        if global_flat.shape != (layout.numel,):
+            raise AdapterLayoutError(
+                "global adapter length", expected=layout.numel, found=global_flat.shape
+            )
+        if steps < 1 or deadline_s <= 0:
+            raise ValueError(f"run_window: got steps={steps}, deadline_s={deadline_s}; want > 0")
+        if inner is not None and inner.seq_len > self.cfg.data.seq_len:
+            raise ValueError(
+                f"run_window.inner.seq_len: got {inner.seq_len}, want <= "
+                f"data.seq_len={self.cfg.data.seq_len}"
+            )
+        deadline = time.monotonic() + deadline_s
+        self._supervise()
+        group = self._require_group()
+        theta = torch.from_numpy(np.ascontiguousarray(global_flat, dtype=np.float32))
+        start = StartWindow(
+            window=window,
+            steps=steps,
+            inner=inner,
+            send_timeout_s=deadline_s + self.cfg.collective_timeout_s,
+        )
+        failed: dict[int, str] = {}
+        members = list(self._workers.values())
+        for handle in members:
+            if not self._send(handle, start):
+                failed[handle.shard] = "control pipe closed"
+        sends = {
+            h.shard: group.send([theta], h.rank, THETA_TAG)
+            for h in members
+            if h.shard not in failed
+        }
+        for shard, work in sends.items():
+            try:
+                work.wait(timedelta(seconds=self.cfg.collective_timeout_s))
+            except RuntimeError as exc:
+                failed[shard] = f"theta send: {exc}"
+        total = ContributionSum(layout.numel)
+        receives = {}
+        for handle in members:
+            if handle.shard not in failed:
+                buffer = new_receive_buffer(layout.numel)
+                receives[handle.shard] = (
+                    group.recv([buffer], handle.rank, CONTRIBUTION_TAG),
+                    buffer,
+                )
+        for shard, (work, buffer) in receives.items():
+            try:
+                work.wait(timedelta(seconds=max(_POLL_S, deadline - time.monotonic())))
+                total.add(buffer)
+            except RuntimeError as exc:
+                failed[shard] = f"contribution: {exc}"
+            buffer.zero_()
+        receives.clear()
+        for handle in members:
+            if handle.shard not in failed:
+                reply = self._await(handle, WindowDone, self.cfg.collective_timeout_s)
+                if reply is None or reply.window != window:
+                    failed[handle.shard] = "no WindowDone"
+        for shard, reason in failed.items():
+            self._drop(shard, reason, window=window)
+        if total.count == 0:
+            raise PoolError(f"window {window}: no worker contributed ({failed})")
+        val_loss = None
+        if self.cfg.eval_each_window:
+            local = global_flat.astype(np.float64) - total.delta_sum / total.weight_sum
+            val_loss = self._evaluate_or_none(local.astype(np.float32), window)
+        result = DeviceWindowResult(
+            delta_sum=total.delta_sum,
+            weight_sum=total.weight_sum,
+            tokens=round(total.weight_sum),
+            devices=total.count,
+            train_loss=total.mean_train_loss,
+            val_loss=val_loss,
+        )
+        log.info(
+            "pool_window_done",
+            window=window,
+            devices=result.devices,
+            tokens=result.tokens,
+            train_loss=round(result.train_loss, 4),
+            val_loss=val_loss,
+            dropped=len(failed),
+        )
+        return result
+
+    def evaluate(self, global_flat: np.ndarray) -> float:
+        """Validation loss of this boundary's held-out text under the adapter `global_flat`
+        (computed in a worker, so the agent never loads the model).
+
+        Raises:
+            AdapterLayoutError: `global_flat` does not match the layout.
+            PoolError: no worker could evaluate.
+        """
+        layout = self._check_running()
+        if global_flat.shape != (layout.numel,):
+            raise AdapterLayoutError(
+                "adapter length", expected=layout.numel, found=global_flat.shape
+            )
+        msg = Evaluate(theta=np.ascontiguousarray(global_flat, dtype=np.float32))
+        for shard in sorted(self._workers):
+            handle = self._workers[shard]
+            if self._send(handle, msg):
+                reply = self._await(handle, EvalResult, self.cfg.eval_timeout_s)
+                if reply is not None:
+                    return reply.loss
+            self._drop(shard, "evaluation failed")
+        raise PoolError("evaluate: no live worker")
+
+    # ---- internals ----------------------------------------------------------------------
+    def _spec(self, shard: int) -> WorkerSpec:
+        use_cuda = self.cfg.backend == "nccl" or (
+            self.cfg.backend == "auto" and torch.cuda.is_available()
+        )
+        device = f"cuda:{shard % torch.cuda.device_count()}" if use_cuda else "cpu"
+        return WorkerSpec(
+            shard=shard,
+            n_shards=self.cfg.n_workers,
+            data=self.cfg.data,
+            partition=self.cfg.partition,
+            dirichlet_alpha=self.cfg.dirichlet_alpha,
+            model_cfg=self.cfg.model_cfg,
+            lora_cfg=self.cfg.lora_cfg,
+            inner_cfg=self.cfg.inner_cfg,
+            tokenizer_dir=self.cfg.tokenizer_dir,
+            threads=self.cfg.threads_per_worker,
+            device=device,
+            work_dir=self.cfg.work_dir,
+            eval_batches=self.cfg.eval_batches,
+            eval_batch_size=self.cfg.eval_batch_size,
+        )
+
+    def _check_running(self) -> AdapterLayout:
+        if self._closed:
+            raise PoolError("the pool is closed")
+        if not self._started:
+            raise PoolError("call start() first")
+        return self.layout()
+
+    def _evaluate_or_none(self, theta: np.ndarray, window: int) -> float | None:
+        try:
+            return self.evaluate(theta)
+        except PoolError as exc:
+            log.warning("pool_eval_failed", window=window, error=str(exc))
+            return None

@@ -1,0 +1,197 @@
+"""The worker process of one device: holds the model, its data shard, the inner optimizer state
+(in memory and in its `work_dir`), and serves the pool's control messages; only its weighted
+contribution leaves it, over the gloo group, to the agent."""
+
+from __future__ import annotations
+
+import time
+from datetime import timedelta
+from multiprocessing.connection import Connection
+from pathlib import Path
+
+import numpy as np
+import structlog
+import torch
+from torch._C._distributed_c10d import TCPStore
+
+from echelon.training.contribution import THETA_TAG, encode_contribution, send_contribution
+from echelon.training.control import (
+    EvalResult,
+    Evaluate,
+    GroupInfo,
+    Joined,
+    JoinGroup,
+    PointToPointGroup,
+    Ready,
+    StartWindow,
+    Stop,
+    WindowDone,
+    WorkerError,
+    WorkerSpec,
+    client_store,
+    connect,
+)
+from echelon.training.data import (
+    BatchSampler,
+    TokenBlocks,
+    dirichlet_partition,
+    fixed_batches,
+    iid_partition,
+    load_blocks,
+    split_train_val,
+)
+from echelon.training.inner import InnerLoop, evaluate
+from echelon.training.model import build_model
+from echelon.training.tokenizer import load_tokenizer
+
+log = structlog.get_logger(__name__)
+
+
+def shard_blocks(spec: WorkerSpec) -> tuple[TokenBlocks, TokenBlocks]:
+    """This worker's training shard and the boundary's (shared) held-out blocks."""
+    tokenizer = load_tokenizer(spec.tokenizer_dir)
+    blocks = load_blocks(spec.data, tokenizer, cache_dir=spec.work_dir / "cache")
+    train, val = split_train_val(blocks, spec.data.val_fraction, spec.data.seed)
+    if spec.partition == "iid":
+        parts = iid_partition(len(train), spec.n_shards, spec.data.seed)
+    else:
+        parts = dirichlet_partition(
+            train.sources, spec.n_shards, spec.dirichlet_alpha, spec.data.seed
+        )
+    return train.select(parts[spec.shard]), val
+
+
+class DeviceWorker:
+    """The state of one device; its methods answer one control message each."""
+
+    def __init__(self, spec: WorkerSpec) -> None:
+        self.spec = spec
+        self.device = torch.device(spec.device)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        self.train, self.val = shard_blocks(spec)
+        vocab = load_tokenizer(spec.tokenizer_dir).vocab_size
+        model, self.layout = build_model(spec.model_cfg, spec.lora_cfg, vocab)
+        self.model = model.to(self.device)
+        self.loop = InnerLoop(self.model, self.layout, spec.inner_cfg, self.device)
+        self.sampler = BatchSampler(
+            self.train, spec.inner_cfg.batch_size, seed=spec.inner_cfg.seed * 1_000_003 + spec.shard
+        )
+        self.group: PointToPointGroup | None = None
+        self.store: TCPStore | None = None
+        self.group_info: GroupInfo | None = None
+        self._restore()
+
+    @property
+    def state_path(self) -> Path:
+        return self.spec.work_dir / f"worker-{self.spec.shard}.pt"
+
+    def _restore(self) -> None:
+        if not self.state_path.is_file():
+            return
+        saved = torch.load(self.state_path, map_location=self.device, weights_only=False)
+        if saved.get("layout_digest") != self.layout.digest():
+            log.warning("worker_state_ignored", shard=self.spec.shard, reason="layout changed")
+            return
+        self.loop.load_state_dict(saved["inner"])
+        log.info("worker_state_restored", shard=self.spec.shard, step=self.loop.step)
+
+    def _persist(self) -> None:
+        tmp = self.state_path.with_suffix(".tmp")
+        torch.save({"layout_digest": self.layout.digest(), "inner": self.loop.state_dict()}, tmp)
+        tmp.replace(self.state_path)
+
+    def join(self, msg: JoinGroup) -> Joined:
+        self.leave()
+        self.group_info = msg.group
+        self.store = client_store(msg.group)
+        self.group = connect(msg.group, msg.rank, self.store)
+        return Joined(generation=msg.group.generation)
+
+    def leave(self) -> None:
+        if self.group is not None:
+            self.group.abort()
+        self.group = None
+        self.store = None
+
+    def window(self, msg: StartWindow) -> WindowDone:
+        if self.group is None or self.group_info is None:
+            raise RuntimeError("StartWindow before JoinGroup")
+        if msg.inner is not None:
+            self.loop.set_config(msg.inner)
+            self.sampler.batch_size = msg.inner.batch_size
+        seq_len = self.loop.cfg.seq_len
+        theta = torch.zeros(self.layout.numel, dtype=torch.float32)
+        self.group.recv([theta], 0, THETA_TAG).wait(timedelta(seconds=self.group_info.timeout_s))
+        theta_v = theta.numpy().copy()
+        batches = (b[:, :seq_len] for b in self.sampler)
+        started = time.perf_counter()
+        result = self.loop.run(theta_v, batches, msg.steps)
+        elapsed = time.perf_counter() - started
+        contribution = encode_contribution(
+            theta_v, self.loop.adapter(), tokens=result.tokens, train_loss=result.mean_loss
+        )
+        send_contribution(self.group, contribution, msg.send_timeout_s)
+        del contribution
+        self._persist()
+        log.info(
+            "worker_window_done",
+            window=msg.window,
+            shard=self.spec.shard,
+            steps=msg.steps,
+            tokens_per_s=round(result.tokens / max(elapsed, 1e-9)),
+        )
+        return WindowDone(window=msg.window)
+
+    def evaluate(self, msg: Evaluate) -> EvalResult:
+        self.loop.set_adapter(np.asarray(msg.theta, dtype=np.float32))
+        batches = fixed_batches(self.val, self.spec.eval_batch_size, self.spec.eval_batches)
+        return EvalResult(loss=evaluate(self.model, batches, self.device))
+
+
+def worker_main(spec: WorkerSpec, conn: Connection) -> None:
+    """Entry point of a spawned worker process: serve control messages until Stop or EOF.
+
+    Crash-only: a worker that fails a join or a window exits, so that the agent's pending
+    point-to-point receive fails at once (peer closed) instead of waiting for the deadline;
+    the pool then drops it (and restarts it when configured). A failed evaluation is only
+    reported.
+    """
+    torch.set_num_threads(spec.threads)
+    try:
+        worker = DeviceWorker(spec)
+        conn.send(Ready(shard=spec.shard, layout_json=worker.layout.to_json(), device=spec.device))
+    except Exception as exc:
+        log.exception("worker_start_failed", shard=spec.shard)
+        conn.send(WorkerError(message=f"worker {spec.shard} start: {exc}"))
+        return
+    while True:
+        try:
+            msg = conn.recv()
+        except (EOFError, OSError):
+            break
+        if isinstance(msg, Stop):
+            break
+        try:
+            if isinstance(msg, JoinGroup):
+                conn.send(worker.join(msg))
+            elif isinstance(msg, StartWindow):
+                conn.send(worker.window(msg))
+            elif isinstance(msg, Evaluate):
+                conn.send(worker.evaluate(msg))
+            else:
+                conn.send(WorkerError(message=f"unknown control message {type(msg).__name__}"))
+        except Exception as exc:
+            log.warning(
+                "worker_request_failed",
+                shard=spec.shard,
+                request=type(msg).__name__,
+                error=str(exc),
+            )
+            try:
+                conn.send(WorkerError(message=f"{type(msg).__name__}: {exc}"))
+            except (BrokenPipeError, OSError):
+                break
+            if not isinstance(msg, Evaluate):
+                break
+    worker.leave()

@@ -1,0 +1,1 @@
+"""Generated protobuf and gRPC code for Echelon; do not edit (make proto)."""

@@ -1,0 +1,1 @@
+"""Echelon's gRPC services: thin shells around the transport-free `echelon` library."""

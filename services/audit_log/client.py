@@ -1,0 +1,142 @@
+"""The audit log client: every call with a deadline, gRPC status mapped to domain errors once.
+
+`AuditClient` is the egress gate's sink (`append`) and the witness's source of
+consistency proofs (`consistency_proof`).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterator
+from typing import NoReturn, TypeVar
+
+import grpc
+
+from echelon.audit import (
+    AppendRefused,
+    AppendResult,
+    AuditError,
+    CounterReplay,
+    LogRangeError,
+    RecordError,
+    SignedTreeHead,
+    StoredEntry,
+)
+from echelon.audit.merkle import leaf_hash
+from echelon.audit.record import leaf_data
+from echelon_proto.audit.v1 import audit_pb2, audit_pb2_grpc
+from services.common.wire import new_ref
+
+T = TypeVar("T")
+PAGE = 1000  # GetEntries serves at most this many per call
+
+
+class AuditServiceError(AuditError):
+    """The service failed or refused in a way no narrower domain error describes."""
+
+    def __init__(self, code: grpc.StatusCode, detail: str) -> None:
+        super().__init__(f"{code.name}: {detail}")
+        self.code = code
+
+
+class InvalidRecord(RecordError):
+    """The service refused the request as malformed (INVALID_ARGUMENT)."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__("request", expected="a well-formed request", found=detail)
+
+
+def _raise(error: grpc.RpcError) -> NoReturn:
+    code = error.code() if isinstance(error, grpc.Call) else grpc.StatusCode.UNKNOWN
+    detail = (error.details() if isinstance(error, grpc.Call) else None) or str(error)
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        raise TimeoutError(f"audit log: {detail}") from error
+    if code == grpc.StatusCode.UNAVAILABLE:
+        raise ConnectionError(f"audit log unavailable: {detail}") from error
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        raise InvalidRecord(detail) from error
+    if code == grpc.StatusCode.PERMISSION_DENIED:
+        raise AppendRefused(detail) from error
+    if code == grpc.StatusCode.ALREADY_EXISTS:
+        raise CounterReplay(detail, expected="a fresh counter", found=detail) from error
+    if code == grpc.StatusCode.OUT_OF_RANGE:
+        raise LogRangeError(detail) from error
+    raise AuditServiceError(code, detail) from error
+
+
+def _tree_head(head: audit_pb2.SignedTreeHead) -> SignedTreeHead:
+    return SignedTreeHead(
+        size=head.tree_size, root_hash=bytes(head.root_hash), checkpoint=bytes(head.checkpoint)
+    )
+
+
+class AuditClient:
+    """Calls one audit log service over `channel`; every call has a `timeout_s` deadline."""
+
+    def __init__(self, channel: grpc.Channel, *, timeout_s: float = 10.0) -> None:
+        if timeout_s <= 0:
+            raise ValueError(f"AuditClient.timeout_s: got {timeout_s}, want > 0")
+        self._stub = audit_pb2_grpc.AuditLogStub(channel)
+        self._timeout_s = timeout_s
+
+    def _call(self, rpc: Callable[[], T]) -> T:
+        try:
+            return rpc()
+        except grpc.RpcError as error:
+            _raise(error)
+
+    def append(self, record: bytes, signature: bytes, *, window: int = 0) -> AppendResult:
+        """Appends a signed record.
+
+        Raises InvalidRecord (malformed), AppendRefused (signature, registration),
+        CounterReplay, TimeoutError, ConnectionError or AuditServiceError.
+        """
+        request = audit_pb2.AppendRequest(ref=new_ref(window), record=record, signature=signature)
+        response = self._call(lambda: self._stub.Append(request, timeout=self._timeout_s))
+        return AppendResult(
+            index=response.index,
+            leaf_hash=bytes(response.leaf_hash),
+            tree_head=_tree_head(response.tree_head),
+        )
+
+    def tree_head(self) -> SignedTreeHead:
+        request = audit_pb2.GetTreeHeadRequest(ref=new_ref(0))
+        response = self._call(lambda: self._stub.GetTreeHead(request, timeout=self._timeout_s))
+        return _tree_head(response.tree_head)
+
+    def inclusion_proof(self, index: int, tree_size: int) -> list[bytes]:
+        """Raises LogRangeError when index >= tree_size or tree_size exceeds the log."""
+        request = audit_pb2.GetInclusionProofRequest(
+            ref=new_ref(0), index=index, tree_size=tree_size
+        )
+        response = self._call(
+            lambda: self._stub.GetInclusionProof(request, timeout=self._timeout_s)
+        )
+        return [bytes(h) for h in response.hashes]
+
+    def consistency_proof(self, first: int, second: int) -> list[bytes]:
+        """Raises LogRangeError when first > second or second exceeds the log."""
+        request = audit_pb2.GetConsistencyProofRequest(ref=new_ref(0), first=first, second=second)
+        response = self._call(
+            lambda: self._stub.GetConsistencyProof(request, timeout=self._timeout_s)
+        )
+        return [bytes(h) for h in response.hashes]
+
+    def _page(self, start: int, end: int) -> list[audit_pb2.Entry]:
+        request = audit_pb2.GetEntriesRequest(ref=new_ref(0), start=start, end=end)
+        return list(self._stub.GetEntries(request, timeout=self._timeout_s))
+
+    def entries(self, start: int, end: int) -> Iterator[StoredEntry]:
+        """Yields entries [start, end), paging by 1000. Raises LogRangeError past the log."""
+        while start < end:
+            page = self._call(functools.partial(self._page, start, end))
+            if not page:
+                return
+            for entry in page:
+                yield StoredEntry(
+                    index=entry.index,
+                    record=bytes(entry.record),
+                    signature=bytes(entry.signature),
+                    leaf_hash=leaf_hash(leaf_data(entry.record, entry.signature)),
+                )
+            start = page[-1].index + 1

@@ -1,0 +1,105 @@
+"""Builds the audit log server from its configuration: data dir, log key, store, servicer.
+
+The data dir holds `log.db` (the SQLite store), `log.key` (the log's Ed25519 seed,
+mode 0600) and `log.vkey` (the verifier key parties and auditors use).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import structlog
+
+from echelon.audit import LogSigner, SqliteLogStore, TransparencyLog
+from echelon_proto.audit.v1 import audit_pb2, audit_pb2_grpc
+from services.common.server import RunningServer, ServerConfig, start_server
+from services.common.validate import NonceGuard
+
+from .servicer import AuditLogServicer
+
+log = structlog.get_logger(__name__)
+SERVICE_NAME = audit_pb2.DESCRIPTOR.services_by_name["AuditLog"].full_name
+DB_FILE, KEY_FILE, VKEY_FILE = "log.db", "log.key", "log.vkey"
+
+
+@dataclass(frozen=True, kw_only=True)
+class AuditLogConfig:
+    """Everything the audit log service needs; built by `main()` from TOML and flags."""
+
+    data_dir: Path
+    server: ServerConfig = field(default_factory=ServerConfig)
+    origin: str = "echelon.audit/log"  # first line of every checkpoint
+    key_name: str = "echelon-audit-log"  # the log key's name in signed notes
+    nonce_capacity: int = 65536
+
+    def __post_init__(self) -> None:
+        if not re.fullmatch(r"[\x21-\x7e][\x20-\x7e]{0,254}", self.origin):
+            raise ValueError(f"AuditLogConfig.origin: got {self.origin!r}, want printable ASCII")
+        if not re.fullmatch(r"[^\s+]{1,128}", self.key_name):
+            raise ValueError(
+                f"AuditLogConfig.key_name: got {self.key_name!r}, want no spaces or '+'"
+            )
+        if self.nonce_capacity < 1024:
+            raise ValueError(
+                f"AuditLogConfig.nonce_capacity: got {self.nonce_capacity}, want >= 1024"
+            )
+
+
+def load_log_signer(config: AuditLogConfig) -> LogSigner:
+    """Reads the log key from the data dir, creating it (0600) on first start."""
+    config.data_dir.mkdir(parents=True, exist_ok=True)
+    key_path = config.data_dir / KEY_FILE
+    if not key_path.exists():
+        fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(os.urandom(32))
+            f.flush()
+            os.fsync(f.fileno())
+        log.info("log_key_created", path=str(key_path))
+    signer = LogSigner.from_seed(
+        name=config.key_name, origin=config.origin, seed=key_path.read_bytes()
+    )
+    (config.data_dir / VKEY_FILE).write_text(signer.verifier_key() + "\n")
+    return signer
+
+
+@dataclass
+class AuditLogServer(RunningServer):
+    """A running audit log server; `stop` also closes the store."""
+
+    log: TransparencyLog | None = None
+
+    def stop(self, grace_s: float = 5.0) -> None:
+        super().stop(grace_s)
+        if self.log is not None:
+            self.log.close()
+            self.log = None
+
+
+def create_server(config: AuditLogConfig) -> AuditLogServer:
+    """Opens (or creates) the durable log in `config.data_dir` and serves it.
+
+    Raises StoreCorrupted when the stored log does not match its own tree heads,
+    RuntimeError when the address cannot be bound.
+    """
+    signer = load_log_signer(config)
+    transparency_log = TransparencyLog(
+        store=SqliteLogStore(config.data_dir / DB_FILE), signer=signer
+    )
+    servicer = AuditLogServicer(transparency_log, NonceGuard(config.nonce_capacity))
+
+    def register(server: grpc.Server) -> None:
+        audit_pb2_grpc.add_AuditLogServicer_to_server(servicer, server)
+
+    try:
+        running = start_server(config.server, register, [SERVICE_NAME])
+    except BaseException:
+        transparency_log.close()
+        raise
+    return AuditLogServer(
+        server=running.server, port=running.port, health=running.health, log=transparency_log
+    )

@@ -1,0 +1,199 @@
+"""The AuditLog gRPC servicer: validate the request, call the library, map errors once.
+
+Each method converts the request, calls `TransparencyLog`, and lets `_serve`
+turn domain errors into status codes, so no handler can map one differently.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from typing import TypeVar
+
+import grpc
+import structlog
+from prometheus_client import Counter, Gauge, Histogram
+
+from echelon.audit import (
+    AuditRecord,
+    CounterReplay,
+    KeyConflict,
+    LogRangeError,
+    RecordError,
+    SignatureError,
+    SignedTreeHead,
+    TransparencyLog,
+    UnknownSigner,
+)
+from echelon.audit.record import MAX_RECORD_BYTES, SIGNATURE_BYTES
+from echelon_proto.audit.v1 import audit_pb2, audit_pb2_grpc
+from echelon_proto.common.v1 import common_pb2
+from services.common.validate import NonceGuard, RequestError, abort, require
+
+T = TypeVar("T")
+log = structlog.get_logger(__name__)
+MAX_ENTRIES_PER_CALL = 1000
+
+APPENDS = Counter(
+    "echelon_audit_appends_total",
+    "Records appended, by payload type and verdict",
+    ["payload_type", "verdict"],
+)
+REFUSED = Counter(
+    "echelon_audit_requests_refused_total", "Requests refused, by RPC and status", ["rpc", "code"]
+)
+TREE_SIZE = Gauge("echelon_audit_tree_size", "Entries in the audit log")
+APPEND_SECONDS = Histogram(
+    "echelon_audit_append_seconds",
+    "Append latency (validate, verify, fsync, sign)",
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
+)
+
+# Domain error class -> status code; the first match wins.
+_STATUS: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
+    (RecordError, grpc.StatusCode.INVALID_ARGUMENT),
+    (SignatureError, grpc.StatusCode.PERMISSION_DENIED),
+    (UnknownSigner, grpc.StatusCode.PERMISSION_DENIED),
+    (KeyConflict, grpc.StatusCode.PERMISSION_DENIED),
+    (CounterReplay, grpc.StatusCode.ALREADY_EXISTS),
+    (LogRangeError, grpc.StatusCode.OUT_OF_RANGE),
+)
+_DOMAIN_ERRORS = tuple(cls for cls, _ in _STATUS)
+
+
+def _status_of(message: str, exc: Exception) -> RequestError:
+    code = next((c for cls, c in _STATUS if isinstance(exc, cls)), grpc.StatusCode.INTERNAL)
+    if isinstance(exc, RecordError):
+        return RequestError(code, f"{message}.{exc.field}: got {exc.found}, want {exc.expected}")
+    return RequestError(code, f"{message}: {exc}")
+
+
+def _tree_head(head: SignedTreeHead) -> audit_pb2.SignedTreeHead:
+    return audit_pb2.SignedTreeHead(
+        tree_size=head.size, root_hash=head.root_hash, checkpoint=head.checkpoint
+    )
+
+
+class AuditLogServicer(audit_pb2_grpc.AuditLogServicer):
+    """Serves one `TransparencyLog`."""
+
+    def __init__(self, log: TransparencyLog, nonces: NonceGuard) -> None:
+        self._log = log
+        self._nonces = nonces
+        TREE_SIZE.set(log.size)
+
+    def _serve(self, context: grpc.ServicerContext, message: str, call: Callable[[], T]) -> T:
+        try:
+            return call()
+        except RequestError as exc:
+            error = exc
+        except _DOMAIN_ERRORS as exc:
+            error = _status_of(message, exc)
+        REFUSED.labels(rpc=message.removesuffix("Request"), code=error.code.name).inc()
+        log.info("request_refused", rpc=message, code=error.code.name, detail=error.message)
+        abort(context, error)
+
+    def _ref(self, message: str, ref: common_pb2.WindowRef, present: bool) -> None:
+        require(present, f"{message}.ref", "absent", "a WindowRef")
+        self._nonces.check(message, ref.window, bytes(ref.nonce))
+
+    def Append(
+        self, request: audit_pb2.AppendRequest, context: grpc.ServicerContext
+    ) -> audit_pb2.AppendResponse:
+        started = time.perf_counter()
+
+        def append() -> audit_pb2.AppendResponse:
+            self._ref("AppendRequest", request.ref, request.HasField("ref"))
+            size = len(request.record)
+            require(
+                0 < size <= MAX_RECORD_BYTES,
+                "AppendRequest.record",
+                f"{size} bytes",
+                f"1..{MAX_RECORD_BYTES} bytes",
+            )
+            require(
+                len(request.signature) == SIGNATURE_BYTES,
+                "AppendRequest.signature",
+                f"{len(request.signature)} bytes",
+                f"{SIGNATURE_BYTES} bytes",
+            )
+            result = self._log.append(bytes(request.record), bytes(request.signature))
+            return audit_pb2.AppendResponse(
+                index=result.index,
+                leaf_hash=result.leaf_hash,
+                tree_head=_tree_head(result.tree_head),
+            )
+
+        response = self._serve(context, "AppendRequest", append)
+        self._observe(request.record, response, time.perf_counter() - started)
+        return response
+
+    def _observe(self, data: bytes, response: audit_pb2.AppendResponse, seconds: float) -> None:
+        record = AuditRecord.decode(data)
+        verdict = "accepted" if record.verdict.accepted else "refused"
+        APPENDS.labels(payload_type=record.payload_type.name, verdict=verdict).inc()
+        APPEND_SECONDS.observe(seconds)
+        TREE_SIZE.set(response.tree_head.tree_size)
+        log.info(
+            "record_appended",
+            index=response.index,
+            signer=record.signer,
+            payload_type=record.payload_type.name,
+            window=record.window,
+            verdict=verdict,
+        )
+
+    def GetTreeHead(
+        self, request: audit_pb2.GetTreeHeadRequest, context: grpc.ServicerContext
+    ) -> audit_pb2.GetTreeHeadResponse:
+        def head() -> audit_pb2.GetTreeHeadResponse:
+            self._ref("GetTreeHeadRequest", request.ref, request.HasField("ref"))
+            return audit_pb2.GetTreeHeadResponse(tree_head=_tree_head(self._log.tree_head()))
+
+        return self._serve(context, "GetTreeHeadRequest", head)
+
+    def GetInclusionProof(
+        self, request: audit_pb2.GetInclusionProofRequest, context: grpc.ServicerContext
+    ) -> audit_pb2.GetInclusionProofResponse:
+        def proof() -> audit_pb2.GetInclusionProofResponse:
+            self._ref("GetInclusionProofRequest", request.ref, request.HasField("ref"))
+            hashes = self._log.inclusion_proof(request.index, request.tree_size)
+            return audit_pb2.GetInclusionProofResponse(
+                index=request.index, tree_size=request.tree_size, hashes=hashes
+            )
+
+        return self._serve(context, "GetInclusionProofRequest", proof)
+
+    def GetConsistencyProof(
+        self, request: audit_pb2.GetConsistencyProofRequest, context: grpc.ServicerContext
+    ) -> audit_pb2.GetConsistencyProofResponse:
+        def proof() -> audit_pb2.GetConsistencyProofResponse:
+            self._ref("GetConsistencyProofRequest", request.ref, request.HasField("ref"))
+            hashes = self._log.consistency_proof(request.first, request.second)
+            return audit_pb2.GetConsistencyProofResponse(
+                first=request.first, second=request.second, hashes=hashes
+            )
+
+        return self._serve(context, "GetConsistencyProofRequest", proof)
+
+    def GetEntries(
+        self, request: audit_pb2.GetEntriesRequest, context: grpc.ServicerContext
+    ) -> Iterator[audit_pb2.Entry]:
+        def entries() -> list[audit_pb2.Entry]:
+            self._ref("GetEntriesRequest", request.ref, request.HasField("ref"))
+            size = self._log.size
+            if request.start >= size:
+                raise LogRangeError(f"start: got {request.start}, want < {size} (the log size)")
+            require(
+                request.end > request.start,
+                "GetEntriesRequest.end",
+                request.end,
+                f"> start {request.start}",
+            )
+            end = min(request.end, size, request.start + MAX_ENTRIES_PER_CALL)
+            return [
+                audit_pb2.Entry(index=e.index, record=e.record, signature=e.signature)
+                for e in self._log.entries(request.start, end)
+            ]
+
+        yield from self._serve(context, "GetEntriesRequest", entries)

@@ -1,0 +1,1 @@
+"""The boundary agent: one per organization; owns its workers, exports only aggregates."""

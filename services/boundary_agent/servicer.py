@@ -1,0 +1,309 @@
+"""gRPC servicer of the boundary agent: validates requests, calls the runtime, audits egress.
+
+Each method is a thin shell: validate the request in one place, turn it into a
+runtime call, send the answer through the egress gate (which checks and records it
+before it leaves), and map domain errors to status codes once (`_errors`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import TypeVar
+
+import grpc
+import numpy as np
+import structlog
+
+from echelon.audit.errors import AuditError, PolicyViolation
+from echelon.policy import ExportRefused
+from echelon.secagg import (
+    ConsistencyError,
+    InsufficientSignatures,
+    InvalidSignature,
+    SecAggError,
+    ShareAuthenticationError,
+    StageError,
+    WrongWindow,
+)
+from echelon_proto.boundary.v1 import boundary_pb2, boundary_pb2_grpc
+from echelon_proto.common.v1 import common_pb2
+from services.common.audited import AuditedPeer
+from services.common.validate import NonceGuard, RequestError, abort, require
+from services.common.wire import VectorReceiver, iter_chunks, vector_header
+
+from . import metrics
+from .runtime import BoundaryRuntime, WindowSpec, WindowStateError
+from .secure import SecureAggregationSession
+
+log = structlog.get_logger(__name__)
+T = TypeVar("T")
+
+COORDINATOR = "coordinator"
+
+
+@contextmanager
+def _errors(context: grpc.ServicerContext) -> Iterator[None]:
+    """Maps domain errors to gRPC status codes, once for every method."""
+    try:
+        yield
+    except RequestError as exc:
+        abort(context, exc)
+    except WindowStateError as exc:
+        context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+    except ExportRefused as exc:
+        context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"export policy refused: {exc}")
+    except PermissionError as exc:
+        context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
+    except PolicyViolation as exc:
+        context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"egress policy refused: {exc}")
+    except AuditError as exc:
+        context.abort(grpc.StatusCode.UNAVAILABLE, f"audit log refused the record, not sent: {exc}")
+    except (InvalidSignature, ShareAuthenticationError, ConsistencyError,
+            InsufficientSignatures) as exc:  # fmt: skip
+        context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
+    except (StageError, WrongWindow) as exc:
+        context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+    except SecAggError as exc:
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+
+
+class BoundaryAgentServicer(boundary_pb2_grpc.BoundaryAgentServicer):
+    def __init__(
+        self,
+        runtime: BoundaryRuntime,
+        egress: AuditedPeer,
+        secure: SecureAggregationSession,
+        layout_digest: bytes,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.runtime = runtime
+        self.egress = egress
+        self.secure = secure
+        self.layout_digest = layout_digest
+        self.clock = clock
+        self.nonces = NonceGuard()
+
+    def _ref(self, name: str, ref: common_pb2.WindowRef) -> int:
+        self.nonces.check(name, ref.window, ref.nonce)
+        return int(ref.window)
+
+    def OpenWindow(
+        self, request: boundary_pb2.OpenWindowRequest, context: grpc.ServicerContext
+    ) -> boundary_pb2.OpenWindowResponse:
+        with _errors(context):
+            window = self._ref("OpenWindowRequest", request.ref)
+            self.egress.received(common_pb2.PAYLOAD_TYPE_WINDOW_OPEN, COORDINATOR, window, request)
+            spec = _window_spec(request, self.runtime.boundary, self.clock())
+            self.runtime.open_window(spec)
+            self.secure.open(request, spec)
+            st = self.runtime.status()
+            response = boundary_pb2.OpenWindowResponse(
+                ref=request.ref,
+                held_version=max(int(st["held_version"]), 0),
+                has_pending_delta=bool(st["has_pending"]),
+                pending_base_version=max(int(st["pending_base"]), 0),
+            )
+            metrics.WINDOW.set(window)
+            return self.egress.reply(common_pb2.PAYLOAD_TYPE_WINDOW_ACK, COORDINATOR, window, response)
+        raise AssertionError("unreachable")
+
+    def DeliverGlobal(
+        self,
+        request_iterator: Iterator[boundary_pb2.DeliverGlobalRequest],
+        context: grpc.ServicerContext,
+    ) -> boundary_pb2.DeliverGlobalResponse:
+        with _errors(context):
+            first = next(request_iterator, None)
+            require(
+                first is not None and first.WhichOneof("part") == "header",
+                "DeliverGlobalRequest", "a stream without a header", "a header first",
+            )  # fmt: skip
+            assert first is not None
+            header = first.header
+            window = self._ref("DeliverGlobalRequest.header", header.ref)
+            require(
+                header.vector.layout_digest == self.layout_digest,
+                "GlobalHeader.vector.layout_digest", header.vector.layout_digest.hex()[:16],
+                self.layout_digest.hex()[:16] + "... (this boundary's adapter layout)",
+            )  # fmt: skip
+            receiver = VectorReceiver(header.vector, "GlobalHeader.vector", self.runtime.dim)
+            for part in request_iterator:
+                require(part.WhichOneof("part") == "chunk", "DeliverGlobalRequest", "a second header",
+                        "chunks after the header")  # fmt: skip
+                receiver.add(part.chunk)
+            phi = receiver.finish()
+            self.egress.received_vector(
+                common_pb2.PAYLOAD_TYPE_GLOBAL_ADAPTER, COORDINATOR, window, phi
+            )
+            self.runtime.install_global(int(header.version), phi, list(header.contributors))
+            metrics.VERSION.set(header.version)
+            metrics.BYTES_IN.labels("GLOBAL_ADAPTER").inc(header.vector.total_bytes)
+            log.info("global_installed", version=header.version, window=window)
+            response = boundary_pb2.DeliverGlobalResponse(ref=header.ref, held_version=header.version)
+            return self.egress.reply(common_pb2.PAYLOAD_TYPE_WINDOW_ACK, COORDINATOR, window, response)
+        raise AssertionError("unreachable")
+
+    def AdvertiseKeys(
+        self, request: boundary_pb2.AdvertiseKeysRequest, context: grpc.ServicerContext
+    ) -> boundary_pb2.AdvertiseKeysResponse:
+        with _errors(context):
+            window = self._ref("AdvertiseKeysRequest", request.ref)
+            self.egress.received(common_pb2.PAYLOAD_TYPE_ROUND_REQUEST, COORDINATOR, window, request)
+            self.runtime.window(window)
+            response = boundary_pb2.AdvertiseKeysResponse(
+                ref=request.ref, advertisement=self.secure.advertise(window)
+            )
+            return self.egress.reply(common_pb2.PAYLOAD_TYPE_KEY_ADVERTISEMENT, COORDINATOR, window, response)
+        raise AssertionError("unreachable")
+
+    def ShareKeys(
+        self, request: boundary_pb2.ShareKeysRequest, context: grpc.ServicerContext
+    ) -> boundary_pb2.ShareKeysResponse:
+        with _errors(context):
+            window = self._ref("ShareKeysRequest", request.ref)
+            self.egress.received(
+                common_pb2.PAYLOAD_TYPE_KEY_ADVERTISEMENT, COORDINATOR, window, request
+            )
+            shares = self.secure.share_keys(window, list(request.advertisements))
+            response = boundary_pb2.ShareKeysResponse(ref=request.ref, shares=shares)
+            return self.egress.reply(common_pb2.PAYLOAD_TYPE_ENCRYPTED_SHARES, COORDINATOR, window, response)
+        raise AssertionError("unreachable")
+
+    def DeliverShares(
+        self, request: boundary_pb2.DeliverSharesRequest, context: grpc.ServicerContext
+    ) -> boundary_pb2.DeliverSharesResponse:
+        with _errors(context):
+            window = self._ref("DeliverSharesRequest", request.ref)
+            self.egress.received(common_pb2.PAYLOAD_TYPE_ENCRYPTED_SHARES, COORDINATOR, window, request)
+            self.secure.receive_shares(window, list(request.shares))
+            response = boundary_pb2.DeliverSharesResponse(ref=request.ref)
+            return self.egress.reply(common_pb2.PAYLOAD_TYPE_WINDOW_ACK, COORDINATOR, window, response)
+        raise AssertionError("unreachable")
+
+    def CollectDelta(
+        self, request: boundary_pb2.CollectDeltaRequest, context: grpc.ServicerContext
+    ) -> Iterator[boundary_pb2.CollectDeltaResponse]:
+        with _errors(context):
+            window = self._ref("CollectDeltaRequest", request.ref)
+            self.egress.received(common_pb2.PAYLOAD_TYPE_ROUND_REQUEST, COORDINATOR, window, request)
+            contribution = self.runtime.wait_contribution(window, self.clock)
+            if contribution is None:
+                context.abort(
+                    grpc.StatusCode.DEADLINE_EXCEEDED,
+                    f"window {window}: no delta ready by the deadline; it stays in the boundary",
+                )
+            assert contribution is not None
+            payload_type, vector = self.secure.encode(window, contribution)
+            source = contribution.source
+            metadata = common_pb2.WindowMetadata(
+                tokens=source.tokens, staleness=contribution.staleness,
+                base_version=source.base_version, drift=source.drift,
+                delta_norm=contribution.delta_norm, train_loss=source.train_loss,
+                val_loss=source.val_loss, devices=source.devices, weight=contribution.weight,
+            )  # fmt: skip
+            header = boundary_pb2.DeltaHeader(
+                ref=request.ref, boundary=self.runtime.boundary,
+                party=self.secure.party(window), payload_type=payload_type,
+                vector=vector_header(vector, self.layout_digest), metadata=metadata,
+            )  # fmt: skip
+            self.egress.sent_delta(
+                COORDINATOR, window, header, vector, self.secure.cohort_size(window)
+            )
+            metrics.BYTES_OUT.labels(common_pb2.PayloadType.Name(payload_type)).inc(
+                header.vector.total_bytes
+            )
+            metrics.TOKENS.inc(source.tokens)
+            yield boundary_pb2.CollectDeltaResponse(header=header)
+            for chunk in iter_chunks(vector):
+                yield boundary_pb2.CollectDeltaResponse(chunk=chunk)
+            log.info("delta_collected", window=window, staleness=contribution.staleness,
+                     bytes=header.vector.total_bytes)  # fmt: skip
+
+    def ConfirmSurvivors(
+        self, request: boundary_pb2.ConfirmSurvivorsRequest, context: grpc.ServicerContext
+    ) -> boundary_pb2.ConfirmSurvivorsResponse:
+        with _errors(context):
+            window = self._ref("ConfirmSurvivorsRequest", request.ref)
+            self.egress.received(common_pb2.PAYLOAD_TYPE_SURVIVOR_LIST, COORDINATOR, window, request)
+            signature = self.secure.sign_survivors(window, list(request.survivors))
+            response = boundary_pb2.ConfirmSurvivorsResponse(ref=request.ref, signature=signature)
+            return self.egress.reply(common_pb2.PAYLOAD_TYPE_SURVIVOR_SIGNATURE, COORDINATOR, window, response)
+        raise AssertionError("unreachable")
+
+    def Unmask(
+        self, request: boundary_pb2.UnmaskRequest, context: grpc.ServicerContext
+    ) -> boundary_pb2.UnmaskResponse:
+        with _errors(context):
+            window = self._ref("UnmaskRequest", request.ref)
+            self.egress.received(
+                common_pb2.PAYLOAD_TYPE_SURVIVOR_SIGNATURE, COORDINATOR, window, request
+            )
+            response = self.secure.unmask(
+                window, list(request.survivors), list(request.signatures)
+            )
+            response.ref.CopyFrom(request.ref)
+            return self.egress.reply(common_pb2.PAYLOAD_TYPE_UNMASKING_SHARES, COORDINATOR, window, response)
+        raise AssertionError("unreachable")
+
+    def AbortWindow(
+        self, request: boundary_pb2.AbortWindowRequest, context: grpc.ServicerContext
+    ) -> boundary_pb2.AbortWindowResponse:
+        with _errors(context):
+            window = self._ref("AbortWindowRequest", request.ref)
+            self.egress.received(common_pb2.PAYLOAD_TYPE_WINDOW_ABORT, COORDINATOR, window, request)
+            kept = self.runtime.abort_window(window)
+            log.info("window_aborted", window=window, reason=request.reason, delta_kept=kept)
+            response = boundary_pb2.AbortWindowResponse(ref=request.ref, delta_kept=kept)
+            return self.egress.reply(common_pb2.PAYLOAD_TYPE_WINDOW_ACK, COORDINATOR, window, response)
+        raise AssertionError("unreachable")
+
+    def GetStatus(
+        self, request: boundary_pb2.GetStatusRequest, context: grpc.ServicerContext
+    ) -> boundary_pb2.BoundaryStatus:
+        st = self.runtime.status()
+        return boundary_pb2.BoundaryStatus(
+            boundary=self.runtime.boundary,
+            held_version=max(int(st["held_version"]), 0),
+            window=max(int(st["window"]), 0),
+            workers_alive=int(metrics.WORKERS.collect()[0].samples[0].value),
+            has_pending_delta=bool(st["has_pending"]),
+            pending_base_version=max(int(st["pending_base"]), 0),
+            tokens_total=int(st["tokens_total"]),
+            val_loss=float(st["val_loss"]),
+        )
+
+
+def _window_spec(request: boundary_pb2.OpenWindowRequest, me: str, now: float) -> WindowSpec:
+    """Validates an OpenWindowRequest in one place and returns the window's spec."""
+    parties = {m.boundary: int(m.party) for m in request.cohort}
+    require(len(parties) == len(request.cohort) and len(parties) > 0,
+            "OpenWindowRequest.cohort", [m.boundary for m in request.cohort],
+            "a non-empty list of distinct boundaries")  # fmt: skip
+    require(me in parties, "OpenWindowRequest.cohort", sorted(parties), f"a cohort holding {me!r}")
+    require(request.inner_steps > 0, "OpenWindowRequest.inner_steps", request.inner_steps, ">= 1")
+    deadline = request.deadline_unix_ms / 1000.0
+    require(deadline > now, "OpenWindowRequest.deadline_unix_ms", request.deadline_unix_ms,
+            f"a time after now ({int(now * 1000)})")  # fmt: skip
+    require(np.isfinite(request.inner.lr) and request.inner.lr > 0, "OpenWindowRequest.inner.lr",
+            request.inner.lr, "> 0")  # fmt: skip
+    require(request.inner.mu >= 0, "OpenWindowRequest.inner.mu", request.inner.mu, ">= 0")
+    require(request.token_unit > 0, "OpenWindowRequest.token_unit", request.token_unit, "> 0")
+    return WindowSpec(
+        window=int(request.ref.window),
+        version=int(request.version),
+        parties=parties,
+        deadline_unix_s=deadline,
+        inner_steps=int(request.inner_steps),
+        lr=float(request.inner.lr),
+        mu=float(request.inner.mu),
+        token_unit=float(request.token_unit),
+    )
+
+
+def payload_digest(message: object) -> bytes:
+    """SHA-256 of a message's deterministic serialization (what the gate records)."""
+    serialize = getattr(message, "SerializeToString")  # noqa: B009
+    return hashlib.sha256(serialize(deterministic=True)).digest()

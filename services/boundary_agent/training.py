@@ -1,0 +1,127 @@
+"""Builds what the agent trains with: the shared model identity and the device pool.
+
+The boundary's base model, tokenizer and initial adapter are deterministic given the
+run's configuration, so every boundary (and the coordinator's registration check)
+agrees on the adapter layout and on version 0 without exchanging any weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import structlog
+
+from echelon.training.adapter import AdapterLayout, flatten
+from echelon.training.data import DataConfig
+from echelon.training.inner import InnerConfig
+from echelon.training.model import LoraConfig, ModelConfig, base_digest, build_model, lora_state
+from echelon.training.pool import DevicePool, PoolConfig
+from echelon.training.tokenizer import TokenizerConfig, obtain_tokenizer, tokenizer_digest
+
+from . import metrics
+from .runtime import TrainedDelta, WindowSpec
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True, kw_only=True)
+class DevicesConfig:
+    """The boundary's devices: how many workers and how they run."""
+
+    workers: int = 2
+    threads_per_worker: int = 1
+    collective_timeout_s: float = 30.0
+    backend: str = "auto"
+    restart_dead_workers: bool = True
+    eval_batches: int = 8
+
+    def __post_init__(self) -> None:
+        if self.workers < 1:
+            raise ValueError(f"[devices].workers: got {self.workers}, want >= 1")
+        if self.backend not in ("auto", "gloo", "nccl"):
+            raise ValueError(f"[devices].backend: got {self.backend!r}, want auto, gloo or nccl")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainingSetup:
+    devices: DevicesConfig = field(default_factory=DevicesConfig)
+    data: DataConfig
+    tokenizer: TokenizerConfig
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    inner: InnerConfig = field(default_factory=InnerConfig)
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """The boundary's view of the shared model: initial adapter and digests."""
+
+    theta0: np.ndarray
+    layout: AdapterLayout
+    base_digest: bytes
+    tokenizer_digest: bytes
+    tokenizer_dir: Path
+
+
+def model_facts(setup: TrainingSetup, work_dir: Path) -> ModelFacts:
+    tokenizer_dir = work_dir / "tokenizer"
+    tokenizer = obtain_tokenizer(setup.tokenizer, tokenizer_dir)
+    model, layout = build_model(setup.model, setup.lora, tokenizer.vocab_size)
+    theta0 = flatten(lora_state(model, layout), layout)
+    return ModelFacts(
+        theta0=theta0,
+        layout=layout,
+        base_digest=bytes.fromhex(base_digest(model)),
+        tokenizer_digest=bytes.fromhex(tokenizer_digest(tokenizer)),
+        tokenizer_dir=tokenizer_dir,
+    )
+
+
+def start_pool(setup: TrainingSetup, facts: ModelFacts, work_dir: Path) -> DevicePool:
+    dev = setup.devices
+    pool = DevicePool(PoolConfig(
+        n_workers=dev.workers, data=setup.data, tokenizer_dir=facts.tokenizer_dir,
+        work_dir=work_dir / "workers", model_cfg=setup.model, lora_cfg=setup.lora,
+        inner_cfg=setup.inner, threads_per_worker=dev.threads_per_worker,
+        collective_timeout_s=dev.collective_timeout_s, backend=dev.backend,  # type: ignore[arg-type]
+        restart_dead_workers=dev.restart_dead_workers, eval_batches=dev.eval_batches,
+    ))  # fmt: skip
+    pool.start()
+    metrics.WORKERS.set(pool.alive_workers())
+    return pool
+
+
+class PoolTrainer:
+    """The runtime's Trainer over a DevicePool: H steps, then the token-weighted delta."""
+
+    def __init__(self, pool: DevicePool, inner: InnerConfig) -> None:
+        self.pool = pool
+        self.inner = inner
+
+    def __call__(self, theta: np.ndarray, version: int, spec: WindowSpec) -> TrainedDelta:
+        inner = dataclasses.replace(self.inner, lr=spec.lr, mu=spec.mu)
+        started = time.monotonic()
+        metrics.INNER_STEPS.set(spec.inner_steps)
+        result = self.pool.run_window(
+            window=spec.window, global_flat=theta, steps=spec.inner_steps, inner=inner,
+            deadline_s=max(1.0, spec.deadline_unix_s - time.time()),
+        )  # fmt: skip
+        elapsed = time.monotonic() - started
+        metrics.WORKERS.set(self.pool.alive_workers())
+        metrics.INNER_SECONDS.observe(elapsed)
+        metrics.TOKENS_PER_S.set(result.tokens / max(elapsed, 1e-9))
+        metrics.TRAIN_LOSS.set(result.train_loss)
+        delta = (result.delta_sum / result.weight_sum).astype(np.float32)
+        val = float("nan") if result.val_loss is None else float(result.val_loss)
+        if result.val_loss is not None:
+            metrics.VAL_LOSS.set(val)
+        norm_theta = float(np.linalg.norm(theta))
+        drift = float(np.linalg.norm(delta)) / norm_theta if norm_theta > 0 else 0.0
+        return TrainedDelta(
+            delta=delta, base_version=version, tokens=result.tokens, devices=result.devices,
+            train_loss=result.train_loss, val_loss=val, drift=drift,
+        )  # fmt: skip

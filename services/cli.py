@@ -1,0 +1,35 @@
+"""The `echelon` command: `demo`, `export`, `audit verify|show`."""
+
+from __future__ import annotations
+
+import sys
+
+USAGE = """usage: echelon COMMAND [ARGS]
+
+commands:
+  demo     run the multi-site demo on this machine (make demo)
+  export   write a global adapter version as a peft adapter directory
+  audit    verify or show an audit log (echelon audit verify --help)
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if not args or args[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if args else 2
+    command, rest = args[0], args[1:]
+    if command == "demo":
+        from services.demo import main as run
+    elif command == "export":
+        from services.export import main as run
+    elif command == "audit":
+        from echelon.audit.cli import main as run
+    else:
+        print(f"echelon: unknown command {command!r}\n{USAGE}", file=sys.stderr)
+        return 2
+    return run(rest)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

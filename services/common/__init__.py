@@ -1,0 +1,1 @@
+"""Plumbing shared by every Echelon service: servers, logging, metrics, validation."""

@@ -1,0 +1,100 @@
+"""Protobuf-facing wrapper of the egress gate: how a service audits what crosses.
+
+A payload's bytes are its deterministic protobuf serialization, or for a streamed
+vector the vector's bytes (whose SHA-256 the stream header carries), so sender and
+receiver record the same digest. Deltas also record their provenance (cohort size,
+devices) and their metadata as a separate WINDOW_METADATA record.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol, TypeVar
+
+import numpy as np
+
+from echelon.audit.gate import EgressGate
+from echelon.audit.policy import Policy
+from echelon.audit.record import Attributes, DeltaAttributes, MetadataAttributes, PayloadType
+from echelon_proto.boundary.v1 import boundary_pb2
+
+T = TypeVar("T")
+
+
+class _Message(Protocol):
+    def SerializeToString(self, *, deterministic: bool = ...) -> bytes: ...  # noqa: N802
+
+
+def message_bytes(message: _Message) -> bytes:
+    return message.SerializeToString(deterministic=True)
+
+
+def vector_bytes(vector: np.ndarray) -> bytes:
+    little = np.ascontiguousarray(vector, dtype=vector.dtype.newbyteorder("<"))
+    return little.tobytes()
+
+
+def _metadata_fields(header: boundary_pb2.DeltaHeader) -> MetadataAttributes:
+    names = sorted(field.name for field, _ in header.metadata.ListFields())
+    return MetadataAttributes(fields=tuple(names))
+
+
+class AuditedPeer:
+    """One party's audited view of the wire; every method records before or on crossing."""
+
+    def __init__(self, gate: EgressGate, rebuild: Callable[[Policy], EgressGate]) -> None:
+        self.gate = gate
+        self.party = gate.party
+        self._rebuild = rebuild
+
+    def adopt(self, policy: Policy) -> None:
+        """Switches to the run's declared policy (learned at registration)."""
+        self.gate = self._rebuild(policy)
+
+    def sent(self, payload_type: int, receiver: str, window: int, message: _Message) -> None:
+        self.gate.send(PayloadType(payload_type), receiver, window, message_bytes(message), None,
+                       lambda: None)  # fmt: skip
+
+    def reply(
+        self, payload_type: int, receiver: str, window: int, message: T,
+        attributes: Attributes | None = None,
+    ) -> T:  # fmt: skip
+        """Records a response message, then returns it for gRPC to send."""
+        data = message_bytes(message)  # type: ignore[arg-type]
+        return self.gate.send(PayloadType(payload_type), receiver, window, data, attributes,
+                              lambda: message)  # fmt: skip
+
+    def received(self, payload_type: int, sender: str, window: int, message: _Message) -> None:
+        self.gate.received(PayloadType(payload_type), sender, window, message_bytes(message), None)
+
+    def sent_vector(
+        self, payload_type: int, receiver: str, window: int, vector: np.ndarray,
+        attributes: DeltaAttributes | None = None,
+    ) -> None:  # fmt: skip
+        self.gate.send(PayloadType(payload_type), receiver, window, vector_bytes(vector),
+                       attributes, lambda: None)  # fmt: skip
+
+    def received_vector(
+        self, payload_type: int, sender: str, window: int, vector: np.ndarray,
+        attributes: DeltaAttributes | None = None,
+    ) -> None:  # fmt: skip
+        self.gate.received(PayloadType(payload_type), sender, window, vector_bytes(vector),
+                           attributes)  # fmt: skip
+
+    def sent_delta(self, receiver: str, window: int, header: boundary_pb2.DeltaHeader,
+                   vector: np.ndarray, cohort_size: int) -> None:  # fmt: skip
+        """Records a boundary contribution (the vector, then its metadata) before it leaves."""
+        provenance = DeltaAttributes(cohort_size=cohort_size, devices=header.metadata.devices)
+        self.sent_vector(header.payload_type, receiver, window, vector, provenance)
+        self.gate.send(PayloadType.WINDOW_METADATA, receiver, window,
+                       message_bytes(header.metadata), _metadata_fields(header),
+                       lambda: None)  # fmt: skip
+
+    def received_delta(self, sender: str, window: int, header: boundary_pb2.DeltaHeader,
+                       vector: np.ndarray, cohort_size: int) -> None:  # fmt: skip
+        provenance = DeltaAttributes(cohort_size=cohort_size, devices=header.metadata.devices)
+        self.received_vector(header.payload_type, sender, window, vector, provenance)
+        self.gate.received(PayloadType.WINDOW_METADATA, sender, window,
+                           message_bytes(header.metadata), _metadata_fields(header))  # fmt: skip
+
+

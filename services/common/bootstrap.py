@@ -1,0 +1,82 @@
+"""Start-up steps every service shares: config tables, identity, audit gate, metrics."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from echelon.audit.gate import EgressGate, wall_clock_ms
+from echelon.audit.policy import Policy
+from echelon.audit.record import LOG_PARTY, KeyRegistration, PayloadType, Role
+from echelon.tomlconfig import build, load_toml
+
+from .audited import AuditedPeer
+from .identity import Identity, load_or_create_identity
+from .server import ServerConfig
+
+
+@dataclass(frozen=True, kw_only=True)
+class CommonConfig:
+    """Tables every service reads: where it listens, its metrics, logs, data and audit log."""
+
+    server: ServerConfig = field(default_factory=ServerConfig)
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = 0  # 0: ephemeral; -1: off
+    log_level: str = "info"
+    data_dir: Path = Path("var")
+    audit: str = "127.0.0.1:50070"  # host:port of the audit log service
+
+
+def common_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, help="TOML configuration file")
+    parser.add_argument("--host", help="listen host (overrides [server].host)")
+    parser.add_argument("--port", type=int, help="listen port; 0 = ephemeral")
+    parser.add_argument("--metrics-port", type=int, help="Prometheus port; 0 = ephemeral, -1 = off")
+    parser.add_argument("--data-dir", type=Path, help="durable state directory")
+    parser.add_argument("--audit", help="host:port of the audit log service")
+    parser.add_argument("--log-level", help="debug, info, warning or error")
+    parser.add_argument("--port-file", type=Path, help="write the bound ports here as JSON")
+
+
+def load_tables(args: argparse.Namespace) -> dict[str, Any]:
+    return load_toml(args.config) if args.config else {}
+
+
+def common_config(tables: dict[str, Any], args: argparse.Namespace) -> CommonConfig:
+    """[server], [service] tables overlaid with flags."""
+    server = dict(tables.get("server", {}))
+    if args.host is not None:
+        server["host"] = args.host
+    if args.port is not None:
+        server["port"] = args.port
+    service = dict(tables.get("service", {}))
+    for key in ("metrics_port", "data_dir", "audit", "log_level"):
+        value = getattr(args, key)
+        if value is not None:
+            service[key] = str(value) if isinstance(value, Path) else value
+    if "data_dir" in service:
+        service["data_dir"] = Path(service["data_dir"])
+    config = build(CommonConfig, {**service, "server": server}, "service")
+    return config
+
+
+def audited_peer(party: str, role: Role, identity: Identity, policy: Policy,
+                 audit_address: str) -> tuple[AuditedPeer, grpc.Channel]:  # fmt: skip
+    """Connects to the audit log, registers the party's key, returns its audited wire."""
+    from services.audit_log.client import AuditClient
+
+    channel = grpc.insecure_channel(audit_address)
+    sink = AuditClient(channel)
+
+    def make_gate(with_policy: Policy) -> EgressGate:
+        return EgressGate(party=party, role=role, signer=identity.signer, policy=with_policy,
+                          sink=sink, clock=wall_clock_ms)  # fmt: skip
+
+    gate = make_gate(policy)
+    gate.send(PayloadType.KEY_REGISTRATION, LOG_PARTY, 0, identity.public_key,
+              KeyRegistration(role=role, signing_key=identity.public_key), lambda: None)  # fmt: skip
+    return AuditedPeer(gate, make_gate), channel

@@ -1,0 +1,215 @@
+"""`echelon demo` (`make demo`): two organizations adapt one LoRA adapter on loopback.
+
+Each organization gets a different domain of real text (Debian packages fetched
+at set-up, or standard-library docstrings without a registry), a boundary agent
+and two device workers; a coordinator and an audit log complete the system. The
+demo shows progress per window, then stops every process, verifies the audit log,
+evaluates each organization's held-out loss before and after, exports the final
+global adapter as a peft directory and generates a few tokens from it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+from echelon.audit.record import AuditRecord, Direction
+from echelon.audit.store import SqliteLogStore
+from echelon_proto.boundary.v1 import boundary_pb2, boundary_pb2_grpc
+from echelon_proto.coordinator.v1 import coordinator_pb2
+from services.common.wire import new_ref
+
+from .launcher import Deployment, DeploymentSpec, LaunchError, Site
+
+ORGS = (("org-a", "scripture"), ("org-b", "python-docs"))
+TOKENIZER_DOMAINS = ("stdlib-c", "stdlib-d")  # public text, the same for every organization
+
+
+@dataclass(frozen=True)
+class Summary:
+    windows: int
+    tokens: int
+    bytes_by_type: dict[str, int]
+    audit_entries: int
+    tree_head: str
+    verify: str
+    losses: dict[str, tuple[float, float]]
+    sample: str
+
+
+def _corpus(cache: Path, max_bytes: int) -> dict[str, Path]:
+    from echelon.training.corpus import fetch_domain
+
+    paths = {}
+    for org, domain in ORGS:
+        got = fetch_domain(domain, cache, max_bytes=max_bytes)
+        print(f"  {org}: {got.domain} ({got.source}, {got.path.stat().st_size // 1024} KiB)")
+        paths[org] = got.path
+    for domain in TOKENIZER_DOMAINS:
+        paths[domain] = fetch_domain(domain, cache, max_bytes=max_bytes).path
+    return paths
+
+
+def _spec(args: argparse.Namespace, paths: dict[str, Path]) -> DeploymentSpec:
+    seq = args.seq_len
+    return DeploymentSpec(
+        root=args.root,
+        sites=tuple(Site(boundary=org, data_files=(paths[org],), workers=args.workers)
+                    for org, _ in ORGS),
+        tokenizer_files=tuple(paths[d] for d in TOKENIZER_DOMAINS),
+        coordinator_tables={
+            "coordinator": {"run_id": "demo", "windows": args.windows, "token_unit": 8192.0},
+            "window": {"inner_steps": args.steps, "deadline_s": 300.0},
+            "inner": {"lr": args.lr, "batch_size": args.batch_size, "seq_len": seq},
+            "outer": {"lr": 0.7, "momentum": 0.9},
+            "secagg": {"level1": False, "level2": not args.no_secagg},
+        },
+        agent_tables={
+            "data": {"seq_len": seq, "max_tokens_per_file": args.max_tokens},
+            "tokenizer": {"vocab_size": 4096},
+            "inner": {"batch_size": args.batch_size, "seq_len": seq, "warmup_steps": 5,
+                      "total_steps": max(args.windows * args.steps, 10) + 5},
+            "devices": {"eval_batches": 8},
+        },
+        log_level="info",
+    )  # fmt: skip
+
+
+def _agent_status(address: str) -> boundary_pb2.BoundaryStatus | None:
+    try:
+        with grpc.insecure_channel(address) as channel:
+            return boundary_pb2_grpc.BoundaryAgentStub(channel).GetStatus(
+                boundary_pb2.GetStatusRequest(ref=new_ref(0)), timeout=2.0
+            )
+    except grpc.RpcError:
+        return None
+
+
+class Progress:
+    """Prints one line per committed window and a live status line in between."""
+
+    def __init__(self, deployment: Deployment, started: float) -> None:
+        self.deployment = deployment
+        self.started = started
+        self.last = -1
+
+    def __call__(self, status: coordinator_pb2.CoordinatorStatus) -> None:
+        elapsed = time.monotonic() - self.started
+        if status.windows_completed == self.last:
+            if sys.stdout.isatty():
+                print(f"\r  window {status.window} running ... {elapsed:5.0f}s", end="", flush=True)
+            return
+        self.last = status.windows_completed
+        parts = []
+        tokens = 0
+        for org, _ in ORGS:
+            st = _agent_status(self.deployment.services[org].address)
+            if st is not None:
+                tokens += st.tokens_total
+                parts.append(f"{org} val {st.val_loss:6.3f}")
+        print(f"\r  [{elapsed:5.0f}s] windows {status.windows_completed:>2} | version "
+              f"{status.version:>2} | H {status.inner_steps} | live {len(status.live)} | "
+              f"tokens {tokens:>8,} | " + " | ".join(parts), flush=True)  # fmt: skip
+
+
+def _audit_bytes(db: Path) -> tuple[dict[str, int], int]:
+    store = SqliteLogStore(db, readonly=True)
+    try:
+        entries = store.get(0, store.size())
+    finally:
+        store.close()
+    sent: Counter[str] = Counter()
+    for entry in entries:
+        record = AuditRecord.decode(entry.record)
+        if record.direction == Direction.SENT and record.verdict.accepted and \
+                record.receiver != "audit-log":  # fmt: skip
+            sent[record.payload_type.name] += record.payload_size
+    return dict(sent), len(entries)
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="echelon demo", description=__doc__)
+    parser.add_argument("--cache", type=Path, default=Path(".cache"), help="corpus cache")
+    parser.add_argument("--root", type=Path, default=Path("var/demo"), help="run directory")
+    parser.add_argument("--windows", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=30, help="inner steps H per window")
+    parser.add_argument("--workers", type=int, default=2, help="devices per organization")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--max-tokens", type=int, default=400_000, help="tokens per org file")
+    parser.add_argument("--no-secagg", action="store_true", help="baseline: level 2 off")
+    args = parser.parse_args(argv)
+    print("Echelon demo: 2 organizations x 2 devices, coordinator, audit log (loopback)")
+    print("corpus:")
+    paths = _corpus(args.cache / "corpus", 4 << 20)
+    if args.root.exists():
+        shutil.rmtree(args.root)
+    started = time.monotonic()
+    deployment = Deployment(_spec(args, paths))
+    try:
+        print("starting services (each agent spawns its workers) ...")
+        deployment.start()
+        print(f"  up in {time.monotonic() - started:.0f}s; logs in {args.root / 'logs'}")
+        deployment.wait_windows(args.windows, timeout_s=60 * 30,
+                                on_poll=Progress(deployment, started))  # fmt: skip
+        tokens = sum(st.tokens_total for org, _ in ORGS
+                     if (st := _agent_status(deployment.services[org].address)) is not None)
+        status = deployment.coordinator_status()
+    except KeyboardInterrupt:
+        print("\ninterrupted: stopping every process ...")
+        deployment.stop()
+        return 130
+    except LaunchError as exc:
+        print(f"\ndemo failed: {exc}")
+        deployment.stop()
+        return 1
+    print("\nstopping services ...")
+    codes = deployment.stop()
+    print("  exit codes: " + ", ".join(f"{n}={c}" for n, c in codes.items()))
+    return _finish(args, deployment, int(status.windows_completed), tokens)
+
+
+def _finish(args: argparse.Namespace, deployment: Deployment, windows: int, tokens: int) -> int:
+    from .evaluate import generate_sample, heldout_losses
+
+    db = deployment.audit_db
+    report_path = args.root / "audit-report.json"
+    verify = subprocess.run(
+        [sys.executable, "-m", "services.cli", "audit", "verify", "--db", str(db),
+         "--json", str(report_path)], capture_output=True, text=True,
+    )  # fmt: skip
+    print("\n$ echelon audit verify --db", db)
+    print(verify.stdout.rstrip())
+    report = json.loads(report_path.read_text()) if report_path.exists() else {}
+    bytes_by_type, entries = _audit_bytes(db)
+    print("\nevaluating held-out loss per organization (initial vs final global adapter) ...")
+    losses = heldout_losses(deployment, [org for org, _ in ORGS])
+    sample = generate_sample(deployment, ORGS[0][0], args.root / "export")
+    print("\n" + "=" * 72)
+    print(f"{'organization':<14}{'val loss before':>18}{'val loss after':>18}{'change':>12}")
+    for org, (before, after) in losses.items():
+        print(f"{org:<14}{before:>18.4f}{after:>18.4f}{after - before:>+12.4f}")
+    print("-" * 72)
+    print(f"windows completed      {windows}")
+    print(f"tokens trained         {tokens:,}")
+    print("bytes across boundaries (sent, by payload type):")
+    for name, size in sorted(bytes_by_type.items(), key=lambda kv: -kv[1]):
+        print(f"  {name:<22}{size:>14,}")
+    print(f"audit entries          {entries}")
+    print(f"audit verify           {report.get('summary', verify.stdout.strip().splitlines()[-1:])}")
+    print(f"final tree head        size {report.get('size')} root {report.get('root_hash', '')}")
+    print(f"exported adapter       {args.root / 'export' / 'adapter'}")
+    print(f"sample from it         {sample!r}")
+    print("=" * 72)
+    improved = all(after < before for before, after in losses.values())
+    return 0 if verify.returncode == 0 and improved else 1

@@ -1,0 +1,75 @@
+"""Held-out evaluation and sampling for a finished run, done the way each organization
+would do it on its own machine: its own held-out text, the initial and the final
+global adapter, and a few tokens generated from the exported peft adapter."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from echelon.tomlconfig import load_toml
+from echelon.training.adapter import flatten, unflatten
+from echelon.training.data import fixed_batches, load_blocks, split_train_val
+from echelon.training.inner import evaluate
+from echelon.training.model import build_model, load_lora_state, lora_state
+from echelon.training.tokenizer import load_tokenizer
+
+from .boundary_agent.__main__ import load_setup
+from .export import export_version
+from .global_coordinator.store import CoordinatorStore
+from .launcher import Deployment
+
+
+def _latest_phi(state: Path) -> np.ndarray:
+    store = CoordinatorStore(state)
+    try:
+        latest = store.latest_version()
+        if latest is None:
+            raise KeyError("no global version stored")
+        return store.load_adapter(latest.version)
+    finally:
+        store.close()
+
+
+def heldout_losses(
+    deployment: Deployment, orgs: list[str], max_batches: int = 16
+) -> dict[str, tuple[float, float]]:
+    """Validation loss per organization under the initial and the latest global adapter."""
+    phi = _latest_phi(deployment.coordinator_state)
+    out: dict[str, tuple[float, float]] = {}
+    for org in orgs:
+        config = deployment.agent_config(org)
+        setup = load_setup(load_toml(config), config.parent)
+        tokenizer = load_tokenizer(deployment.spec.root / org / "tokenizer")
+        model, layout = build_model(setup.model, setup.lora, tokenizer.vocab_size)
+        theta0 = flatten(lora_state(model, layout), layout)
+        blocks = load_blocks(setup.data, tokenizer)
+        _, val = split_train_val(blocks, setup.data.val_fraction, setup.data.seed)
+        batches = fixed_batches(val, 8, max_batches)
+        losses = []
+        for theta in (theta0, theta0 + phi):
+            load_lora_state(model, unflatten(theta.astype(np.float32), layout))
+            losses.append(evaluate(model, batches))
+        out[org] = (losses[0], losses[1])
+    return out
+
+
+def generate_sample(deployment: Deployment, org: str, out_dir: Path, tokens: int = 24) -> str:
+    """Exports the latest version as a peft adapter and generates from it (greedy)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    exported = export_version(coordinator_state=deployment.coordinator_state,
+                              agent_config=deployment.agent_config(org), out_dir=out_dir)  # fmt: skip
+    assert exported.base_dir is not None
+    tokenizer = AutoTokenizer.from_pretrained(str(exported.base_dir))
+    base = AutoModelForCausalLM.from_pretrained(str(exported.base_dir))
+    model = PeftModel.from_pretrained(base, str(exported.adapter_dir))
+    prompt = "In the beginning"
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    with torch.no_grad():
+        generated = model.generate(ids, max_new_tokens=tokens, do_sample=False,
+                                   pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+    return str(tokenizer.decode(generated[0], skip_special_tokens=True))

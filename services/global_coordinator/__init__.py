@@ -1,0 +1,1 @@
+"""The global coordinator: participation windows, secure aggregation, outer optimizer."""

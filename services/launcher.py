@@ -1,0 +1,203 @@
+"""Starts a multi-site Echelon deployment as local processes on loopback.
+
+One audit log, one coordinator and one boundary agent per organization (each agent
+spawning its device workers), every service a real process with its own TOML file,
+state directory and log file, on ephemeral ports read back from port files. The
+demo and the end-to-end tests use this one launcher.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from echelon.tomlconfig import dumps
+from echelon_proto.coordinator.v1 import coordinator_pb2, coordinator_pb2_grpc
+from services.common.wire import new_ref
+
+
+class LaunchError(RuntimeError):
+    """A service did not come up; the message names it and points at its log."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Site:
+    """One organization: its id, private text files and device count."""
+
+    boundary: str
+    data_files: tuple[Path, ...]
+    workers: int = 2
+
+
+@dataclass(frozen=True, kw_only=True)
+class DeploymentSpec:
+    root: Path
+    sites: tuple[Site, ...]
+    tokenizer_files: tuple[Path, ...]
+    coordinator_tables: dict[str, dict[str, Any]] = field(default_factory=dict)
+    agent_tables: dict[str, dict[str, Any]] = field(default_factory=dict)
+    log_level: str = "info"
+
+
+@dataclass
+class Service:
+    name: str
+    process: subprocess.Popen[bytes]
+    port_file: Path
+    log_path: Path
+    ports: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.ports['grpc']}"
+
+
+def _merge(base: dict[str, dict[str, Any]], extra: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {k: dict(v) for k, v in base.items()}
+    for name, table in extra.items():
+        out.setdefault(name, {}).update(table)
+    return out
+
+
+class Deployment:
+    """The processes of one deployment; stop() ends them all (also on errors)."""
+
+    def __init__(self, spec: DeploymentSpec) -> None:
+        self.spec = spec
+        self.services: dict[str, Service] = {}
+        (spec.root / "logs").mkdir(parents=True, exist_ok=True)
+        (spec.root / "config").mkdir(parents=True, exist_ok=True)
+
+    def __enter__(self) -> Deployment:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def _spawn(self, name: str, module: str, args: list[str]) -> Service:
+        port_file = self.spec.root / "run" / f"{name}.json"
+        port_file.unlink(missing_ok=True)
+        log_path = self.spec.root / "logs" / f"{name}.log"
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        with log_path.open("ab") as log:
+            process = subprocess.Popen(
+                [sys.executable, "-m", module, *args, "--port-file", str(port_file)],
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                start_new_session=True,
+            )  # fmt: skip
+        service = Service(name, process, port_file, log_path)
+        self.services[name] = service
+        return service
+
+    def _wait(self, service: Service, timeout_s: float) -> None:
+        give_up = time.monotonic() + timeout_s
+        while time.monotonic() < give_up:
+            if service.port_file.exists():
+                service.ports = json.loads(service.port_file.read_text())
+                return
+            if service.process.poll() is not None:
+                tail = service.log_path.read_text(errors="replace")[-3000:]
+                raise LaunchError(f"{service.name} exited with {service.process.returncode}; "
+                                  f"log {service.log_path}:\n{tail}")  # fmt: skip
+            time.sleep(0.1)
+        raise LaunchError(f"{service.name} did not start within {timeout_s:.0f}s; "
+                          f"see {service.log_path}")  # fmt: skip
+
+    def _write(self, name: str, tables: dict[str, Any]) -> Path:
+        path = self.spec.root / "config" / f"{name}.toml"
+        path.write_text(dumps(tables))
+        return path
+
+    def start(self, timeout_s: float = 300.0) -> None:
+        """Starts audit log, coordinator and agents, waiting for each to listen."""
+        spec = self.spec
+        try:
+            audit = self._spawn("audit-log", "services.audit_log", [
+                "--listen", "127.0.0.1:0", "--data-dir", str(spec.root / "audit-log"),
+                "--metrics-port", "0", "--log-level", spec.log_level,
+            ])  # fmt: skip
+            self._wait(audit, 60)
+            coordinator_cfg = self._write("coordinator", _merge({
+                "server": {"host": "127.0.0.1", "port": 0},
+                "service": {"data_dir": str(spec.root / "coordinator"), "audit": audit.address,
+                            "metrics_port": 0, "log_level": spec.log_level},
+            }, spec.coordinator_tables))  # fmt: skip
+            coordinator = self._spawn("coordinator", "services.global_coordinator",
+                                      ["--config", str(coordinator_cfg)])  # fmt: skip
+            self._wait(coordinator, 60)
+            agents = []
+            for site in spec.sites:
+                cfg = self._write(site.boundary, _merge({
+                    "server": {"host": "127.0.0.1", "port": 0},
+                    "service": {"data_dir": str(spec.root / site.boundary),
+                                "audit": audit.address, "metrics_port": 0,
+                                "log_level": spec.log_level},
+                    "agent": {"boundary": site.boundary, "coordinator": coordinator.address},
+                    "devices": {"workers": site.workers},
+                    "data": {"files": [str(p) for p in site.data_files]},
+                    "tokenizer": {"files": [str(p) for p in spec.tokenizer_files]},
+                }, spec.agent_tables))  # fmt: skip
+                agents.append(self._spawn(site.boundary, "services.boundary_agent",
+                                          ["--config", str(cfg)]))  # fmt: skip
+            for agent in agents:
+                self._wait(agent, timeout_s)
+        except BaseException:
+            self.stop()
+            raise
+
+    def agent_config(self, boundary: str) -> Path:
+        return self.spec.root / "config" / f"{boundary}.toml"
+
+    @property
+    def coordinator_state(self) -> Path:
+        return self.spec.root / "coordinator" / "state"
+
+    @property
+    def audit_db(self) -> Path:
+        return self.spec.root / "audit-log" / "log.db"
+
+    def coordinator_status(self, timeout_s: float = 5.0) -> coordinator_pb2.CoordinatorStatus:
+        with grpc.insecure_channel(self.services["coordinator"].address) as channel:
+            stub = coordinator_pb2_grpc.CoordinatorStub(channel)
+            return stub.GetStatus(coordinator_pb2.GetStatusRequest(ref=new_ref(0)),
+                                  timeout=timeout_s)  # fmt: skip
+
+    def wait_windows(self, windows: int, timeout_s: float, on_poll: Any = None) -> int:
+        """Waits until `windows` windows committed; returns the count. Raises LaunchError."""
+        give_up = time.monotonic() + timeout_s
+        while time.monotonic() < give_up:
+            for service in self.services.values():
+                if service.process.poll() is not None:
+                    raise LaunchError(f"{service.name} exited with {service.process.returncode}; "
+                                      f"see {service.log_path}")  # fmt: skip
+            status = self.coordinator_status()
+            if on_poll is not None:
+                on_poll(status)
+            if status.windows_completed >= windows:
+                return int(status.windows_completed)
+            time.sleep(1.0)
+        raise LaunchError(f"{windows} windows not done within {timeout_s:.0f}s")
+
+    def stop(self, grace_s: float = 20.0) -> dict[str, int | None]:
+        """SIGTERM to every service (agents first), then SIGKILL after `grace_s`."""
+        order = [s for n, s in self.services.items() if n not in ("coordinator", "audit-log")]
+        order += [self.services[n] for n in ("coordinator", "audit-log") if n in self.services]
+        codes: dict[str, int | None] = {}
+        for service in order:
+            if service.process.poll() is None:
+                service.process.send_signal(signal.SIGTERM)
+            try:
+                codes[service.name] = service.process.wait(timeout=grace_s)
+            except subprocess.TimeoutExpired:
+                os.killpg(service.process.pid, signal.SIGKILL)
+                codes[service.name] = service.process.wait()
+        return codes

@@ -1,0 +1,190 @@
+"""End-to-end secure aggregation: masks cancel, also with dropouts; rounds abort cleanly."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from secagg_harness import exchange_keys, expected_sums, open_window, submit, unmask
+
+from echelon.secagg import (
+    AbortedRound,
+    AggregatorStage,
+    LengthMismatch,
+    SecAggConfig,
+    graph_degree,
+)
+
+
+def _complete_graph_threshold(n: int) -> int:
+    return (n - 1) // 2 + 1
+
+
+@st.composite
+def rounds(draw: st.DrawFn) -> dict[str, object]:
+    n = draw(st.integers(2, 8))
+    cohort = sorted(draw(st.sets(st.integers(0, 50), min_size=n, max_size=n)))
+    dim = draw(st.integers(1, 12))
+    # Each survivor needs t surviving neighbours: at most n - 1 - t parties may drop.
+    drops = draw(st.integers(0, n - 1 - _complete_graph_threshold(n)))
+    dropped = draw(st.permutations(cohort))[:drops]
+    before = draw(st.integers(0, drops))
+    values = st.floats(-3.0, 3.0, allow_nan=False, width=32)
+    vectors = {p: np.array(draw(st.lists(values, min_size=dim, max_size=dim))) for p in cohort}
+    weights = {p: draw(st.floats(0.0, 16.0)) for p in cohort}
+    return {
+        "cohort": cohort,
+        "dim": dim,
+        "vectors": vectors,
+        "weights": weights,
+        "before": dropped[:before],
+        "after": dropped[before:],
+        "seed": draw(st.integers(0, 2**32 - 1)),
+    }
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=rounds())
+def test_unmasked_sum_matches_weighted_sum_with_dropouts(case: dict[str, object]) -> None:
+    cohort: list[int] = case["cohort"]  # type: ignore[assignment]
+    vectors: dict[int, np.ndarray] = case["vectors"]  # type: ignore[assignment]
+    weights: dict[int, float] = case["weights"]  # type: ignore[assignment]
+    w = open_window(cohort, int(case["dim"]))  # type: ignore[call-overload]
+    exchange_keys(w)
+    rng = np.random.default_rng(case["seed"])  # type: ignore[arg-type]
+    submit(
+        w,
+        vectors,
+        weights,
+        rng,
+        drop_before_mask=case["before"],  # type: ignore[arg-type]
+        drop_after_mask=case["after"],  # type: ignore[arg-type]
+    )
+
+    result = unmask(w)
+
+    gone = set(case["before"]) | set(case["after"])  # type: ignore[call-overload]
+    survivors = [p for p in cohort if p not in gone]
+    want_sum, want_weight = expected_sums(vectors, weights, survivors, w.config.clip)
+    assert result.contributors == survivors
+    assert result.quantization_bound == len(survivors) / 2**w.config.frac_bits
+    assert np.max(np.abs(result.weighted_sum - want_sum)) < result.quantization_bound
+    assert abs(result.weight_sum - want_weight) < result.quantization_bound
+
+
+def test_party_silent_from_the_start_is_left_out() -> None:
+    cohort = [1, 2, 3, 4, 5]
+    w = open_window(cohort, 6)
+    exchange_keys(w, silent=[5])
+    rng = np.random.default_rng(1)
+    vectors = {p: rng.normal(size=6) for p in cohort[:4]}
+    weights = {p: 1.5 for p in cohort[:4]}
+    submit(w, vectors, weights, rng)
+
+    result = unmask(w)
+
+    want_sum, want_weight = expected_sums(vectors, weights, cohort[:4], w.config.clip)
+    assert result.contributors == [1, 2, 3, 4]
+    assert np.max(np.abs(result.weighted_sum - want_sum)) < result.quantization_bound
+    assert abs(result.weight_sum - want_weight) < result.quantization_bound
+
+
+def test_secagg_plus_neighbour_graph_with_dropouts() -> None:
+    cohort = list(range(12))
+    config = SecAggConfig(neighbours=4)
+    w = open_window(cohort, 9, config=config)
+    assert graph_degree(12, config) == 4
+    assert all(len(w.aggregator.graph.of(p)) == 4 for p in cohort)
+    exchange_keys(w)
+    rng = np.random.default_rng(2)
+    vectors = {p: rng.uniform(-2, 2, size=9) for p in cohort}
+    weights = {p: float(p % 3 + 1) for p in cohort}
+    graph = w.aggregator.graph
+
+    def recoverable(gone: set[int]) -> bool:
+        alive = set(cohort) - gone
+        return all(len(graph.of(p) & alive) >= graph.threshold(p) for p in cohort)
+
+    # Two dropouts whose neighbourhoods do not overlap: every secret keeps t = 3 of 4 holders.
+    dropped = next({a, b} for a in cohort for b in cohort if a < b and recoverable({a, b}))
+    submit(w, vectors, weights, rng, drop_after_mask=dropped)
+
+    result = unmask(w)
+
+    survivors = [p for p in cohort if p not in dropped]
+    want_sum, want_weight = expected_sums(vectors, weights, survivors, config.clip)
+    assert result.contributors == survivors
+    assert np.max(np.abs(result.weighted_sum - want_sum)) < result.quantization_bound
+    assert abs(result.weight_sum - want_weight) < result.quantization_bound
+
+
+def test_too_many_dropouts_abort_before_any_share_is_requested() -> None:
+    cohort = [0, 1, 2, 3]  # t = 2: two survivors hold one share each of the other's seed
+    w = open_window(cohort, 5)
+    exchange_keys(w)
+    rng = np.random.default_rng(3)
+    vectors = {p: rng.normal(size=5) for p in cohort}
+    submit(w, vectors, dict.fromkeys(cohort, 1.0), rng, drop_after_mask=[2, 3])
+    before = w.aggregator.masked_total.copy()
+
+    with pytest.raises(AbortedRound) as caught:
+        w.aggregator.fix_survivors()
+
+    assert caught.value.expected == 2 and caught.value.found == 1
+    assert w.aggregator.stage is AggregatorStage.ABORTED
+    np.testing.assert_array_equal(w.aggregator.masked_total, before)
+
+
+def test_missing_unmasking_shares_abort_without_touching_the_accumulator() -> None:
+    cohort = [0, 1, 2, 3, 4]  # t = 3 of 4 neighbours
+    w = open_window(cohort, 5)
+    exchange_keys(w)
+    rng = np.random.default_rng(4)
+    vectors = {p: rng.normal(size=5) for p in cohort}
+    submit(w, vectors, dict.fromkeys(cohort, 1.0), rng)
+    before = w.aggregator.masked_total.copy()
+
+    with pytest.raises(AbortedRound):
+        unmask(w, withheld=[0, 1, 2])  # two survivors reveal: fewer than t = 3
+
+    assert w.aggregator.stage is AggregatorStage.ABORTED
+    np.testing.assert_array_equal(w.aggregator.masked_total, before)
+
+
+def test_chunked_submission_equals_whole_vector_and_broken_stream_counts_as_dropped() -> None:
+    cohort = [0, 1, 2, 3, 4]
+    w = open_window(cohort, 10)
+    exchange_keys(w)
+    rng = np.random.default_rng(5)
+    vectors = {p: rng.normal(size=10) for p in cohort}
+    weights = dict.fromkeys(cohort, 2.0)
+    masked = {p: w.participants[p].mask(vectors[p], weights[p], rng) for p in cohort}
+    for p in (0, 1, 2):
+        w.aggregator.add_masked(p, masked[p])
+    for offset in range(0, 11, 4):
+        w.aggregator.add_masked_chunk(3, offset, masked[3][offset : offset + 4])
+    w.aggregator.add_masked_chunk(4, 0, masked[4][:6])  # stream breaks after 6 of 11
+    assert w.aggregator.open_streams == 1
+
+    result = unmask(w)
+
+    want_sum, want_weight = expected_sums(vectors, weights, [0, 1, 2, 3], w.config.clip)
+    assert result.contributors == [0, 1, 2, 3]
+    assert w.aggregator.open_streams == 0
+    assert np.max(np.abs(result.weighted_sum - want_sum)) < result.quantization_bound
+    assert abs(result.weight_sum - want_weight) < result.quantization_bound
+
+
+def test_out_of_order_chunk_is_rejected_and_changes_nothing() -> None:
+    w = open_window([0, 1, 2], 8)
+    exchange_keys(w)
+    masked = w.participants[0].mask(np.zeros(8), 1.0, np.random.default_rng(6))
+    w.aggregator.add_masked_chunk(0, 0, masked[:3])
+    before = w.aggregator.masked_total.copy()
+
+    with pytest.raises(LengthMismatch) as caught:
+        w.aggregator.add_masked_chunk(0, 5, masked[5:])
+
+    assert (caught.value.expected, caught.value.found) == (3, 5)
+    np.testing.assert_array_equal(w.aggregator.masked_total, before)

@@ -1,0 +1,329 @@
+"""What the aggregator and the relay cannot do: read inputs, split views, replay, inject."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+import pytest
+from secagg_harness import exchange_keys, make_identities, open_window, submit, unmask
+
+from echelon.secagg import (
+    ConfigError,
+    ConsistencyError,
+    DuplicateSubmission,
+    InsufficientSignatures,
+    InvalidSignature,
+    KeyAdvertisement,
+    LateSubmission,
+    LengthMismatch,
+    MalformedMessage,
+    Participant,
+    SecAggConfig,
+    ShareAuthenticationError,
+    ShareReconstructionError,
+    StageError,
+    UnexpectedShare,
+    UnknownParty,
+    UnmaskingShares,
+    WrongWindow,
+    decode,
+    survivor_list_bytes,
+)
+
+
+def _chi_square_critical(dof: int, z: float) -> float:
+    # Wilson–Hilferty approximation of the chi-square quantile at standard-normal quantile z.
+    return dof * (1 - 2 / (9 * dof) + z * math.sqrt(2 / (9 * dof))) ** 3
+
+
+def _masked_window(cohort: list[int], dim: int, seed: int = 0):  # type: ignore[no-untyped-def]
+    w = open_window(cohort, dim)
+    exchange_keys(w)
+    rng = np.random.default_rng(seed)
+    vectors = {p: rng.normal(size=dim) for p in cohort}
+    submit(w, vectors, dict.fromkeys(cohort, 1.0), rng)
+    return w
+
+
+def test_masked_vector_of_constant_input_is_uniform() -> None:
+    dim = 1 << 15
+    w = open_window([0, 1, 2], dim)
+    exchange_keys(w)
+    masked = w.participants[0].mask(np.zeros(dim), 1.0, np.random.default_rng(0))
+
+    # Bucket by the top and by the bottom byte; p = 1e-9 per test (z = 6.0) never flakes.
+    critical = _chi_square_critical(255, 6.0)
+    for byte in (masked >> 24, masked & 0xFF):
+        counts = np.bincount(byte.astype(np.int64), minlength=256)
+        expected = masked.shape[0] / 256
+        statistic = float(((counts - expected) ** 2 / expected).sum())
+        assert statistic < critical
+
+
+def test_single_masked_vector_decodes_to_noise() -> None:
+    dim = 1 << 14
+    w = open_window([0, 1, 2], dim)
+    exchange_keys(w)
+    signal = np.linspace(-1.0, 1.0, dim)
+    masked = w.participants[1].mask(signal, 1.0, np.random.default_rng(0))
+
+    decoded, _ = decode(masked, w.config)
+
+    correlation = float(np.corrcoef(decoded, signal)[0, 1])
+    assert abs(correlation) < 6 / math.sqrt(dim)  # six standard errors of a null correlation
+
+
+def test_split_survivor_lists_never_release_both_shares_of_one_party() -> None:
+    cohort = [0, 1, 2, 3, 4]  # t = 3 of 4 neighbours
+    w = _masked_window(cohort, 4)
+    victim = 4
+    claims_dropped, claims_alive = [0, 1, 2, 3], [0, 1, 2, 3, 4]
+    # A lying aggregator shows {0, 1} a list without the victim, {2, 3, 4} one with it.
+    view_a = {p: w.participants[p].sign_survivors(claims_dropped) for p in (0, 1)}
+    view_b = {p: w.participants[p].sign_survivors(claims_alive) for p in (2, 3, 4)}
+    released: list[UnmaskingShares] = []
+
+    for party in (0, 1):
+        with pytest.raises(InsufficientSignatures):
+            w.participants[party].unmask(claims_dropped, view_a)
+        with pytest.raises(ConsistencyError):
+            w.participants[party].unmask(claims_alive, view_b)
+    for party in (2, 3, 4):
+        released.append(w.participants[party].unmask(claims_alive, view_b))
+    with pytest.raises(StageError):
+        w.participants[0].sign_survivors(claims_alive)
+
+    key_shares = [o for r in released for o, _ in r.pairwise_key_shares if o == victim]
+    assert key_shares == []
+
+
+def test_too_few_signatures_withhold_shares() -> None:
+    w = _masked_window([0, 1, 2, 3, 4], 4)
+    survivors = [0, 1, 2, 3, 4]
+    signatures = {p: w.participants[p].sign_survivors(survivors) for p in (0, 1)}
+
+    with pytest.raises(InsufficientSignatures) as caught:
+        w.participants[0].unmask(survivors, signatures)
+
+    assert (caught.value.expected, caught.value.found) == (3, 2)
+
+
+def test_own_signature_is_required() -> None:
+    w = _masked_window([0, 1, 2, 3, 4], 4)
+    survivors = [0, 1, 2, 3, 4]
+    signatures = {p: w.participants[p].sign_survivors(survivors) for p in survivors}
+    del signatures[0]
+
+    with pytest.raises(InsufficientSignatures):
+        w.participants[0].unmask(survivors, signatures)
+
+
+def test_forged_signature_is_refused_by_participant_and_aggregator() -> None:
+    w = _masked_window([0, 1, 2, 3], 4)
+    survivors = w.aggregator.fix_survivors()
+    signatures = {p: w.participants[p].sign_survivors(survivors) for p in survivors}
+    forged = w.identities[2].sign(survivor_list_bytes(w.window, survivors))  # 2 signs as 1
+
+    with pytest.raises(InvalidSignature):
+        w.participants[0].unmask(survivors, {**signatures, 1: forged})
+    with pytest.raises(InvalidSignature):
+        w.aggregator.add_survivor_signature(1, forged)
+
+
+def test_naming_a_survivor_dropped_is_refused() -> None:
+    w = _masked_window([0, 1, 2, 3], 4)
+    survivors = [0, 1, 2, 3]
+    signatures = {p: w.participants[p].sign_survivors(survivors) for p in survivors}
+
+    with pytest.raises(ConsistencyError) as caught:
+        w.participants[0].unmask(survivors, signatures, dropped=[2])
+
+    assert caught.value.found == [2]
+
+
+def test_aggregator_refuses_key_share_of_a_survivor_and_keeps_state() -> None:
+    cohort = [0, 1, 2, 3, 4]
+    w = open_window(cohort, 4)
+    exchange_keys(w)
+    rng = np.random.default_rng(0)
+    submit(
+        w,
+        {p: rng.normal(size=4) for p in cohort},
+        dict.fromkeys(cohort, 1.0),
+        rng,
+        drop_after_mask=[4],
+    )
+    survivors = w.aggregator.fix_survivors()
+    for p in survivors:
+        w.aggregator.add_survivor_signature(p, w.participants[p].sign_survivors(survivors))
+    honest = w.participants[0].unmask(survivors, w.aggregator.survivor_signatures())
+    assert [o for o, _ in honest.pairwise_key_shares] == [4]
+    # Move survivor 1's share into the key-share list: a request to reveal a survivor's key.
+    smuggled = dataclasses.replace(
+        honest,
+        self_mask_shares=honest.self_mask_shares[1:],
+        pairwise_key_shares=((1, honest.self_mask_shares[0][1]), *honest.pairwise_key_shares),
+    )
+    before = w.aggregator.masked_total.copy()
+
+    with pytest.raises(UnexpectedShare) as caught:
+        w.aggregator.add_unmasking_shares(0, smuggled)
+
+    assert caught.value.found == 1
+    np.testing.assert_array_equal(w.aggregator.masked_total, before)
+    w.aggregator.add_unmasking_shares(0, honest)  # the refused message left no trace
+
+
+def test_corrupted_unmasking_share_is_detected_before_any_mask_is_removed() -> None:
+    w = _masked_window([0, 1, 2], 4)
+    survivors = w.aggregator.fix_survivors()
+    for p in survivors:
+        w.aggregator.add_survivor_signature(p, w.participants[p].sign_survivors(survivors))
+    signatures = w.aggregator.survivor_signatures()
+    for p in survivors:
+        shares = w.participants[p].unmask(survivors, signatures)
+        if p == 0:
+            owner, value = shares.self_mask_shares[0]
+            bad = bytes([value[0] ^ 1]) + value[1:]
+            shares = dataclasses.replace(shares, self_mask_shares=((owner, bad),))
+        w.aggregator.add_unmasking_shares(p, shares)
+    before = w.aggregator.masked_total.copy()
+
+    with pytest.raises(ShareReconstructionError):
+        w.aggregator.finalize()
+
+    np.testing.assert_array_equal(w.aggregator.masked_total, before)
+
+
+def test_bad_masked_submissions_are_typed_and_leave_the_accumulator_unchanged() -> None:
+    w = open_window([0, 1, 2, 3], 6)
+    exchange_keys(w)
+    rng = np.random.default_rng(0)
+    masked = {p: w.participants[p].mask(np.ones(6), 1.0, rng) for p in range(4)}
+    for p in (0, 1, 2):
+        w.aggregator.add_masked(p, masked[p])
+    before = w.aggregator.masked_total.copy()
+
+    with pytest.raises(LengthMismatch):
+        w.aggregator.add_masked(3, masked[3][:-1])
+    with pytest.raises(DuplicateSubmission):
+        w.aggregator.add_masked(0, masked[0])
+    with pytest.raises(UnknownParty):
+        w.aggregator.add_masked(9, masked[3])
+    np.testing.assert_array_equal(w.aggregator.masked_total, before)
+
+    assert w.aggregator.fix_survivors() == [0, 1, 2]
+    with pytest.raises(LateSubmission):
+        w.aggregator.add_masked(3, masked[3])
+    np.testing.assert_array_equal(w.aggregator.masked_total, before)
+
+
+def test_tampered_share_fails_authentication() -> None:
+    w = open_window([0, 1, 2], 4)
+    for p, participant in w.participants.items():
+        w.aggregator.add_advertisement(p, participant.advertise())
+    ads = w.aggregator.close_advertisements()
+    bundles = {p: participant.share_keys(ads) for p, participant in w.participants.items()}
+    honest = bundles[1][0]
+    flipped = bytes([honest.ciphertext[0] ^ 0x80]) + honest.ciphertext[1:]
+
+    with pytest.raises(ShareAuthenticationError):
+        w.participants[0].receive_shares([dataclasses.replace(honest, ciphertext=flipped)])
+
+    w.participants[0].receive_shares([bundles[1][0], bundles[2][0]])  # state is intact
+
+
+def test_relay_cannot_substitute_advertised_keys() -> None:
+    w = open_window([0, 1, 2], 4)
+    ads = {p: participant.advertise() for p, participant in w.participants.items()}
+    swapped = dataclasses.replace(ads[1], c_pk=ads[2].c_pk)
+
+    with pytest.raises(InvalidSignature):
+        w.participants[0].share_keys({**ads, 1: swapped})
+    with pytest.raises(InvalidSignature):
+        w.aggregator.add_advertisement(1, swapped)
+
+
+def test_messages_of_an_earlier_window_are_rejected() -> None:
+    cohort = [0, 1, 2]
+    old = open_window(cohort, 4, window=7)
+    old_ads = {p: participant.advertise() for p, participant in old.participants.items()}
+    old_shares = {p: participant.share_keys(old_ads) for p, participant in old.participants.items()}
+    new = open_window(cohort, 4, window=8, identities=old.identities)
+    for p, participant in new.participants.items():
+        new.aggregator.add_advertisement(p, participant.advertise())
+    new_ads = new.aggregator.close_advertisements()
+    for participant in new.participants.values():
+        participant.share_keys(new_ads)
+
+    with pytest.raises(WrongWindow) as caught:
+        new.participants[0].receive_shares([old_shares[1][0]])
+    assert (caught.value.expected, caught.value.found) == (8, 7)
+    relabelled = dataclasses.replace(old_shares[1][0], window=8)
+    with pytest.raises(ShareAuthenticationError):
+        new.participants[0].receive_shares([relabelled])
+    fresh = open_window(cohort, 4, window=8, identities=old.identities)
+    with pytest.raises(WrongWindow):
+        fresh.aggregator.add_advertisement(1, old_ads[1])
+    with pytest.raises(InvalidSignature):
+        fresh.aggregator.add_advertisement(1, dataclasses.replace(old_ads[1], window=8))
+
+
+def test_old_survivor_signature_does_not_verify_in_a_new_window() -> None:
+    w = _masked_window([0, 1, 2], 4)
+    survivors = w.aggregator.fix_survivors()
+    replayed = w.identities[1].sign(survivor_list_bytes(w.window - 1, survivors))
+
+    with pytest.raises(InvalidSignature):
+        w.aggregator.add_survivor_signature(1, replayed)
+
+
+def test_methods_out_of_stage_raise_stage_error() -> None:
+    w = open_window([0, 1, 2], 4)
+
+    with pytest.raises(StageError):
+        w.participants[0].mask(np.zeros(4), 1.0, np.random.default_rng(0))
+    with pytest.raises(StageError):
+        w.aggregator.finalize()
+    with pytest.raises(StageError):
+        w.aggregator.route_shares()
+
+
+def test_full_round_after_harness_sanity() -> None:
+    w = _masked_window([0, 1, 2], 3)
+    result = unmask(w)
+    assert result.contributors == [0, 1, 2]
+
+
+def test_low_order_agreement_key_is_refused_even_when_properly_signed() -> None:
+    w = open_window([0, 1, 2], 4)
+    honest = w.participants[1].advertise()
+    fields = {
+        "window": honest.window,
+        "party": 1,
+        "c_pk": bytes(32),  # u = 0: every X25519 agreement with it is all-zero
+        "s_pk": honest.s_pk,
+        "self_mask_commitment": honest.self_mask_commitment,
+    }
+    signature = w.identities[1].sign(KeyAdvertisement.signed_bytes_of(**fields))  # type: ignore[arg-type]
+    hostile = KeyAdvertisement(**fields, signature=signature)  # type: ignore[arg-type]
+
+    with pytest.raises(MalformedMessage):
+        w.aggregator.add_advertisement(1, hostile)
+
+
+def test_participant_refuses_an_identity_other_than_the_registered_one() -> None:
+    private, public = make_identities([0, 1, 2])
+
+    with pytest.raises(ConfigError, match="registered identity"):
+        Participant(
+            party_id=0,
+            window=1,
+            cohort=[0, 1, 2],
+            identity=private[1],
+            peer_identities=public,
+            config=SecAggConfig(),
+            graph_seed=b"g",
+        )
