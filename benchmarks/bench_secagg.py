@@ -12,6 +12,7 @@ run, and the aggregator's peak extra memory (tracemalloc) next to one vector's s
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import time
 import tracemalloc
@@ -21,7 +22,13 @@ from dataclasses import dataclass
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from echelon.secagg import Aggregator, MaskGenerator, Participant, SecAggConfig, encode
+from echelon.secagg import (
+    Aggregator,
+    MaskGenerator,
+    Participant,
+    SecAggConfig,
+    encode,
+)
 
 GRAPH_SEED = b"bench-graph-seed"
 
@@ -33,6 +40,15 @@ def median_seconds(action: Callable[[], object], repeats: int) -> float:
         action()
         samples.append(time.perf_counter() - start)
     return statistics.median(samples)
+
+
+def traced(action: Callable[[], object]) -> int:
+    """Peak bytes ``action`` allocates beyond what was live before it (tracemalloc)."""
+    tracemalloc.start()
+    action()
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    return peak
 
 
 @dataclass
@@ -65,20 +81,30 @@ def run_window(parties: int, dim: int, base: np.ndarray, config: SecAggConfig) -
         )
         for p in cohort
     }
-    aggregator = Aggregator(
-        window=1,
-        cohort=cohort,
-        dim=dim,
-        config=config,
-        graph_seed=GRAPH_SEED,
-        peer_identities=public,
+    # Two aggregators see the same messages: `aggregator` is timed, `twin` runs under
+    # tracemalloc (which slows Python's big-int Shamir arithmetic) to measure memory.
+    aggregator, twin = (
+        Aggregator(
+            window=1,
+            cohort=cohort,
+            dim=dim,
+            config=config,
+            graph_seed=GRAPH_SEED,
+            peer_identities=public,
+        )
+        for _ in range(2)
     )
-    for p, client in clients.items():
-        aggregator.add_advertisement(p, client.advertise())
-    ads = aggregator.close_advertisements()
-    for p, client in clients.items():
-        aggregator.add_shares(p, client.share_keys(ads))
-    for p, shares in aggregator.route_shares().items():
+    ads = {p: client.advertise() for p, client in clients.items()}
+    for agg in (aggregator, twin):
+        for p, ad in ads.items():
+            agg.add_advertisement(p, ad)
+        agg.close_advertisements()
+    bundles = {p: client.share_keys(ads) for p, client in clients.items()}
+    for agg in (aggregator, twin):
+        for p, bundle in bundles.items():
+            agg.add_shares(p, bundle)
+        routed = agg.route_shares()
+    for p, shares in routed.items():
         clients[p].receive_shares(shares)
 
     rng = np.random.default_rng(0)
@@ -87,36 +113,33 @@ def run_window(parties: int, dim: int, base: np.ndarray, config: SecAggConfig) -
     client_s: list[float] = []
     collect_s = 0.0
     peak_extra = 0
-    tracemalloc.start()
     for p, client in clients.items():
         start = time.perf_counter()
         masked = client.mask(base, 1.0, rng)
         client_s.append(time.perf_counter() - start)
         if p == dropped:
             continue
-        tracemalloc.reset_peak()
-        baseline, _ = tracemalloc.get_traced_memory()
         start = time.perf_counter()
         aggregator.add_masked(p, masked)
         collect_s += time.perf_counter() - start
-        peak_extra = max(peak_extra, tracemalloc.get_traced_memory()[1] - baseline)
-        del masked
+        peak_extra = max(peak_extra, traced(functools.partial(twin.add_masked, p, masked)))
 
     start = time.perf_counter()
     survivors = aggregator.fix_survivors()
-    for p in survivors:
-        aggregator.add_survivor_signature(p, clients[p].sign_survivors(survivors))
-    signatures = aggregator.survivor_signatures()
-    for p in survivors:
-        aggregator.add_unmasking_shares(p, clients[p].unmask(survivors, signatures))
+    twin.fix_survivors()
+    signatures = {p: clients[p].sign_survivors(survivors) for p in survivors}
+    for agg in (aggregator, twin):
+        for p, signature in signatures.items():
+            agg.add_survivor_signature(p, signature)
+    released = {p: clients[p].unmask(survivors, signatures) for p in survivors}
     consistency_s = time.perf_counter() - start
-    tracemalloc.reset_peak()
-    baseline, _ = tracemalloc.get_traced_memory()
+    for agg in (aggregator, twin):
+        for p, unmasking in released.items():
+            agg.add_unmasking_shares(p, unmasking)
     start = time.perf_counter()
     result = aggregator.finalize()
     unmask_s = time.perf_counter() - start
-    peak_extra = max(peak_extra, tracemalloc.get_traced_memory()[1] - baseline)
-    tracemalloc.stop()
+    peak_extra = max(peak_extra, traced(twin.finalize))
     expected = (parties - 1) * np.clip(base.astype(np.float64), -config.clip, config.clip)
     error = float(np.max(np.abs(result.weighted_sum - expected)))
     assert error < result.quantization_bound, f"aggregate off by {error}"
@@ -170,6 +193,7 @@ def main() -> None:
         f"{'collect ms':>10} {'x adds':>6} {'unmask ms':>9} {'masks':>5} {'x add/mask':>10} "
         f"{'ms/party':>8} | {'peak MiB':>8} | {'sign+shares ms':>14}"
     )
+    run_window(4, dim, base, config)  # warm-up: first-use costs of numpy, OpenSSL and malloc
     print(header)
     print("-" * len(header))
     for parties in args.parties:

@@ -31,7 +31,10 @@ VERIFIER_KEY_FILE = "log.vkey"  # written by the audit log service next to its d
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="echelon audit", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="echelon audit",
+        description="Verify an Echelon audit log, or list its records.",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     verify = sub.add_parser("verify", help="verify a whole audit log; exit 1 on any finding")
     verify.add_argument("--db", type=Path, required=True, help="the log's SQLite file")

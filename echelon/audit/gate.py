@@ -147,7 +147,9 @@ class EgressGate:
                 expected=f"{want.__name__} for {payload_type.name}",
                 found=type(attributes).__name__,
             )
-        role = self.role if direction == Direction.SENT else self._peer_role(payload_type)
+        # A boundary only ever receives from the coordinator and vice versa.
+        peer = Role.COORDINATOR if self.role == Role.BOUNDARY else Role.BOUNDARY
+        role = self.role if direction == Direction.SENT else peer
         reason = self._policy.check(
             role=role,
             payload_type=payload_type,
@@ -189,8 +191,3 @@ class EgressGate:
         if reason is not None:
             raise PolicyViolation(payload_type.name, reason, index=result.index)
         return result
-
-    def _peer_role(self, payload_type: PayloadType) -> Role:
-        # A boundary only ever receives from the coordinator and vice versa.
-        del payload_type
-        return Role.COORDINATOR if self.role == Role.BOUNDARY else Role.BOUNDARY

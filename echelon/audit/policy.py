@@ -72,6 +72,7 @@ DEFAULT_ALLOWED: Mapping[Role, frozenset[PayloadType]] = {
             P.KEY_ADVERTISEMENT,
             P.ENCRYPTED_SHARES,
             P.SURVIVOR_LIST,
+            P.SURVIVOR_SIGNATURE,  # relayed to the survivors with the unmasking request
             P.UNMASKING_SHARES,
             P.GLOBAL_ADAPTER,
             P.WINDOW_ABORT,

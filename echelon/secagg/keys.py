@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from echelon.secagg.errors import (
     InvalidSignature,
@@ -52,6 +53,11 @@ def agree(
             expected="a valid X25519 public key",
             found=peer_public.hex(),
         ) from None
+
+
+def public_bytes(private: X25519PrivateKey) -> bytes:
+    """The raw 32-byte public key of an X25519 private key."""
+    return private.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
 
 
 def pairwise_mask_key(

@@ -57,14 +57,6 @@ class ParticipantStage(Enum):
     DONE = auto()
 
 
-def _raw(private: X25519PrivateKey) -> bytes:
-    return private.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
-
-
-def _private_bytes(private: X25519PrivateKey) -> bytes:
-    return private.private_bytes_raw()
-
-
 class Participant:
     """One party in one window; create a new one for every window (keys are fresh)."""
 
@@ -140,7 +132,7 @@ class Participant:
     def advertise(self) -> KeyAdvertisement:
         """Return this window's signed key advertisement (c_pk, s_pk, seed commitment)."""
         self._require(ParticipantStage.ADVERTISE)
-        c_pk, s_pk = _raw(self._c_key), _raw(self._s_key)
+        c_pk, s_pk = keys.public_bytes(self._c_key), keys.public_bytes(self._s_key)
         commitment = keys.self_mask_commitment(self._seed, window=self.window, party=self.party_id)
         signed = KeyAdvertisement.signed_bytes_of(
             window=self.window,
@@ -193,7 +185,7 @@ class Participant:
         self._stage = ParticipantStage.RECEIVE_SHARES
         holders = sorted(peer_ads)
         key_shares = shamir.split(
-            _private_bytes(self._s_key), threshold=self.threshold, holders=holders
+            self._s_key.private_bytes_raw(), threshold=self.threshold, holders=holders
         )
         seed_shares = shamir.split(self._seed, threshold=self.threshold, holders=holders)
         return {

@@ -12,7 +12,6 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from echelon.secagg import keys, shamir
 from echelon.secagg.errors import (
@@ -134,7 +133,7 @@ class ShareBook:
         private_keys: dict[int, X25519PrivateKey] = {}
         for owner, shares in sorted(self._key_shares.items()):
             private = X25519PrivateKey.from_private_bytes(self._rebuild(owner, shares, "s key"))
-            public = private.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+            public = keys.public_bytes(private)
             if public != ads[owner].s_pk:
                 raise ShareReconstructionError(
                     f"s key of party {owner} rebuilt from shares does not match its advertisement",

@@ -9,6 +9,8 @@ The agent only ever adds vectors into the sum; it keeps no worker's vector.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Mapping
 from datetime import timedelta
 
 import numpy as np
@@ -20,6 +22,8 @@ CONTRIBUTION_EXTRA = 2
 CONTRIBUTION_DTYPE = torch.float64
 THETA_TAG = 1
 CONTRIBUTION_TAG = 2
+# A receive that already landed still needs a positive wait to be collected.
+_MIN_WAIT_S = 0.05
 
 
 def contribution_length(numel: int) -> int:
@@ -88,3 +92,42 @@ def send_contribution(
 ) -> None:
     """Worker side: point-to-point send of the contribution to the agent (rank 0)."""
     group.send([contribution], 0, CONTRIBUTION_TAG).wait(timedelta(seconds=timeout_s))
+
+
+def send_global(
+    group: PointToPointGroup, ranks: Mapping[int, int], theta: torch.Tensor, timeout_s: float
+) -> dict[int, str]:
+    """Agent side: theta_v to every worker point-to-point (sends posted together, then
+    waited on). Returns the workers (shard -> reason) that could not be reached."""
+    failed: dict[int, str] = {}
+    sends = {shard: group.send([theta], rank, THETA_TAG) for shard, rank in ranks.items()}
+    for shard, work in sends.items():
+        try:
+            work.wait(timedelta(seconds=timeout_s))
+        except RuntimeError as exc:
+            failed[shard] = f"theta send: {exc}"
+    return failed
+
+
+def collect_contributions(
+    group: PointToPointGroup, ranks: Mapping[int, int], numel: int, deadline: float
+) -> tuple[ContributionSum, dict[int, str]]:
+    """Agent side: one point-to-point receive per worker, all posted up front, each waited on
+    until `deadline` (a `time.monotonic()` value) and added into the sum as it lands; each
+    buffer is zeroed right after, so no single worker's vector outlives this call. A dead
+    peer fails its receive at once; a slow one fails at the deadline; neither blocks the
+    others. Returns the sum and the workers (shard -> reason) that did not contribute."""
+    total = ContributionSum(numel)
+    failed: dict[int, str] = {}
+    receives = {}
+    for shard, rank in ranks.items():
+        buffer = new_receive_buffer(numel)
+        receives[shard] = (group.recv([buffer], rank, CONTRIBUTION_TAG), buffer)
+    for shard, (work, buffer) in receives.items():
+        try:
+            work.wait(timedelta(seconds=max(_MIN_WAIT_S, deadline - time.monotonic())))
+            total.add(buffer)
+        except RuntimeError as exc:
+            failed[shard] = f"contribution: {exc}"
+        buffer.zero_()
+    return total, failed

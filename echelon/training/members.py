@@ -245,4 +245,3 @@ class Membership:
             handle.process.kill()
             handle.process.join(5.0)
         handle.conn.close()
-

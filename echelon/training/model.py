@@ -206,7 +206,9 @@ def save_peft_adapter(
     base_dir: Path | None = None
     if model_cfg.source == TINY:
         base_dir = out_dir / "base"
-        model.get_base_model().save_pretrained(str(base_dir))
+        # A fresh build: peft injects LoRA layers into the wrapped base in place, and those
+        # must not end up in the base checkpoint. The tiny base is deterministic per seed.
+        build_base(model_cfg, vocab_size).save_pretrained(str(base_dir))
         model.peft_config["default"].base_model_name_or_path = str(base_dir.resolve())
         if tokenizer_dir is not None:
             from echelon.training.tokenizer import export_hf_tokenizer

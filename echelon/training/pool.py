@@ -11,68 +11,33 @@ rebuilt on a fresh rendezvous port before the next window.
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import time
 from dataclasses import dataclass, field
-from datetime import timedelta
-from multiprocessing.connection import Connection
-from multiprocessing.process import BaseProcess
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import Literal
 
 import numpy as np
 import structlog
 import torch
-from torch._C._distributed_c10d import TCPStore
 
 from echelon.training.adapter import AdapterLayout, AdapterLayoutError
-from echelon.training.contribution import (
-    CONTRIBUTION_TAG,
-    THETA_TAG,
-    ContributionSum,
-    new_receive_buffer,
-)
+from echelon.training.contribution import collect_contributions, send_global
 from echelon.training.control import (
-    LOOPBACK,
     EvalResult,
     Evaluate,
-    FromWorker,
-    GroupInfo,
-    Joined,
-    JoinGroup,
     Partition,
-    PointToPointGroup,
-    Ready,
     StartWindow,
-    Stop,
-    ToWorker,
     WindowDone,
-    WorkerError,
     WorkerSpec,
-    connect,
-    new_store,
 )
 from echelon.training.data import DataConfig
 from echelon.training.inner import InnerConfig
+from echelon.training.members import Membership, PoolError
 from echelon.training.model_config import LoraConfig, ModelConfig
 
 log = structlog.get_logger(__name__)
 
-_M = TypeVar("_M", Ready, Joined, WindowDone, EvalResult)
-_POLL_S = 0.05
-_REBUILD_ATTEMPTS = 3
-
-
-def _worker_entry(spec: WorkerSpec, conn: Connection) -> None:
-    # Runs in the spawned child: the worker module (and transformers, peft) is imported there
-    # only, so the agent process stays lean.
-    from echelon.training.worker import worker_main
-
-    worker_main(spec, conn)
-
-
-class PoolError(RuntimeError):
-    """The pool cannot do what was asked (not started, closed, or no worker left)."""
+__all__ = ["DevicePool", "DeviceWindowResult", "PoolConfig", "PoolError"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -134,14 +99,6 @@ class DeviceWindowResult:
     val_loss: float | None
 
 
-@dataclass
-class _WorkerHandle:
-    shard: int
-    process: BaseProcess
-    conn: Connection
-    rank: int = 0
-
-
 class DevicePool:
     """Agent side of one boundary's device plane (rank 0 of the workers' gloo group).
 
@@ -150,13 +107,13 @@ class DevicePool:
 
     def __init__(self, cfg: PoolConfig) -> None:
         self.cfg = cfg
-        self._ctx = mp.get_context("spawn")
-        self._workers: dict[int, _WorkerHandle] = {}
-        self._layout: AdapterLayout | None = None
-        self._group: PointToPointGroup | None = None
-        self._store: TCPStore | None = None
-        self._generation = 0
-        self._dirty = True
+        self._members = Membership(
+            self._spec,
+            n_workers=cfg.n_workers,
+            start_timeout_s=cfg.start_timeout_s,
+            collective_timeout_s=cfg.collective_timeout_s,
+            restart=cfg.restart_dead_workers,
+        )
         self._started = False
         self._closed = False
 
@@ -170,27 +127,16 @@ class DevicePool:
         if self._started:
             return
         self.cfg.work_dir.mkdir(parents=True, exist_ok=True)
-        handles = [self._spawn(shard) for shard in range(self.cfg.n_workers)]
-        for handle in handles:
-            self._admit(handle)
-        if not self._workers:
-            raise PoolError("no worker started; see the workers' logs")
+        self._members.start()
         self._started = True
-        self._rebuild_group()
+        self._members.require_group()
 
     def close(self) -> None:
         """Stop the workers (Stop, then terminate, then kill); idempotent."""
         if self._closed:
             return
         self._closed = True
-        for handle in self._workers.values():
-            self._send(handle, Stop())
-        deadline = time.monotonic() + 10.0
-        for handle in list(self._workers.values()):
-            handle.process.join(max(0.0, deadline - time.monotonic()))
-            self._kill(handle)
-        self._workers.clear()
-        self._abort_group()
+        self._members.close()
         log.info("pool_closed")
 
     def __enter__(self) -> DevicePool:
@@ -202,16 +148,18 @@ class DevicePool:
 
     # ---- queries ----------------------------------------------------------------------
     def layout(self) -> AdapterLayout:
-        if self._layout is None:
+        if self._members.layout is None:
             raise PoolError("DevicePool.layout: call start() first")
-        return self._layout
+        return self._members.layout
 
     def alive_workers(self) -> int:
-        return sum(1 for h in self._workers.values() if h.process.is_alive())
+        return sum(1 for h in self._members.workers.values() if h.process.is_alive())
 
     def worker_pids(self) -> dict[int, int]:
         """Shard index -> process id of the live workers (for operators and fault tests)."""
-        return {s: h.process.pid for s, h in self._workers.items() if h.process.pid is not None}
+        return {
+            s: h.process.pid for s, h in self._members.workers.items() if h.process.pid is not None
+        }
 
     # ---- windows ----------------------------------------------------------------------
     def run_window(
@@ -244,8 +192,8 @@ class DevicePool:
                 f"data.seq_len={self.cfg.data.seq_len}"
             )
         deadline = time.monotonic() + deadline_s
-        self._supervise()
-        group = self._require_group()
+        self._members.supervise()
+        group = self._members.require_group()
         theta = torch.from_numpy(np.ascontiguousarray(global_flat, dtype=np.float32))
         start = StartWindow(
             window=window,
@@ -254,44 +202,22 @@ class DevicePool:
             send_timeout_s=deadline_s + self.cfg.collective_timeout_s,
         )
         failed: dict[int, str] = {}
-        members = list(self._workers.values())
+        members = list(self._members.workers.values())
         for handle in members:
-            if not self._send(handle, start):
+            if not self._members.send(handle, start):
                 failed[handle.shard] = "control pipe closed"
-        sends = {
-            h.shard: group.send([theta], h.rank, THETA_TAG)
-            for h in members
-            if h.shard not in failed
-        }
-        for shard, work in sends.items():
-            try:
-                work.wait(timedelta(seconds=self.cfg.collective_timeout_s))
-            except RuntimeError as exc:
-                failed[shard] = f"theta send: {exc}"
-        total = ContributionSum(layout.numel)
-        receives = {}
+        ranks = {h.shard: h.rank for h in members if h.shard not in failed}
+        failed.update(send_global(group, ranks, theta, self.cfg.collective_timeout_s))
+        ranks = {shard: rank for shard, rank in ranks.items() if shard not in failed}
+        total, lost = collect_contributions(group, ranks, layout.numel, deadline)
+        failed.update(lost)
         for handle in members:
             if handle.shard not in failed:
-                buffer = new_receive_buffer(layout.numel)
-                receives[handle.shard] = (
-                    group.recv([buffer], handle.rank, CONTRIBUTION_TAG),
-                    buffer,
-                )
-        for shard, (work, buffer) in receives.items():
-            try:
-                work.wait(timedelta(seconds=max(_POLL_S, deadline - time.monotonic())))
-                total.add(buffer)
-            except RuntimeError as exc:
-                failed[shard] = f"contribution: {exc}"
-            buffer.zero_()
-        receives.clear()
-        for handle in members:
-            if handle.shard not in failed:
-                reply = self._await(handle, WindowDone, self.cfg.collective_timeout_s)
+                reply = self._members.await_reply(handle, WindowDone, self.cfg.collective_timeout_s)
                 if reply is None or reply.window != window:
                     failed[handle.shard] = "no WindowDone"
         for shard, reason in failed.items():
-            self._drop(shard, reason, window=window)
+            self._members.drop(shard, reason, window=window)
         if total.count == 0:
             raise PoolError(f"window {window}: no worker contributed ({failed})")
         val_loss = None
@@ -331,13 +257,13 @@ class DevicePool:
                 "adapter length", expected=layout.numel, found=global_flat.shape
             )
         msg = Evaluate(theta=np.ascontiguousarray(global_flat, dtype=np.float32))
-        for shard in sorted(self._workers):
-            handle = self._workers[shard]
-            if self._send(handle, msg):
-                reply = self._await(handle, EvalResult, self.cfg.eval_timeout_s)
+        for shard in sorted(self._members.workers):
+            handle = self._members.workers[shard]
+            if self._members.send(handle, msg):
+                reply = self._members.await_reply(handle, EvalResult, self.cfg.eval_timeout_s)
                 if reply is not None:
                     return reply.loss
-            self._drop(shard, "evaluation failed")
+            self._members.drop(shard, "evaluation failed")
         raise PoolError("evaluate: no live worker")
 
     # ---- internals ----------------------------------------------------------------------

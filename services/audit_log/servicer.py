@@ -74,6 +74,16 @@ def _tree_head(head: SignedTreeHead) -> audit_pb2.SignedTreeHead:
     )
 
 
+def validate_append(request: audit_pb2.AppendRequest) -> None:
+    """The request's shape; the record's content is validated by `AuditRecord.decode`."""
+    size = len(request.record)
+    require(0 < size <= MAX_RECORD_BYTES, "AppendRequest.record", f"{size} bytes",
+            f"1..{MAX_RECORD_BYTES} bytes")  # fmt: skip
+    signature = len(request.signature)
+    require(signature == SIGNATURE_BYTES, "AppendRequest.signature", f"{signature} bytes",
+            f"{SIGNATURE_BYTES} bytes")  # fmt: skip
+
+
 class AuditLogServicer(audit_pb2_grpc.AuditLogServicer):
     """Serves one `TransparencyLog`."""
 
@@ -104,19 +114,7 @@ class AuditLogServicer(audit_pb2_grpc.AuditLogServicer):
 
         def append() -> audit_pb2.AppendResponse:
             self._ref("AppendRequest", request.ref, request.HasField("ref"))
-            size = len(request.record)
-            require(
-                0 < size <= MAX_RECORD_BYTES,
-                "AppendRequest.record",
-                f"{size} bytes",
-                f"1..{MAX_RECORD_BYTES} bytes",
-            )
-            require(
-                len(request.signature) == SIGNATURE_BYTES,
-                "AppendRequest.signature",
-                f"{len(request.signature)} bytes",
-                f"{SIGNATURE_BYTES} bytes",
-            )
+            validate_append(request)
             result = self._log.append(bytes(request.record), bytes(request.signature))
             return audit_pb2.AppendResponse(
                 index=result.index,

@@ -28,6 +28,7 @@ from echelon.audit import (
     TransparencyLog,
     Verdict,
 )
+from echelon.audit.record import replace
 
 
 def main(db: str) -> None:
@@ -68,8 +69,6 @@ def main(db: str) -> None:
 
 
 def _next(signer: Signer, template: AuditRecord) -> bytes:
-    from echelon.audit.record import replace
-
     return replace(
         template,
         counter=signer.next_counter(),

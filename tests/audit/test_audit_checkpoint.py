@@ -6,9 +6,19 @@ import base64
 from pathlib import Path
 
 import pytest
-from audit_helpers import ORIGIN, log_signer, memory_log
+from audit_helpers import ORIGIN, Clock, log_signer, memory_log, registered_gate
 
-from echelon.audit import CheckpointError, LogSigner, NoteVerifier, Witness
+from echelon.audit import (
+    CheckpointError,
+    LocalSink,
+    LogSigner,
+    NoteVerifier,
+    PayloadType,
+    Policy,
+    Role,
+    RollbackError,
+    Witness,
+)
 from echelon.audit.merkle import EMPTY_ROOT
 
 
@@ -62,8 +72,13 @@ def test_witness_persists_and_accepts_extensions(tmp_path: Path) -> None:
     log = memory_log()
     verifier = NoteVerifier(log.signer.verifier_key())
     witness = Witness(path=tmp_path / "w.json", verifier=verifier, source=log)
+    sink, clock = LocalSink(log), Clock()
+    gate = registered_gate("org-a", Role.BOUNDARY, Policy(), sink, clock)
     witness.update(log.tree_head().checkpoint)
-    head = witness.update(log.tree_head().checkpoint)
-    assert head.size == 0
+    for _ in range(6):
+        gate.send(PayloadType.STATUS, "coord", 1, b"s", None, lambda: None)
+        assert witness.update(log.tree_head().checkpoint).size == log.size
+    with pytest.raises(RollbackError):
+        witness.update(log.signer.sign(3, log._tree.root(3)).checkpoint)
     reloaded = Witness(path=tmp_path / "w.json", verifier=verifier, source=log)
     assert reloaded.latest == witness.latest and reloaded.checkpoint == witness.checkpoint

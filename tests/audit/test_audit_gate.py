@@ -10,6 +10,7 @@ from audit_helpers import COORDINATOR, Clock, memory_log, registered_gate, run_e
 from echelon.audit import (
     LOG_PARTY,
     AuditRecord,
+    ConfigError,
     CounterReplay,
     DeltaAttributes,
     Direction,
@@ -29,6 +30,8 @@ from echelon.audit import (
     Signer,
     UnknownSigner,
     Verdict,
+    policy_from_run_config,
+    run_config,
 )
 from echelon.audit.verify import verify_log
 
@@ -234,3 +237,23 @@ def test_a_clean_exchange_verifies() -> None:
     assert report.ok, report.render()
     assert report.counts[("MASKED_DELTA", "sent")] == 4
     assert report.counts[("MASKED_DELTA", "received")] == 4
+
+
+def test_a_baseline_run_passes_and_is_marked_in_the_verdict() -> None:
+    sink = LocalSink(memory_log())
+    run_exchange(sink, windows=1, policy=Policy(level2=False))
+    log = sink._log
+    report = verify_log(log.entries(0, log.size), [log.tree_head()], verifier=None)
+    assert report.ok, report.render()
+    assert report.counts[("PLAIN_DELTA", "sent")] == 2
+    assert "BASELINE run: secure aggregation level 2 off" in report.verdict()
+
+
+def test_the_declared_policy_round_trips_through_the_run_config() -> None:
+    policy = Policy(m_min=3, k_min=5, level1=False)
+    config = run_config(policy, {"outer_lr": "0.7", "model_sha256": "ab" * 32})
+    assert policy_from_run_config(config) == policy
+    with pytest.raises(RecordError):
+        run_config(policy, {"outer_lr": 0.7})  # floats must be declared as decimal strings
+    with pytest.raises(ConfigError, match="m_min"):
+        Policy(m_min=1)

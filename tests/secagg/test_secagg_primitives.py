@@ -213,3 +213,27 @@ def test_unmasking_shares_reject_unsorted_or_truncated_input() -> None:
     )
     with pytest.raises(MalformedMessage):
         UnmaskingShares.from_bytes(good.to_bytes()[:-1])
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    kind=st.sampled_from([KeyAdvertisement, EncryptedShare, UnmaskingShares]),
+    tail=st.one_of(
+        st.binary(max_size=300),
+        st.binary(min_size=172, max_size=172),  # a KeyAdvertisement's size
+        st.binary(min_size=192, max_size=192),  # an EncryptedShare's size
+        st.binary(min_size=20, max_size=20).map(lambda b: b[:12] + bytes(8)),  # no shares
+    ),
+    type_byte=st.integers(1, 4),
+)
+def test_arbitrary_bytes_parse_or_raise_malformed_message(
+    kind: type[KeyAdvertisement] | type[EncryptedShare] | type[UnmaskingShares],
+    tail: bytes,
+    type_byte: int,
+) -> None:
+    data = b"ESAG\x01" + bytes([type_byte]) + tail
+    try:
+        parsed = kind.from_bytes(data)
+    except MalformedMessage:
+        return
+    assert parsed.to_bytes() == data

@@ -11,8 +11,11 @@ from secagg_harness import exchange_keys, expected_sums, open_window, submit, un
 from echelon.secagg import (
     AbortedRound,
     AggregatorStage,
+    EncryptedShare,
+    KeyAdvertisement,
     LengthMismatch,
     SecAggConfig,
+    UnmaskingShares,
     graph_degree,
 )
 
@@ -188,3 +191,72 @@ def test_out_of_order_chunk_is_rejected_and_changes_nothing() -> None:
 
     assert (caught.value.expected, caught.value.found) == (3, 5)
     np.testing.assert_array_equal(w.aggregator.masked_total, before)
+
+
+@settings(max_examples=10, deadline=None)
+@given(
+    size=st.integers(9, 14),
+    dropped=st.sets(st.integers(0, 13), max_size=3),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_secagg_plus_rounds_complete_exactly_when_every_secret_keeps_t_holders(
+    size: int, dropped: set[int], seed: int
+) -> None:
+    cohort = list(range(size))
+    gone = dropped & set(cohort)
+    w = open_window(cohort, 5, config=SecAggConfig(neighbours=4), window=seed % 1000)
+    exchange_keys(w)
+    rng = np.random.default_rng(seed)
+    vectors = {p: rng.uniform(-1, 1, size=5) for p in cohort}
+    weights = {p: 1.0 for p in cohort}
+    submit(w, vectors, weights, rng, drop_after_mask=gone)
+    graph = w.aggregator.graph
+    alive = set(cohort) - gone
+    recoverable = all(len(graph.of(p) & alive) >= graph.threshold(p) for p in cohort)
+
+    if not recoverable:
+        with pytest.raises(AbortedRound):
+            w.aggregator.fix_survivors()
+        return
+    result = unmask(w)
+
+    want_sum, want_weight = expected_sums(vectors, weights, sorted(alive), w.config.clip)
+    assert result.contributors == sorted(alive)
+    assert np.max(np.abs(result.weighted_sum - want_sum)) < result.quantization_bound
+    assert abs(result.weight_sum - want_weight) < result.quantization_bound
+
+
+def test_round_works_when_every_message_crosses_as_bytes() -> None:
+    cohort = [3, 5, 8, 13]
+    w = open_window(cohort, 7)
+    agg, parties = w.aggregator, w.participants
+    for p, participant in parties.items():
+        agg.add_advertisement(p, KeyAdvertisement.from_bytes(participant.advertise().to_bytes()))
+    ads = {
+        p: KeyAdvertisement.from_bytes(ad.to_bytes())
+        for p, ad in agg.close_advertisements().items()
+    }
+    for p, participant in parties.items():
+        bundle = participant.share_keys(ads)
+        agg.add_shares(p, {r: EncryptedShare.from_bytes(s.to_bytes()) for r, s in bundle.items()})
+    for p, shares in agg.route_shares().items():
+        parties[p].receive_shares([EncryptedShare.from_bytes(s.to_bytes()) for s in shares])
+    rng = np.random.default_rng(9)
+    vectors = {p: rng.normal(size=7) for p in cohort}
+    for p in cohort[:3]:
+        wire = parties[p].mask(vectors[p], 0.5, rng).astype("<u4").tobytes()
+        agg.add_masked(p, np.frombuffer(wire, dtype="<u4"))
+    survivors = agg.fix_survivors()
+    for p in survivors:
+        agg.add_survivor_signature(p, parties[p].sign_survivors(survivors))
+    signatures = agg.survivor_signatures()
+    for p in survivors:
+        wire = parties[p].unmask(survivors, signatures).to_bytes()
+        agg.add_unmasking_shares(p, UnmaskingShares.from_bytes(wire))
+
+    result = agg.finalize()
+
+    want_sum, want_weight = expected_sums(vectors, dict.fromkeys(cohort, 0.5), survivors, 1.0)
+    assert survivors == [3, 5, 8]
+    assert np.max(np.abs(result.weighted_sum - want_sum)) < result.quantization_bound
+    assert abs(result.weight_sum - want_weight) < result.quantization_bound

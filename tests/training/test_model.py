@@ -20,7 +20,7 @@ from echelon.training.model import (
     lora_state,
     save_peft_adapter,
 )
-from echelon.training.tokenizer import TextTokenizer
+from echelon.training.tokenizer import TextTokenizer, TokenizerConfig, obtain_tokenizer
 
 VOCAB = 512
 SMALL = ModelConfig(layers=1, hidden=64, heads=2, intermediate=128, max_seq=64)
@@ -93,3 +93,29 @@ def test_save_peft_adapter_loads_with_peft_and_generates(
     assert out.shape == (1, prompt.shape[1] + 5)
     assert np.allclose(flatten(lora_state(loaded, layout), layout), vec)
     assert (saved.base_dir / "tokenizer.json").is_file()
+
+
+def test_local_directory_source_matches_the_tiny_base(
+    tmp_path: Path, tokenizer: TextTokenizer, tokenizer_dir: Path
+) -> None:
+    _, layout = build_model(SMALL, LoraConfig(), tokenizer.vocab_size)
+    saved = save_peft_adapter(
+        SMALL,
+        LoraConfig(),
+        tokenizer.vocab_size,
+        np.zeros(layout.numel, dtype=np.float32),
+        tmp_path,
+        tokenizer_dir=tokenizer_dir,
+    )
+    assert saved.base_dir is not None
+
+    from_dir, dir_layout = build_model(
+        ModelConfig(source=str(saved.base_dir)), LoraConfig(), tokenizer.vocab_size
+    )
+    dir_tokenizer = obtain_tokenizer(TokenizerConfig(model_dir=saved.base_dir), tmp_path / "t")
+
+    assert base_digest(from_dir) == base_digest(build_base(SMALL, tokenizer.vocab_size))
+    assert dir_layout.digest() == layout.digest()
+    sample = "Return the HTTP header, or None."
+    assert dir_tokenizer.encode(sample) == tokenizer.encode(sample)
+    assert dir_tokenizer.eos_id == tokenizer.eos_id
