@@ -58,7 +58,9 @@ class CohortDecision:
     reason: str
 
 
-def select_cohort(now_s: float, seen: Sequence[BoundarySeen], config: WindowConfig) -> CohortDecision:
+def select_cohort(
+    now_s: float, seen: Sequence[BoundarySeen], config: WindowConfig
+) -> CohortDecision:
     """The live boundaries (seen within `liveness_s`), sorted, and whether a window may open."""
     live = tuple(sorted(b.boundary for b in seen if now_s - b.last_seen_s <= config.liveness_s))
     if len(live) < config.min_cohort:
@@ -98,7 +100,9 @@ def close_decision(
         )
     if collected + failed >= cohort_size:
         return CloseDecision(
-            True, CloseReason.ALL_ANSWERED, f"{collected} collected, {failed} failed of {cohort_size}"
+            True,
+            CloseReason.ALL_ANSWERED,
+            f"{collected} collected, {failed} failed of {cohort_size}",
         )
     if now_s - opened_s >= config.deadline_s:
         return CloseDecision(

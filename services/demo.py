@@ -63,8 +63,9 @@ def _spec(args: argparse.Namespace, paths: dict[str, Path]) -> DeploymentSpec:
     seq = args.seq_len
     return DeploymentSpec(
         root=args.root,
-        sites=tuple(Site(boundary=org, data_files=(paths[org],), workers=args.workers)
-                    for org, _ in ORGS),
+        sites=tuple(
+            Site(boundary=org, data_files=(paths[org],), workers=args.workers) for org, _ in ORGS
+        ),
         tokenizer_files=tuple(paths[d] for d in TOKENIZER_DOMAINS),
         coordinator_tables={
             "coordinator": {"run_id": "demo", "windows": args.windows, "token_unit": 8192.0},
@@ -76,12 +77,16 @@ def _spec(args: argparse.Namespace, paths: dict[str, Path]) -> DeploymentSpec:
         agent_tables={
             "data": {"seq_len": seq, "max_tokens_per_file": args.max_tokens},
             "tokenizer": {"vocab_size": 4096},
-            "inner": {"batch_size": args.batch_size, "seq_len": seq, "warmup_steps": 5,
-                      "total_steps": max(args.windows * args.steps, 10) + 5},
+            "inner": {
+                "batch_size": args.batch_size,
+                "seq_len": seq,
+                "warmup_steps": 5,
+                "total_steps": max(args.windows * args.steps, 10) + 5,
+            },
             "devices": {"eval_batches": 8},
         },
         log_level="info",
-    )  # fmt: skip
+    )
 
 
 def _agent_status(address: str) -> boundary_pb2.BoundaryStatus | None:
@@ -116,9 +121,12 @@ class Progress:
             if st is not None:
                 tokens += st.tokens_total
                 parts.append(f"{org} val {st.val_loss:6.3f}")
-        print(f"\r  [{elapsed:5.0f}s] windows {status.windows_completed:>2} | version "
-              f"{status.version:>2} | H {status.inner_steps} | live {len(status.live)} | "
-              f"tokens {tokens:>8,} | " + " | ".join(parts), flush=True)  # fmt: skip
+        print(
+            f"\r  [{elapsed:5.0f}s] windows {status.windows_completed:>2} | version "
+            f"{status.version:>2} | H {status.inner_steps} | live {len(status.live)} | "
+            f"tokens {tokens:>8,} | " + " | ".join(parts),
+            flush=True,
+        )
 
 
 def _audit_bytes(db: Path) -> tuple[dict[str, int], int]:
@@ -130,8 +138,11 @@ def _audit_bytes(db: Path) -> tuple[dict[str, int], int]:
     sent: Counter[str] = Counter()
     for entry in entries:
         record = AuditRecord.decode(entry.record)
-        if record.direction == Direction.SENT and record.verdict.accepted and \
-                record.receiver != "audit-log":  # fmt: skip
+        if (
+            record.direction == Direction.SENT
+            and record.verdict.accepted
+            and record.receiver != "audit-log"
+        ):
             sent[record.payload_type.name] += record.payload_size
     return dict(sent), len(entries)
 
@@ -160,10 +171,14 @@ def main(argv: list[str]) -> int:
         print("starting services (each agent spawns its workers) ...")
         deployment.start()
         print(f"  up in {time.monotonic() - started:.0f}s; logs in {args.root / 'logs'}")
-        deployment.wait_windows(args.windows, timeout_s=60 * 30,
-                                on_poll=Progress(deployment, started))  # fmt: skip
-        tokens = sum(st.tokens_total for org, _ in ORGS
-                     if (st := _agent_status(deployment.services[org].address)) is not None)
+        deployment.wait_windows(
+            args.windows, timeout_s=60 * 30, on_poll=Progress(deployment, started)
+        )
+        tokens = sum(
+            st.tokens_total
+            for org, _ in ORGS
+            if (st := _agent_status(deployment.services[org].address)) is not None
+        )
         status = deployment.coordinator_status()
     except KeyboardInterrupt:
         print("\ninterrupted: stopping every process ...")
@@ -185,9 +200,20 @@ def _finish(args: argparse.Namespace, deployment: Deployment, windows: int, toke
     db = deployment.audit_db
     report_path = args.root / "audit-report.json"
     verify = subprocess.run(
-        [sys.executable, "-m", "services.cli", "audit", "verify", "--db", str(db),
-         "--json", str(report_path)], capture_output=True, text=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "services.cli",
+            "audit",
+            "verify",
+            "--db",
+            str(db),
+            "--json",
+            str(report_path),
+        ],
+        capture_output=True,
+        text=True,
+    )
     print("\n$ echelon audit verify --db", db)
     print(verify.stdout.rstrip())
     report = json.loads(report_path.read_text()) if report_path.exists() else {}
@@ -206,7 +232,9 @@ def _finish(args: argparse.Namespace, deployment: Deployment, windows: int, toke
     for name, size in sorted(bytes_by_type.items(), key=lambda kv: -kv[1]):
         print(f"  {name:<22}{size:>14,}")
     print(f"audit entries          {entries}")
-    print(f"audit verify           {report.get('summary', verify.stdout.strip().splitlines()[-1:])}")
+    print(
+        f"audit verify           {report.get('summary', verify.stdout.strip().splitlines()[-1:])}"
+    )
     print(f"final tree head        size {report.get('size')} root {report.get('root_hash', '')}")
     print(f"exported adapter       {args.root / 'export' / 'adapter'}")
     print(f"sample from it         {sample!r}")

@@ -61,8 +61,11 @@ def generate_sample(deployment: Deployment, org: str, out_dir: Path, tokens: int
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    exported = export_version(coordinator_state=deployment.coordinator_state,
-                              agent_config=deployment.agent_config(org), out_dir=out_dir)  # fmt: skip
+    exported = export_version(
+        coordinator_state=deployment.coordinator_state,
+        agent_config=deployment.agent_config(org),
+        out_dir=out_dir,
+    )
     assert exported.base_dir is not None
     tokenizer = AutoTokenizer.from_pretrained(str(exported.base_dir))
     base = AutoModelForCausalLM.from_pretrained(str(exported.base_dir))
@@ -70,6 +73,7 @@ def generate_sample(deployment: Deployment, org: str, out_dir: Path, tokens: int
     prompt = "In the beginning"
     ids = tokenizer(prompt, return_tensors="pt").input_ids
     with torch.no_grad():
-        generated = model.generate(ids, max_new_tokens=tokens, do_sample=False,
-                                   pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+        generated = model.generate(  # type: ignore[no-untyped-call]
+            ids, max_new_tokens=tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
+        )
     return str(tokenizer.decode(generated[0], skip_special_tokens=True))

@@ -52,28 +52,46 @@ def export_version(
     theta0 = flatten(lora_state(model, layout), layout)
     if phi.shape != theta0.shape:
         raise ValueError(f"stored version {chosen}: {phi.size} values, model has {theta0.size}")
-    saved = save_peft_adapter(setup.model, setup.lora, tokenizer.vocab_size,
-                              (theta0 + phi).astype(np.float32), out_dir,
-                              tokenizer_dir=work / "tokenizer")  # fmt: skip
+    saved = save_peft_adapter(
+        setup.model,
+        setup.lora,
+        tokenizer.vocab_size,
+        (theta0 + phi).astype(np.float32),
+        out_dir,
+        tokenizer_dir=work / "tokenizer",
+    )
     return Exported(chosen, saved.adapter_dir, saved.base_dir)
 
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="echelon export", description=__doc__)
-    parser.add_argument("--coordinator-state", type=Path, required=True,
-                        help="the coordinator's state directory (DATA_DIR/state)")
-    parser.add_argument("--agent-config", type=Path, required=True,
-                        help="a boundary agent's TOML (for the model, LoRA and tokenizer)")
+    parser.add_argument(
+        "--coordinator-state",
+        type=Path,
+        required=True,
+        help="the coordinator's state directory (DATA_DIR/state)",
+    )
+    parser.add_argument(
+        "--agent-config",
+        type=Path,
+        required=True,
+        help="a boundary agent's TOML (for the model, LoRA and tokenizer)",
+    )
     parser.add_argument("--version", type=int, help="version to export (default: latest)")
     parser.add_argument("--out", type=Path, required=True, help="output directory")
     args = parser.parse_args(argv)
     try:
-        done = export_version(coordinator_state=args.coordinator_state,
-                              agent_config=args.agent_config, out_dir=args.out,
-                              version=args.version)  # fmt: skip
+        done = export_version(
+            coordinator_state=args.coordinator_state,
+            agent_config=args.agent_config,
+            out_dir=args.out,
+            version=args.version,
+        )
     except (KeyError, ValueError) as exc:
         print(f"echelon export: {exc}")
         return 1
-    print(f"exported version {done.version} to {done.adapter_dir}"
-          + (f" (base model in {done.base_dir})" if done.base_dir else ""))  # fmt: skip
+    print(
+        f"exported version {done.version} to {done.adapter_dir}"
+        + (f" (base model in {done.base_dir})" if done.base_dir else "")
+    )
     return 0

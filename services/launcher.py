@@ -91,9 +91,12 @@ class Deployment:
         with log_path.open("ab") as log:
             process = subprocess.Popen(
                 [sys.executable, "-m", module, *args, "--port-file", str(port_file)],
-                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
                 start_new_session=True,
-            )  # fmt: skip
+            )
         service = Service(name, process, port_file, log_path)
         self.services[name] = service
         return service
@@ -106,11 +109,14 @@ class Deployment:
                 return
             if service.process.poll() is not None:
                 tail = service.log_path.read_text(errors="replace")[-3000:]
-                raise LaunchError(f"{service.name} exited with {service.process.returncode}; "
-                                  f"log {service.log_path}:\n{tail}")  # fmt: skip
+                raise LaunchError(
+                    f"{service.name} exited with {service.process.returncode}; "
+                    f"log {service.log_path}:\n{tail}"
+                )
             time.sleep(0.1)
-        raise LaunchError(f"{service.name} did not start within {timeout_s:.0f}s; "
-                          f"see {service.log_path}")  # fmt: skip
+        raise LaunchError(
+            f"{service.name} did not start within {timeout_s:.0f}s; see {service.log_path}"
+        )
 
     def _write(self, name: str, tables: dict[str, Any]) -> Path:
         path = self.spec.root / "config" / f"{name}.toml"
@@ -121,33 +127,67 @@ class Deployment:
         """Starts audit log, coordinator and agents, waiting for each to listen."""
         spec = self.spec
         try:
-            audit = self._spawn("audit-log", "services.audit_log", [
-                "--listen", "127.0.0.1:0", "--data-dir", str(spec.root / "audit-log"),
-                "--metrics-port", "0", "--log-level", spec.log_level,
-            ])  # fmt: skip
+            audit = self._spawn(
+                "audit-log",
+                "services.audit_log",
+                [
+                    "--listen",
+                    "127.0.0.1:0",
+                    "--data-dir",
+                    str(spec.root / "audit-log"),
+                    "--metrics-port",
+                    "0",
+                    "--log-level",
+                    spec.log_level,
+                ],
+            )
             self._wait(audit, 60)
-            coordinator_cfg = self._write("coordinator", _merge({
-                "server": {"host": "127.0.0.1", "port": 0},
-                "service": {"data_dir": str(spec.root / "coordinator"), "audit": audit.address,
-                            "metrics_port": 0, "log_level": spec.log_level},
-            }, spec.coordinator_tables))  # fmt: skip
-            coordinator = self._spawn("coordinator", "services.global_coordinator",
-                                      ["--config", str(coordinator_cfg)])  # fmt: skip
+            coordinator_cfg = self._write(
+                "coordinator",
+                _merge(
+                    {
+                        "server": {"host": "127.0.0.1", "port": 0},
+                        "service": {
+                            "data_dir": str(spec.root / "coordinator"),
+                            "audit": audit.address,
+                            "metrics_port": 0,
+                            "log_level": spec.log_level,
+                        },
+                    },
+                    spec.coordinator_tables,
+                ),
+            )
+            coordinator = self._spawn(
+                "coordinator", "services.global_coordinator", ["--config", str(coordinator_cfg)]
+            )
             self._wait(coordinator, 60)
             agents = []
             for site in spec.sites:
-                cfg = self._write(site.boundary, _merge({
-                    "server": {"host": "127.0.0.1", "port": 0},
-                    "service": {"data_dir": str(spec.root / site.boundary),
-                                "audit": audit.address, "metrics_port": 0,
-                                "log_level": spec.log_level},
-                    "agent": {"boundary": site.boundary, "coordinator": coordinator.address},
-                    "devices": {"workers": site.workers},
-                    "data": {"files": [str(p) for p in site.data_files]},
-                    "tokenizer": {"files": [str(p) for p in spec.tokenizer_files]},
-                }, spec.agent_tables))  # fmt: skip
-                agents.append(self._spawn(site.boundary, "services.boundary_agent",
-                                          ["--config", str(cfg)]))  # fmt: skip
+                cfg = self._write(
+                    site.boundary,
+                    _merge(
+                        {
+                            "server": {"host": "127.0.0.1", "port": 0},
+                            "service": {
+                                "data_dir": str(spec.root / site.boundary),
+                                "audit": audit.address,
+                                "metrics_port": 0,
+                                "log_level": spec.log_level,
+                            },
+                            "agent": {
+                                "boundary": site.boundary,
+                                "coordinator": coordinator.address,
+                            },
+                            "devices": {"workers": site.workers},
+                            "data": {"files": [str(p) for p in site.data_files]},
+                            "tokenizer": {"files": [str(p) for p in spec.tokenizer_files]},
+                        },
+                        spec.agent_tables,
+                    ),
+                )
+                agents.append(
+                    self._spawn(site.boundary, "services.boundary_agent", ["--config", str(cfg)])
+                )
             for agent in agents:
                 self._wait(agent, timeout_s)
         except BaseException:
@@ -168,8 +208,9 @@ class Deployment:
     def coordinator_status(self, timeout_s: float = 5.0) -> coordinator_pb2.CoordinatorStatus:
         with grpc.insecure_channel(self.services["coordinator"].address) as channel:
             stub = coordinator_pb2_grpc.CoordinatorStub(channel)
-            return stub.GetStatus(coordinator_pb2.GetStatusRequest(ref=new_ref(0)),
-                                  timeout=timeout_s)  # fmt: skip
+            return stub.GetStatus(
+                coordinator_pb2.GetStatusRequest(ref=new_ref(0)), timeout=timeout_s
+            )
 
     def wait_windows(self, windows: int, timeout_s: float, on_poll: Any = None) -> int:
         """Waits until `windows` windows committed; returns the count. Raises LaunchError."""
@@ -177,8 +218,10 @@ class Deployment:
         while time.monotonic() < give_up:
             for service in self.services.values():
                 if service.process.poll() is not None:
-                    raise LaunchError(f"{service.name} exited with {service.process.returncode}; "
-                                      f"see {service.log_path}")  # fmt: skip
+                    raise LaunchError(
+                        f"{service.name} exited with {service.process.returncode}; "
+                        f"see {service.log_path}"
+                    )
             status = self.coordinator_status()
             if on_poll is not None:
                 on_poll(status)

@@ -36,9 +36,15 @@ def test_no_message_can_carry_device_state() -> None:
     from echelon_proto.boundary.v1 import boundary_pb2
 
     allowed = {
-        "nonce", "identity_key", "graph_seed", "encoded", "signature", "sha256",
-        "layout_digest", "data",
-    }  # fmt: skip
+        "nonce",
+        "identity_key",
+        "graph_seed",
+        "encoded",
+        "signature",
+        "sha256",
+        "layout_digest",
+        "data",
+    }
     seen = set()
     for message in boundary_pb2.DESCRIPTOR.message_types_by_name.values():
         for field in message.fields:

@@ -77,11 +77,19 @@ def _tree_head(head: SignedTreeHead) -> audit_pb2.SignedTreeHead:
 def validate_append(request: audit_pb2.AppendRequest) -> None:
     """The request's shape; the record's content is validated by `AuditRecord.decode`."""
     size = len(request.record)
-    require(0 < size <= MAX_RECORD_BYTES, "AppendRequest.record", f"{size} bytes",
-            f"1..{MAX_RECORD_BYTES} bytes")  # fmt: skip
+    require(
+        0 < size <= MAX_RECORD_BYTES,
+        "AppendRequest.record",
+        f"{size} bytes",
+        f"1..{MAX_RECORD_BYTES} bytes",
+    )
     signature = len(request.signature)
-    require(signature == SIGNATURE_BYTES, "AppendRequest.signature", f"{signature} bytes",
-            f"{SIGNATURE_BYTES} bytes")  # fmt: skip
+    require(
+        signature == SIGNATURE_BYTES,
+        "AppendRequest.signature",
+        f"{signature} bytes",
+        f"{SIGNATURE_BYTES} bytes",
+    )
 
 
 class AuditLogServicer(audit_pb2_grpc.AuditLogServicer):

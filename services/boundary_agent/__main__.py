@@ -62,8 +62,7 @@ def _paths(table: dict[str, Any], key: str, base: Path) -> dict[str, Any]:
     out = dict(table)
     if key in out:
         value = out[key]
-        out[key] = (tuple(base / p for p in value) if isinstance(value, list)
-                    else base / value)  # fmt: skip
+        out[key] = tuple(base / p for p in value) if isinstance(value, list) else base / value
     return out
 
 
@@ -87,8 +86,10 @@ def staleness_from(declared: dict[str, Any]) -> StalenessConfig:
     raw = declared.get("staleness", {})
     return StalenessConfig(
         kind=StalenessKind(raw.get("kind", "polynomial").split(".")[-1].lower()),
-        a=float(raw.get("a", 0.5)), b=int(raw.get("b", 4)), tau_max=int(raw.get("tau_max", 16)),
-    )  # fmt: skip
+        a=float(raw.get("a", 0.5)),
+        b=int(raw.get("b", 4)),
+        tau_max=int(raw.get("tau_max", 16)),
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -118,14 +119,21 @@ def main(argv: list[str] | None = None) -> int:
     pool = start_pool(setup, facts, data_dir)
     identity = load_or_create_identity(agent.boundary, data_dir / "identity")
     # The gate's policy is tightened to the run's declared one after registration.
-    audit, audit_channel = audited_peer(agent.boundary, Role.BOUNDARY, identity,
-                                        Policy(k_min=export.k_min), common.audit)  # fmt: skip
-    runtime = BoundaryRuntime(boundary=agent.boundary, theta0=facts.theta0,
-                              trainer=PoolTrainer(pool, setup.inner), policy=export,
-                              staleness=StalenessConfig())  # fmt: skip
+    audit, audit_channel = audited_peer(
+        agent.boundary, Role.BOUNDARY, identity, Policy(k_min=export.k_min), common.audit
+    )
+    runtime = BoundaryRuntime(
+        boundary=agent.boundary,
+        theta0=facts.theta0,
+        trainer=PoolTrainer(pool, setup.inner),
+        policy=export,
+        staleness=StalenessConfig(),
+    )
     secure = SecureAggregationSession(agent.boundary, identity.key)
     layout_digest = bytes.fromhex(facts.layout.digest())
-    servicer = BoundaryAgentServicer(runtime, audit, secure, layout_digest)
+    servicer = BoundaryAgentServicer(
+        runtime, audit, secure, layout_digest, workers_alive=pool.alive_workers
+    )
     running = start_server(
         common.server,
         lambda server: boundary_pb2_grpc.add_BoundaryAgentServicer_to_server(servicer, server),
@@ -143,12 +151,19 @@ def main(argv: list[str] | None = None) -> int:
         audit_channel.close()
 
     try:
-        info = link.register(coordinator_pb2.RegisterRequest(
-            boundary=agent.boundary, address=f"{agent.advertise_host}:{running.port}",
-            identity_key=identity.public_key, devices=setup.devices.workers,
-            layout_digest=layout_digest, base_model_digest=facts.base_digest,
-            tokenizer_digest=facts.tokenizer_digest, dim=facts.layout.numel,
-        ), agent.register_retry_s)  # fmt: skip
+        info = link.register(
+            coordinator_pb2.RegisterRequest(
+                boundary=agent.boundary,
+                address=f"{agent.advertise_host}:{running.port}",
+                identity_key=identity.public_key,
+                devices=setup.devices.workers,
+                layout_digest=layout_digest,
+                base_model_digest=facts.base_digest,
+                tokenizer_digest=facts.tokenizer_digest,
+                dim=facts.layout.numel,
+            ),
+            agent.register_retry_s,
+        )
     except (RegistrationRefused, TimeoutError) as exc:
         log.error("registration_failed", error=str(exc))
         running.stop(0)
@@ -156,8 +171,14 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     runtime.set_run(staleness_from(info.declared), declared_policy(info.declared, export))
     audit.adopt(info.policy)
-    log.info("agent_ready", port=running.port, metrics_port=metrics_port, run_id=info.run_id,
-             workers=pool.alive_workers(), dim=facts.layout.numel)  # fmt: skip
+    log.info(
+        "agent_ready",
+        port=running.port,
+        metrics_port=metrics_port,
+        run_id=info.run_id,
+        workers=pool.alive_workers(),
+        dim=facts.layout.numel,
+    )
     link.heartbeats(agent.boundary, lambda: runtime.held_version, agent.heartbeat_s, stop)
     wait_for_signal(running, shutdown, common.server.grace_s)
     return 0

@@ -55,32 +55,48 @@ class CoordinatorLink:
         while True:
             request.ref.CopyFrom(new_ref(0))
             self._audit.gate.send(
-                PayloadType.KEY_REGISTRATION, COORDINATOR, 0, message_bytes(request),
+                PayloadType.KEY_REGISTRATION,
+                COORDINATOR,
+                0,
+                message_bytes(request),
                 KeyRegistration(role=Role.BOUNDARY, signing_key=bytes(request.identity_key)),
                 lambda: None,
-            )  # fmt: skip
+            )
             try:
                 response = self._stub.Register(request, timeout=self._timeout_s)
                 break
             except grpc.RpcError as exc:
                 code = exc.code()
-                if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION,
-                            grpc.StatusCode.PERMISSION_DENIED):  # fmt: skip
+                if code in (
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    grpc.StatusCode.PERMISSION_DENIED,
+                ):
                     raise RegistrationRefused(f"{code.name}: {exc.details()}") from exc
                 if time.monotonic() > give_up:
-                    raise TimeoutError(f"coordinator {self.address} unreachable: {code.name}")
+                    raise TimeoutError(
+                        f"coordinator {self.address} unreachable: {code.name}"
+                    ) from exc
                 time.sleep(1.0)
-        self._audit.gate.received(PayloadType.RUN_CONFIG, COORDINATOR, 0, message_bytes(response),
-                                  RunConfig(config=bytes(response.run_config)))  # fmt: skip
+        self._audit.gate.received(
+            PayloadType.RUN_CONFIG,
+            COORDINATOR,
+            0,
+            message_bytes(response),
+            RunConfig(config=bytes(response.run_config)),
+        )
         try:
             policy = policy_from_run_config(bytes(response.run_config))
         except AuditError as exc:
-            raise RegistrationRefused(f"the run's declared configuration is invalid: {exc}")
+            raise RegistrationRefused(
+                f"the run's declared configuration is invalid: {exc}"
+            ) from exc
         declared = json.loads(response.run_config.decode())
         return RunInfo(response.run_id, int(response.current_version), declared, policy)
 
-    def heartbeats(self, boundary: str, held_version: Any, every_s: float,
-                   stop: threading.Event) -> threading.Thread:  # fmt: skip
+    def heartbeats(
+        self, boundary: str, held_version: Any, every_s: float, stop: threading.Event
+    ) -> threading.Thread:
         """Starts a thread that reports liveness every `every_s` until `stop` is set."""
 
         def beat() -> None:

@@ -2,6 +2,9 @@
 
 from prometheus_client import Counter, Gauge, Histogram
 
+from services.common.metrics import BYTES_IN as BYTES_IN
+from services.common.metrics import BYTES_OUT as BYTES_OUT
+
 TOKENS = Counter("echelon_agent_tokens_total", "Tokens trained inside the boundary")
 TOKENS_PER_S = Gauge("echelon_agent_tokens_per_second", "Tokens/s of the last inner phase")
 WINDOW = Gauge("echelon_agent_window", "Window the agent takes part in")
@@ -11,13 +14,7 @@ TRAIN_LOSS = Gauge("echelon_agent_train_loss", "Mean inner training loss of the 
 VAL_LOSS = Gauge("echelon_agent_val_loss", "Validation loss on the boundary's held-out text")
 WORKERS = Gauge("echelon_agent_workers_alive", "Device workers alive")
 INNER_SECONDS = Histogram(
-    "echelon_agent_inner_seconds", "Duration of an inner phase (H steps on all devices)",
+    "echelon_agent_inner_seconds",
+    "Duration of an inner phase (H steps on all devices)",
     buckets=(0.5, 1, 2, 5, 10, 20, 40, 80, 160, 320),
-)  # fmt: skip
-BYTES_OUT = Counter(
-    "echelon_cross_boundary_bytes_sent_total", "Bytes sent across the boundary", ["payload_type"]
 )
-BYTES_IN = Counter(
-    "echelon_cross_boundary_bytes_received_total", "Bytes received across the boundary",
-    ["payload_type"],
-)  # fmt: skip

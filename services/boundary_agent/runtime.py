@@ -178,9 +178,13 @@ class BoundaryRuntime:
             self._state.last_val_loss = result.val_loss
             self._lock.notify_all()
         log.info(
-            "delta_ready", window=spec.window, base=result.base_version, tokens=result.tokens,
-            train_loss=round(result.train_loss, 4), val_loss=round(result.val_loss, 4),
-        )  # fmt: skip
+            "delta_ready",
+            window=spec.window,
+            base=result.base_version,
+            tokens=result.tokens,
+            train_loss=round(result.train_loss, 4),
+            val_loss=round(result.val_loss, 4),
+        )
 
     def window(self, window: int) -> WindowSpec:
         """The open window; raises WindowStateError when `window` is not it."""

@@ -25,7 +25,7 @@ from services.common.secagg_wire import (
 )
 from services.common.validate import RequestError
 
-from .runtime import Contribution, WindowSpec
+from .runtime import Contribution, WindowSpec, WindowStateError
 
 
 @dataclass
@@ -62,11 +62,14 @@ class SecureAggregationSession:
                         f"OpenWindowRequest.cohort[{member.boundary}].identity_key: {exc}",
                     ) from exc
             participant = Participant(
-                party_id=party, window=spec.window, cohort=sorted(identities),
-                identity=self._identity, peer_identities=identities,
+                party_id=party,
+                window=spec.window,
+                cohort=sorted(identities),
+                identity=self._identity,
+                peer_identities=identities,
                 config=config_from_params(request.secagg),
                 graph_seed=bytes(request.secagg.graph_seed),
-            )  # fmt: skip
+            )
         with self._lock:
             self._current = _Window(spec.window, party, len(spec.parties), participant)
 
@@ -74,7 +77,8 @@ class SecureAggregationSession:
         with self._lock:
             current = self._current
         if current is None or current.window != window:
-            raise PermissionError(f"window {window} is not the agent's open window")
+            want = "none open" if current is None else current.window
+            raise WindowStateError(f"ref.window: got {window}, want {want}")
         if need_secure and current.participant is None:
             raise RequestError(
                 grpc.StatusCode.FAILED_PRECONDITION,

@@ -61,8 +61,12 @@ def _errors(context: grpc.ServicerContext) -> Iterator[None]:
         context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"egress policy refused: {exc}")
     except AuditError as exc:
         context.abort(grpc.StatusCode.UNAVAILABLE, f"audit log refused the record, not sent: {exc}")
-    except (InvalidSignature, ShareAuthenticationError, ConsistencyError,
-            InsufficientSignatures) as exc:  # fmt: skip
+    except (
+        InvalidSignature,
+        ShareAuthenticationError,
+        ConsistencyError,
+        InsufficientSignatures,
+    ) as exc:
         context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
     except (StageError, WrongWindow) as exc:
         context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
@@ -78,8 +82,10 @@ class BoundaryAgentServicer(boundary_pb2_grpc.BoundaryAgentServicer):
         secure: SecureAggregationSession,
         layout_digest: bytes,
         clock: Callable[[], float] = time.time,
+        workers_alive: Callable[[], int] = lambda: 0,
     ) -> None:
         self.runtime = runtime
+        self.workers_alive = workers_alive
         self.egress = egress
         self.secure = secure
         self.layout_digest = layout_digest
@@ -107,7 +113,9 @@ class BoundaryAgentServicer(boundary_pb2_grpc.BoundaryAgentServicer):
                 pending_base_version=max(int(st["pending_base"]), 0),
             )
             metrics.WINDOW.set(window)
-            return self.egress.reply(common_pb2.PAYLOAD_TYPE_WINDOW_ACK, COORDINATOR, window, response)
+            return self.egress.reply(
+                common_pb2.PAYLOAD_TYPE_WINDOW_ACK, COORDINATOR, window, response
+            )
         raise AssertionError("unreachable")
 
     def DeliverGlobal(
@@ -119,20 +127,27 @@ class BoundaryAgentServicer(boundary_pb2_grpc.BoundaryAgentServicer):
             first = next(request_iterator, None)
             require(
                 first is not None and first.WhichOneof("part") == "header",
-                "DeliverGlobalRequest", "a stream without a header", "a header first",
-            )  # fmt: skip
+                "DeliverGlobalRequest",
+                "a stream without a header",
+                "a header first",
+            )
             assert first is not None
             header = first.header
             window = self._ref("DeliverGlobalRequest.header", header.ref)
             require(
                 header.vector.layout_digest == self.layout_digest,
-                "GlobalHeader.vector.layout_digest", header.vector.layout_digest.hex()[:16],
+                "GlobalHeader.vector.layout_digest",
+                header.vector.layout_digest.hex()[:16],
                 self.layout_digest.hex()[:16] + "... (this boundary's adapter layout)",
-            )  # fmt: skip
+            )
             receiver = VectorReceiver(header.vector, "GlobalHeader.vector", self.runtime.dim)
             for part in request_iterator:
-                require(part.WhichOneof("part") == "chunk", "DeliverGlobalRequest", "a second header",
-                        "chunks after the header")  # fmt: skip
+                require(
+                    part.WhichOneof("part") == "chunk",
+                    "DeliverGlobalRequest",
+                    "a second header",
+                    "chunks after the header",
+                )
                 receiver.add(part.chunk)
             phi = receiver.finish()
             self.egress.received_vector(
@@ -142,8 +157,12 @@ class BoundaryAgentServicer(boundary_pb2_grpc.BoundaryAgentServicer):
             metrics.VERSION.set(header.version)
             metrics.BYTES_IN.labels("GLOBAL_ADAPTER").inc(header.vector.total_bytes)
             log.info("global_installed", version=header.version, window=window)
-            response = boundary_pb2.DeliverGlobalResponse(ref=header.ref, held_version=header.version)
-            return self.egress.reply(common_pb2.PAYLOAD_TYPE_WINDOW_ACK, COORDINATOR, window, response)
+            response = boundary_pb2.DeliverGlobalResponse(
+                ref=header.ref, held_version=header.version
+            )
+            return self.egress.reply(
+                common_pb2.PAYLOAD_TYPE_WINDOW_ACK, COORDINATOR, window, response
+            )
         raise AssertionError("unreachable")
 
     def AdvertiseKeys(
@@ -151,12 +170,16 @@ class BoundaryAgentServicer(boundary_pb2_grpc.BoundaryAgentServicer):
     ) -> boundary_pb2.AdvertiseKeysResponse:
         with _errors(context):
             window = self._ref("AdvertiseKeysRequest", request.ref)
-            self.egress.received(common_pb2.PAYLOAD_TYPE_ROUND_REQUEST, COORDINATOR, window, request)
+            self.egress.received(
+                common_pb2.PAYLOAD_TYPE_ROUND_REQUEST, COORDINATOR, window, request
+            )
             self.runtime.window(window)
             response = boundary_pb2.AdvertiseKeysResponse(
                 ref=request.ref, advertisement=self.secure.advertise(window)
             )
-            return self.egress.reply(common_pb2.PAYLOAD_TYPE_KEY_ADVERTISEMENT, COORDINATOR, window, response)
+            return self.egress.reply(
+                common_pb2.PAYLOAD_TYPE_KEY_ADVERTISEMENT, COORDINATOR, window, response
+            )
         raise AssertionError("unreachable")
 
     def ShareKeys(
@@ -169,7 +192,9 @@ class BoundaryAgentServicer(boundary_pb2_grpc.BoundaryAgentServicer):
             )
             shares = self.secure.share_keys(window, list(request.advertisements))
             response = boundary_pb2.ShareKeysResponse(ref=request.ref, shares=shares)
-            return self.egress.reply(common_pb2.PAYLOAD_TYPE_ENCRYPTED_SHARES, COORDINATOR, window, response)
+            return self.egress.reply(
+                common_pb2.PAYLOAD_TYPE_ENCRYPTED_SHARES, COORDINATOR, window, response
+            )
         raise AssertionError("unreachable")
 
     def DeliverShares(
@@ -177,10 +202,14 @@ class BoundaryAgentServicer(boundary_pb2_grpc.BoundaryAgentServicer):
     ) -> boundary_pb2.DeliverSharesResponse:
         with _errors(context):
             window = self._ref("DeliverSharesRequest", request.ref)
-            self.egress.received(common_pb2.PAYLOAD_TYPE_ENCRYPTED_SHARES, COORDINATOR, window, request)
+            self.egress.received(
+                common_pb2.PAYLOAD_TYPE_ENCRYPTED_SHARES, COORDINATOR, window, request
+            )
             self.secure.receive_shares(window, list(request.shares))
             response = boundary_pb2.DeliverSharesResponse(ref=request.ref)
-            return self.egress.reply(common_pb2.PAYLOAD_TYPE_WINDOW_ACK, COORDINATOR, window, response)
+            return self.egress.reply(
+                common_pb2.PAYLOAD_TYPE_WINDOW_ACK, COORDINATOR, window, response
+            )
         raise AssertionError("unreachable")
 
     def CollectDelta(
@@ -188,7 +217,9 @@ class BoundaryAgentServicer(boundary_pb2_grpc.BoundaryAgentServicer):
     ) -> Iterator[boundary_pb2.CollectDeltaResponse]:
         with _errors(context):
             window = self._ref("CollectDeltaRequest", request.ref)
-            self.egress.received(common_pb2.PAYLOAD_TYPE_ROUND_REQUEST, COORDINATOR, window, request)
+            self.egress.received(
+                common_pb2.PAYLOAD_TYPE_ROUND_REQUEST, COORDINATOR, window, request
+            )
             contribution = self.runtime.wait_contribution(window, self.clock)
             if contribution is None:
                 context.abort(
@@ -199,38 +230,54 @@ class BoundaryAgentServicer(boundary_pb2_grpc.BoundaryAgentServicer):
             payload_type, vector = self.secure.encode(window, contribution)
             source = contribution.source
             metadata = common_pb2.WindowMetadata(
-                tokens=source.tokens, staleness=contribution.staleness,
-                base_version=source.base_version, drift=source.drift,
-                delta_norm=contribution.delta_norm, train_loss=source.train_loss,
-                val_loss=source.val_loss, devices=source.devices, weight=contribution.weight,
-            )  # fmt: skip
+                tokens=source.tokens,
+                staleness=contribution.staleness,
+                base_version=source.base_version,
+                drift=source.drift,
+                delta_norm=contribution.delta_norm,
+                train_loss=source.train_loss,
+                val_loss=source.val_loss,
+                devices=source.devices,
+                weight=contribution.weight,
+            )
             header = boundary_pb2.DeltaHeader(
-                ref=request.ref, boundary=self.runtime.boundary,
-                party=self.secure.party(window), payload_type=payload_type,
-                vector=vector_header(vector, self.layout_digest), metadata=metadata,
-            )  # fmt: skip
+                ref=request.ref,
+                boundary=self.runtime.boundary,
+                party=self.secure.party(window),
+                payload_type=common_pb2.PayloadType.ValueType(payload_type),
+                vector=vector_header(vector, self.layout_digest),
+                metadata=metadata,
+            )
             self.egress.sent_delta(
                 COORDINATOR, window, header, vector, self.secure.cohort_size(window)
             )
-            metrics.BYTES_OUT.labels(common_pb2.PayloadType.Name(payload_type)).inc(
+            metrics.BYTES_OUT.labels(common_pb2.PayloadType.Name(header.payload_type)).inc(
                 header.vector.total_bytes
             )
             metrics.TOKENS.inc(source.tokens)
             yield boundary_pb2.CollectDeltaResponse(header=header)
             for chunk in iter_chunks(vector):
                 yield boundary_pb2.CollectDeltaResponse(chunk=chunk)
-            log.info("delta_collected", window=window, staleness=contribution.staleness,
-                     bytes=header.vector.total_bytes)  # fmt: skip
+            log.info(
+                "delta_collected",
+                window=window,
+                staleness=contribution.staleness,
+                bytes=header.vector.total_bytes,
+            )
 
     def ConfirmSurvivors(
         self, request: boundary_pb2.ConfirmSurvivorsRequest, context: grpc.ServicerContext
     ) -> boundary_pb2.ConfirmSurvivorsResponse:
         with _errors(context):
             window = self._ref("ConfirmSurvivorsRequest", request.ref)
-            self.egress.received(common_pb2.PAYLOAD_TYPE_SURVIVOR_LIST, COORDINATOR, window, request)
+            self.egress.received(
+                common_pb2.PAYLOAD_TYPE_SURVIVOR_LIST, COORDINATOR, window, request
+            )
             signature = self.secure.sign_survivors(window, list(request.survivors))
             response = boundary_pb2.ConfirmSurvivorsResponse(ref=request.ref, signature=signature)
-            return self.egress.reply(common_pb2.PAYLOAD_TYPE_SURVIVOR_SIGNATURE, COORDINATOR, window, response)
+            return self.egress.reply(
+                common_pb2.PAYLOAD_TYPE_SURVIVOR_SIGNATURE, COORDINATOR, window, response
+            )
         raise AssertionError("unreachable")
 
     def Unmask(
@@ -241,11 +288,11 @@ class BoundaryAgentServicer(boundary_pb2_grpc.BoundaryAgentServicer):
             self.egress.received(
                 common_pb2.PAYLOAD_TYPE_SURVIVOR_SIGNATURE, COORDINATOR, window, request
             )
-            response = self.secure.unmask(
-                window, list(request.survivors), list(request.signatures)
-            )
+            response = self.secure.unmask(window, list(request.survivors), list(request.signatures))
             response.ref.CopyFrom(request.ref)
-            return self.egress.reply(common_pb2.PAYLOAD_TYPE_UNMASKING_SHARES, COORDINATOR, window, response)
+            return self.egress.reply(
+                common_pb2.PAYLOAD_TYPE_UNMASKING_SHARES, COORDINATOR, window, response
+            )
         raise AssertionError("unreachable")
 
     def AbortWindow(
@@ -257,7 +304,9 @@ class BoundaryAgentServicer(boundary_pb2_grpc.BoundaryAgentServicer):
             kept = self.runtime.abort_window(window)
             log.info("window_aborted", window=window, reason=request.reason, delta_kept=kept)
             response = boundary_pb2.AbortWindowResponse(ref=request.ref, delta_kept=kept)
-            return self.egress.reply(common_pb2.PAYLOAD_TYPE_WINDOW_ACK, COORDINATOR, window, response)
+            return self.egress.reply(
+                common_pb2.PAYLOAD_TYPE_WINDOW_ACK, COORDINATOR, window, response
+            )
         raise AssertionError("unreachable")
 
     def GetStatus(
@@ -268,7 +317,7 @@ class BoundaryAgentServicer(boundary_pb2_grpc.BoundaryAgentServicer):
             boundary=self.runtime.boundary,
             held_version=max(int(st["held_version"]), 0),
             window=max(int(st["window"]), 0),
-            workers_alive=int(metrics.WORKERS.collect()[0].samples[0].value),
+            workers_alive=self.workers_alive(),
             has_pending_delta=bool(st["has_pending"]),
             pending_base_version=max(int(st["pending_base"]), 0),
             tokens_total=int(st["tokens_total"]),
@@ -279,16 +328,27 @@ class BoundaryAgentServicer(boundary_pb2_grpc.BoundaryAgentServicer):
 def _window_spec(request: boundary_pb2.OpenWindowRequest, me: str, now: float) -> WindowSpec:
     """Validates an OpenWindowRequest in one place and returns the window's spec."""
     parties = {m.boundary: int(m.party) for m in request.cohort}
-    require(len(parties) == len(request.cohort) and len(parties) > 0,
-            "OpenWindowRequest.cohort", [m.boundary for m in request.cohort],
-            "a non-empty list of distinct boundaries")  # fmt: skip
+    require(
+        len(parties) == len(request.cohort) and len(parties) > 0,
+        "OpenWindowRequest.cohort",
+        [m.boundary for m in request.cohort],
+        "a non-empty list of distinct boundaries",
+    )
     require(me in parties, "OpenWindowRequest.cohort", sorted(parties), f"a cohort holding {me!r}")
     require(request.inner_steps > 0, "OpenWindowRequest.inner_steps", request.inner_steps, ">= 1")
     deadline = request.deadline_unix_ms / 1000.0
-    require(deadline > now, "OpenWindowRequest.deadline_unix_ms", request.deadline_unix_ms,
-            f"a time after now ({int(now * 1000)})")  # fmt: skip
-    require(np.isfinite(request.inner.lr) and request.inner.lr > 0, "OpenWindowRequest.inner.lr",
-            request.inner.lr, "> 0")  # fmt: skip
+    require(
+        deadline > now,
+        "OpenWindowRequest.deadline_unix_ms",
+        request.deadline_unix_ms,
+        f"a time after now ({int(now * 1000)})",
+    )
+    require(
+        np.isfinite(request.inner.lr) and request.inner.lr > 0,
+        "OpenWindowRequest.inner.lr",
+        request.inner.lr,
+        "> 0",
+    )
     require(request.inner.mu >= 0, "OpenWindowRequest.inner.mu", request.inner.mu, ">= 0")
     require(request.token_unit > 0, "OpenWindowRequest.token_unit", request.token_unit, "> 0")
     return WindowSpec(

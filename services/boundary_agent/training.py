@@ -83,13 +83,22 @@ def model_facts(setup: TrainingSetup, work_dir: Path) -> ModelFacts:
 
 def start_pool(setup: TrainingSetup, facts: ModelFacts, work_dir: Path) -> DevicePool:
     dev = setup.devices
-    pool = DevicePool(PoolConfig(
-        n_workers=dev.workers, data=setup.data, tokenizer_dir=facts.tokenizer_dir,
-        work_dir=work_dir / "workers", model_cfg=setup.model, lora_cfg=setup.lora,
-        inner_cfg=setup.inner, threads_per_worker=dev.threads_per_worker,
-        collective_timeout_s=dev.collective_timeout_s, backend=dev.backend,  # type: ignore[arg-type]
-        restart_dead_workers=dev.restart_dead_workers, eval_batches=dev.eval_batches,
-    ))  # fmt: skip
+    pool = DevicePool(
+        PoolConfig(
+            n_workers=dev.workers,
+            data=setup.data,
+            tokenizer_dir=facts.tokenizer_dir,
+            work_dir=work_dir / "workers",
+            model_cfg=setup.model,
+            lora_cfg=setup.lora,
+            inner_cfg=setup.inner,
+            threads_per_worker=dev.threads_per_worker,
+            collective_timeout_s=dev.collective_timeout_s,
+            backend=dev.backend,  # type: ignore[arg-type]
+            restart_dead_workers=dev.restart_dead_workers,
+            eval_batches=dev.eval_batches,
+        )
+    )
     pool.start()
     metrics.WORKERS.set(pool.alive_workers())
     return pool
@@ -107,9 +116,12 @@ class PoolTrainer:
         started = time.monotonic()
         metrics.INNER_STEPS.set(spec.inner_steps)
         result = self.pool.run_window(
-            window=spec.window, global_flat=theta, steps=spec.inner_steps, inner=inner,
+            window=spec.window,
+            global_flat=theta,
+            steps=spec.inner_steps,
+            inner=inner,
             deadline_s=max(1.0, spec.deadline_unix_s - time.time()),
-        )  # fmt: skip
+        )
         elapsed = time.monotonic() - started
         metrics.WORKERS.set(self.pool.alive_workers())
         metrics.INNER_SECONDS.observe(elapsed)
@@ -122,6 +134,11 @@ class PoolTrainer:
         norm_theta = float(np.linalg.norm(theta))
         drift = float(np.linalg.norm(delta)) / norm_theta if norm_theta > 0 else 0.0
         return TrainedDelta(
-            delta=delta, base_version=version, tokens=result.tokens, devices=result.devices,
-            train_loss=result.train_loss, val_loss=val, drift=drift,
-        )  # fmt: skip
+            delta=delta,
+            base_version=version,
+            tokens=result.tokens,
+            devices=result.devices,
+            train_loss=result.train_loss,
+            val_loss=val,
+            drift=drift,
+        )

@@ -22,7 +22,7 @@ T = TypeVar("T")
 
 
 class _Message(Protocol):
-    def SerializeToString(self, *, deterministic: bool = ...) -> bytes: ...  # noqa: N802
+    def SerializeToString(self, *, deterministic: bool = ...) -> bytes: ...
 
 
 def message_bytes(message: _Message) -> bytes:
@@ -52,49 +52,90 @@ class AuditedPeer:
         self.gate = self._rebuild(policy)
 
     def sent(self, payload_type: int, receiver: str, window: int, message: _Message) -> None:
-        self.gate.send(PayloadType(payload_type), receiver, window, message_bytes(message), None,
-                       lambda: None)  # fmt: skip
+        self.gate.send(
+            PayloadType(payload_type), receiver, window, message_bytes(message), None, lambda: None
+        )
 
     def reply(
-        self, payload_type: int, receiver: str, window: int, message: T,
+        self,
+        payload_type: int,
+        receiver: str,
+        window: int,
+        message: T,
         attributes: Attributes | None = None,
-    ) -> T:  # fmt: skip
+    ) -> T:
         """Records a response message, then returns it for gRPC to send."""
         data = message_bytes(message)  # type: ignore[arg-type]
-        return self.gate.send(PayloadType(payload_type), receiver, window, data, attributes,
-                              lambda: message)  # fmt: skip
+        return self.gate.send(
+            PayloadType(payload_type), receiver, window, data, attributes, lambda: message
+        )
 
     def received(self, payload_type: int, sender: str, window: int, message: _Message) -> None:
         self.gate.received(PayloadType(payload_type), sender, window, message_bytes(message), None)
 
     def sent_vector(
-        self, payload_type: int, receiver: str, window: int, vector: np.ndarray,
+        self,
+        payload_type: int,
+        receiver: str,
+        window: int,
+        vector: np.ndarray,
         attributes: DeltaAttributes | None = None,
-    ) -> None:  # fmt: skip
-        self.gate.send(PayloadType(payload_type), receiver, window, vector_bytes(vector),
-                       attributes, lambda: None)  # fmt: skip
+    ) -> None:
+        self.gate.send(
+            PayloadType(payload_type),
+            receiver,
+            window,
+            vector_bytes(vector),
+            attributes,
+            lambda: None,
+        )
 
     def received_vector(
-        self, payload_type: int, sender: str, window: int, vector: np.ndarray,
+        self,
+        payload_type: int,
+        sender: str,
+        window: int,
+        vector: np.ndarray,
         attributes: DeltaAttributes | None = None,
-    ) -> None:  # fmt: skip
-        self.gate.received(PayloadType(payload_type), sender, window, vector_bytes(vector),
-                           attributes)  # fmt: skip
+    ) -> None:
+        self.gate.received(
+            PayloadType(payload_type), sender, window, vector_bytes(vector), attributes
+        )
 
-    def sent_delta(self, receiver: str, window: int, header: boundary_pb2.DeltaHeader,
-                   vector: np.ndarray, cohort_size: int) -> None:  # fmt: skip
+    def sent_delta(
+        self,
+        receiver: str,
+        window: int,
+        header: boundary_pb2.DeltaHeader,
+        vector: np.ndarray,
+        cohort_size: int,
+    ) -> None:
         """Records a boundary contribution (the vector, then its metadata) before it leaves."""
         provenance = DeltaAttributes(cohort_size=cohort_size, devices=header.metadata.devices)
         self.sent_vector(header.payload_type, receiver, window, vector, provenance)
-        self.gate.send(PayloadType.WINDOW_METADATA, receiver, window,
-                       message_bytes(header.metadata), _metadata_fields(header),
-                       lambda: None)  # fmt: skip
+        self.gate.send(
+            PayloadType.WINDOW_METADATA,
+            receiver,
+            window,
+            message_bytes(header.metadata),
+            _metadata_fields(header),
+            lambda: None,
+        )
 
-    def received_delta(self, sender: str, window: int, header: boundary_pb2.DeltaHeader,
-                       vector: np.ndarray, cohort_size: int) -> None:  # fmt: skip
+    def received_delta(
+        self,
+        sender: str,
+        window: int,
+        header: boundary_pb2.DeltaHeader,
+        vector: np.ndarray,
+        cohort_size: int,
+    ) -> None:
         provenance = DeltaAttributes(cohort_size=cohort_size, devices=header.metadata.devices)
         self.received_vector(header.payload_type, sender, window, vector, provenance)
-        self.gate.received(PayloadType.WINDOW_METADATA, sender, window,
-                           message_bytes(header.metadata), _metadata_fields(header))  # fmt: skip
-
-
+        self.gate.received(
+            PayloadType.WINDOW_METADATA,
+            sender,
+            window,
+            message_bytes(header.metadata),
+            _metadata_fields(header),
+        )

@@ -15,7 +15,7 @@ from echelon.audit.record import LOG_PARTY, KeyRegistration, PayloadType, Role
 from echelon.tomlconfig import build, load_toml
 
 from .audited import AuditedPeer
-from .identity import Identity, load_or_create_identity
+from .identity import Identity
 from .server import ServerConfig
 
 
@@ -64,8 +64,9 @@ def common_config(tables: dict[str, Any], args: argparse.Namespace) -> CommonCon
     return config
 
 
-def audited_peer(party: str, role: Role, identity: Identity, policy: Policy,
-                 audit_address: str) -> tuple[AuditedPeer, grpc.Channel]:  # fmt: skip
+def audited_peer(
+    party: str, role: Role, identity: Identity, policy: Policy, audit_address: str
+) -> tuple[AuditedPeer, grpc.Channel]:
     """Connects to the audit log, registers the party's key, returns its audited wire."""
     from services.audit_log.client import AuditClient
 
@@ -73,10 +74,22 @@ def audited_peer(party: str, role: Role, identity: Identity, policy: Policy,
     sink = AuditClient(channel)
 
     def make_gate(with_policy: Policy) -> EgressGate:
-        return EgressGate(party=party, role=role, signer=identity.signer, policy=with_policy,
-                          sink=sink, clock=wall_clock_ms)  # fmt: skip
+        return EgressGate(
+            party=party,
+            role=role,
+            signer=identity.signer,
+            policy=with_policy,
+            sink=sink,
+            clock=wall_clock_ms,
+        )
 
     gate = make_gate(policy)
-    gate.send(PayloadType.KEY_REGISTRATION, LOG_PARTY, 0, identity.public_key,
-              KeyRegistration(role=role, signing_key=identity.public_key), lambda: None)  # fmt: skip
+    gate.send(
+        PayloadType.KEY_REGISTRATION,
+        LOG_PARTY,
+        0,
+        identity.public_key,
+        KeyRegistration(role=role, signing_key=identity.public_key),
+        lambda: None,
+    )
     return AuditedPeer(gate, make_gate), channel

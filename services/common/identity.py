@@ -48,7 +48,9 @@ def load_or_create_identity(party: str, directory: Path) -> Identity:
     key = Ed25519PrivateKey.from_private_bytes(key_path.read_bytes())
     counter = int(counter_path.read_text()) if counter_path.exists() else 0
     signer = Signer(
-        party, key, counter=counter,
+        party,
+        key,
+        counter=counter,
         on_counter=lambda value: _write_atomic(counter_path, str(value).encode()),
-    )  # fmt: skip
+    )
     return Identity(signer=signer, key=key, created=created)

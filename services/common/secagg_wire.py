@@ -26,7 +26,9 @@ def config_from_params(params: boundary_pb2.SecAggParams) -> SecAggConfig:
             max_weight=params.max_weight,
         )
     except (SecAggError, ValueError) as exc:
-        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"OpenWindowRequest.secagg: {exc}")
+        raise RequestError(
+            grpc.StatusCode.INVALID_ARGUMENT, f"OpenWindowRequest.secagg: {exc}"
+        ) from exc
 
 
 def _parse(kind: type, encoded: bytes, what: str) -> object:

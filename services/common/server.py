@@ -56,7 +56,7 @@ def start_server(
     config: ServerConfig,
     register: Callable[[grpc.Server], None],
     service_names: Iterable[str],
-    interceptors: Iterable[grpc.ServerInterceptor] = (),
+    interceptors: Iterable[grpc.ServerInterceptor] = (),  # type: ignore[type-arg]
 ) -> RunningServer:
     """Starts a server with the given services plus health and reflection.
 
@@ -77,7 +77,9 @@ def start_server(
     names = list(service_names)
     for name in [*names, ""]:
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+    reflection.enable_server_reflection(
+        [*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server
+    )
     port = server.add_insecure_port(config.address)
     if port == 0:
         raise RuntimeError(f"cannot bind {config.address}")

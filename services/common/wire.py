@@ -52,7 +52,7 @@ def vector_header(vector: np.ndarray, layout_digest: bytes = b"") -> common_pb2.
 
 def _le_bytes(vector: np.ndarray) -> memoryview:
     little = np.ascontiguousarray(vector, dtype=vector.dtype.newbyteorder("<"))
-    return memoryview(little).cast("B")
+    return little.data.cast("B")
 
 
 def iter_chunks(vector: np.ndarray) -> Iterator[common_pb2.VectorChunk]:

@@ -8,14 +8,14 @@ TOML tables: [server], [service] (data_dir, audit, metrics_port, log_level),
 from __future__ import annotations
 
 import argparse
-import hashlib
 import sys
 import threading
+from typing import Any
 
 import structlog
 
-from echelon.audit.policy import Policy, run_config
-from echelon.audit.record import LOG_PARTY, PayloadType, Role, RunConfig
+from echelon.audit.policy import Policy
+from echelon.audit.record import Role
 from echelon.tomlconfig import ConfigFileError, build
 from echelon_proto.coordinator.v1 import coordinator_pb2_grpc
 from services.common.bootstrap import audited_peer, common_arguments, common_config, load_tables
@@ -25,6 +25,7 @@ from services.common.portfile import write_port_file
 from services.common.server import start_server, wait_for_signal
 
 from .config import CoordinatorConfig
+from .declaration import RunDeclaration
 from .driver import WindowDriver
 from .registry import Registry
 from .servicer import CoordinatorServicer
@@ -34,7 +35,7 @@ PARTY = "coordinator"
 log = structlog.get_logger(__name__)
 
 
-def load_config(tables: dict, windows: int | None) -> CoordinatorConfig:
+def load_config(tables: dict[str, Any], windows: int | None) -> CoordinatorConfig:
     body = dict(tables.get("coordinator", {}))
     for name in ("inner", "window", "outer", "secagg", "staleness"):
         if name in tables:
@@ -58,32 +59,22 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     configure_logging("coordinator", common.log_level)
     identity = load_or_create_identity(PARTY, common.data_dir / "identity")
-    policy = Policy(m_min=config.window.m_min, k_min=config.secagg.k_min,
-                    level1=config.secagg.level1, level2=config.secagg.level2)  # fmt: skip
+    policy = Policy(
+        m_min=config.window.m_min,
+        k_min=config.secagg.k_min,
+        level1=config.secagg.level1,
+        level2=config.secagg.level2,
+    )
     audit, audit_channel = audited_peer(PARTY, Role.COORDINATOR, identity, policy, common.audit)
     store = CoordinatorStore(common.data_dir / "state")
     registry = Registry(store)
     driver = WindowDriver(config=config, store=store, registry=registry, audit=audit)
-    declared_lock = threading.Lock()
-
-    def declared() -> bytes:
-        """The run's declared configuration; recorded once the model identity is pinned."""
-        identity_ = registry.identity
-        model = {} if identity_ is None else {
-            "layout_digest": identity_.layout_digest.hex(), "dim": identity_.dim,
-            "base_model_digest": identity_.base_model_digest.hex(),
-            "tokenizer_digest": identity_.tokenizer_digest.hex(),
-        }  # fmt: skip
-        body = run_config(policy, config.declared(model))
-        with declared_lock:
-            if identity_ is not None and store.get_meta("run_config_sha") is None:
-                audit.gate.send(PayloadType.RUN_CONFIG, LOG_PARTY, 0, body,
-                                RunConfig(config=body), lambda: None)  # fmt: skip
-                store.set_meta("run_config_sha", hashlib.sha256(body).hexdigest())
-        return body
-
-    servicer = CoordinatorServicer(registry=registry, driver=driver, audit=audit,
-                                   run_config=declared)  # fmt: skip
+    declared = RunDeclaration(
+        config=config, policy=policy, registry=registry, store=store, audit=audit
+    )
+    servicer = CoordinatorServicer(
+        registry=registry, driver=driver, audit=audit, run_config=declared
+    )
     running = start_server(
         common.server,
         lambda server: coordinator_pb2_grpc.add_CoordinatorServicer_to_server(servicer, server),
@@ -91,8 +82,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     metrics_port = start_metrics(common.metrics_host, common.metrics_port)
     write_port_file(args.port_file, grpc=running.port, metrics=metrics_port)
-    log.info("coordinator_ready", port=running.port, metrics_port=metrics_port,
-             run_id=config.run_id, version=driver.version)  # fmt: skip
+    log.info(
+        "coordinator_ready",
+        port=running.port,
+        metrics_port=metrics_port,
+        run_id=config.run_id,
+        version=driver.version,
+    )
     stop = threading.Event()
     loop = threading.Thread(target=driver.run, args=(stop,), name="windows", daemon=True)
     loop.start()

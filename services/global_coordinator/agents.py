@@ -11,7 +11,7 @@ import numpy as np
 
 from echelon_proto.boundary.v1 import boundary_pb2, boundary_pb2_grpc
 from echelon_proto.common.v1 import common_pb2
-from services.common.audited import AuditedPeer
+from services.common.audited import AuditedPeer, _Message
 from services.common.validate import RequestError
 from services.common.wire import VectorReceiver, iter_chunks, new_ref, vector_header
 
@@ -51,13 +51,20 @@ class AgentClient:
         """Cancels an in-flight CollectDelta (the window closed without it)."""
         active = self._active
         if active is not None:
-            active.cancel()
+            active.cancel()  # type: ignore[no-untyped-call]
 
     def close(self) -> None:
         self._channel.close()
 
-    def _unary(self, method: str, sent_type: int, got_type: int, window: int, request: object,
-               timeout_s: float | None = None) -> object:  # fmt: skip
+    def _unary(
+        self,
+        method: str,
+        sent_type: int,
+        got_type: int,
+        window: int,
+        request: _Message,
+        timeout_s: float | None = None,
+    ) -> object:
         call = getattr(self._stub, method)
         self._audit.sent(sent_type, self.boundary, window, request)
         try:
@@ -67,20 +74,33 @@ class AgentClient:
         self._audit.received(got_type, self.boundary, window, response)
         return response
 
-    def open_window(self, request: boundary_pb2.OpenWindowRequest) -> boundary_pb2.OpenWindowResponse:
-        response = self._unary("OpenWindow", P.PAYLOAD_TYPE_WINDOW_OPEN, P.PAYLOAD_TYPE_WINDOW_ACK,
-                               request.ref.window, request)  # fmt: skip
+    def open_window(
+        self, request: boundary_pb2.OpenWindowRequest
+    ) -> boundary_pb2.OpenWindowResponse:
+        response = self._unary(
+            "OpenWindow",
+            P.PAYLOAD_TYPE_WINDOW_OPEN,
+            P.PAYLOAD_TYPE_WINDOW_ACK,
+            request.ref.window,
+            request,
+        )
         assert isinstance(response, boundary_pb2.OpenWindowResponse)
         return response
 
     def deliver_global(
-        self, window: int, version: int, phi: np.ndarray, layout_digest: bytes,
+        self,
+        window: int,
+        version: int,
+        phi: np.ndarray,
+        layout_digest: bytes,
         contributors: list[str],
-    ) -> None:  # fmt: skip
+    ) -> None:
         header = boundary_pb2.GlobalHeader(
-            ref=new_ref(window), version=version, vector=vector_header(phi, layout_digest),
+            ref=new_ref(window),
+            version=version,
+            vector=vector_header(phi, layout_digest),
             contributors=contributors,
-        )  # fmt: skip
+        )
 
         def stream() -> Iterator[boundary_pb2.DeliverGlobalRequest]:
             yield boundary_pb2.DeliverGlobalRequest(header=header)
@@ -91,13 +111,20 @@ class AgentClient:
         try:
             response = self._stub.DeliverGlobal(stream(), timeout=self._timeout_s)
         except grpc.RpcError as exc:
-            raise AgentCallError(self.boundary, "DeliverGlobal", exc.code(), exc.details() or "")
+            raise AgentCallError(
+                self.boundary, "DeliverGlobal", exc.code(), exc.details() or ""
+            ) from exc
         self._audit.received(P.PAYLOAD_TYPE_WINDOW_ACK, self.boundary, window, response)
 
     def advertise_keys(self, window: int) -> boundary_pb2.KeyAdvertisement:
         request = boundary_pb2.AdvertiseKeysRequest(ref=new_ref(window))
-        response = self._unary("AdvertiseKeys", P.PAYLOAD_TYPE_ROUND_REQUEST,
-                               P.PAYLOAD_TYPE_KEY_ADVERTISEMENT, window, request)  # fmt: skip
+        response = self._unary(
+            "AdvertiseKeys",
+            P.PAYLOAD_TYPE_ROUND_REQUEST,
+            P.PAYLOAD_TYPE_KEY_ADVERTISEMENT,
+            window,
+            request,
+        )
         assert isinstance(response, boundary_pb2.AdvertiseKeysResponse)
         return response.advertisement
 
@@ -105,15 +132,25 @@ class AgentClient:
         self, window: int, ads: list[boundary_pb2.KeyAdvertisement]
     ) -> list[boundary_pb2.EncryptedShare]:
         request = boundary_pb2.ShareKeysRequest(ref=new_ref(window), advertisements=ads)
-        response = self._unary("ShareKeys", P.PAYLOAD_TYPE_KEY_ADVERTISEMENT,
-                               P.PAYLOAD_TYPE_ENCRYPTED_SHARES, window, request)  # fmt: skip
+        response = self._unary(
+            "ShareKeys",
+            P.PAYLOAD_TYPE_KEY_ADVERTISEMENT,
+            P.PAYLOAD_TYPE_ENCRYPTED_SHARES,
+            window,
+            request,
+        )
         assert isinstance(response, boundary_pb2.ShareKeysResponse)
         return list(response.shares)
 
     def deliver_shares(self, window: int, shares: list[boundary_pb2.EncryptedShare]) -> None:
         request = boundary_pb2.DeliverSharesRequest(ref=new_ref(window), shares=shares)
-        self._unary("DeliverShares", P.PAYLOAD_TYPE_ENCRYPTED_SHARES, P.PAYLOAD_TYPE_WINDOW_ACK,
-                    window, request)  # fmt: skip
+        self._unary(
+            "DeliverShares",
+            P.PAYLOAD_TYPE_ENCRYPTED_SHARES,
+            P.PAYLOAD_TYPE_WINDOW_ACK,
+            window,
+            request,
+        )
 
     def collect_delta(
         self, window: int, dim: int, cohort_size: int, timeout_s: float
@@ -124,7 +161,7 @@ class AgentClient:
         try:
             stream = self._stub.CollectDelta(request, timeout=timeout_s)
             self._active = stream
-            first = next(stream)
+            first = next(iter(stream))
             if first.WhichOneof("part") != "header":
                 raise AgentCallError(self.boundary, "CollectDelta", None, "stream without header")
             header = first.header
@@ -135,7 +172,9 @@ class AgentClient:
                 receiver.add(part.chunk)
             vector = receiver.finish()
         except grpc.RpcError as exc:
-            raise AgentCallError(self.boundary, "CollectDelta", exc.code(), exc.details() or "")
+            raise AgentCallError(
+                self.boundary, "CollectDelta", exc.code(), exc.details() or ""
+            ) from exc
         except StopIteration as exc:
             raise AgentCallError(self.boundary, "CollectDelta", None, "empty stream") from exc
         except RequestError as exc:
@@ -143,10 +182,17 @@ class AgentClient:
         self._audit.received_delta(self.boundary, window, header, vector, cohort_size)
         return CollectedDelta(header=header, vector=vector)
 
-    def confirm_survivors(self, window: int, survivors: list[int]) -> boundary_pb2.SurvivorSignature:
+    def confirm_survivors(
+        self, window: int, survivors: list[int]
+    ) -> boundary_pb2.SurvivorSignature:
         request = boundary_pb2.ConfirmSurvivorsRequest(ref=new_ref(window), survivors=survivors)
-        response = self._unary("ConfirmSurvivors", P.PAYLOAD_TYPE_SURVIVOR_LIST,
-                               P.PAYLOAD_TYPE_SURVIVOR_SIGNATURE, window, request)  # fmt: skip
+        response = self._unary(
+            "ConfirmSurvivors",
+            P.PAYLOAD_TYPE_SURVIVOR_LIST,
+            P.PAYLOAD_TYPE_SURVIVOR_SIGNATURE,
+            window,
+            request,
+        )
         assert isinstance(response, boundary_pb2.ConfirmSurvivorsResponse)
         return response.signature
 
@@ -156,14 +202,20 @@ class AgentClient:
         request = boundary_pb2.UnmaskRequest(
             ref=new_ref(window), survivors=survivors, signatures=signatures
         )
-        response = self._unary("Unmask", P.PAYLOAD_TYPE_SURVIVOR_SIGNATURE,
-                               P.PAYLOAD_TYPE_UNMASKING_SHARES, window, request)  # fmt: skip
+        response = self._unary(
+            "Unmask",
+            P.PAYLOAD_TYPE_SURVIVOR_SIGNATURE,
+            P.PAYLOAD_TYPE_UNMASKING_SHARES,
+            window,
+            request,
+        )
         assert isinstance(response, boundary_pb2.UnmaskResponse)
         return response
 
     def abort_window(self, window: int, reason: str) -> bool:
         request = boundary_pb2.AbortWindowRequest(ref=new_ref(window), reason=reason)
-        response = self._unary("AbortWindow", P.PAYLOAD_TYPE_WINDOW_ABORT,
-                               P.PAYLOAD_TYPE_WINDOW_ACK, window, request)  # fmt: skip
+        response = self._unary(
+            "AbortWindow", P.PAYLOAD_TYPE_WINDOW_ABORT, P.PAYLOAD_TYPE_WINDOW_ACK, window, request
+        )
         assert isinstance(response, boundary_pb2.AbortWindowResponse)
         return bool(response.delta_kept)

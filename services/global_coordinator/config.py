@@ -46,7 +46,9 @@ class SecureAggregationConfig:
         if self.k_min < 1:
             raise ValueError(f"SecureAggregationConfig.k_min: got {self.k_min}, want >= 1")
         if self.neighbours < 0:
-            raise ValueError(f"SecureAggregationConfig.neighbours: got {self.neighbours}, want >= 0")
+            raise ValueError(
+                f"SecureAggregationConfig.neighbours: got {self.neighbours}, want >= 0"
+            )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -84,7 +86,8 @@ class CoordinatorConfig:
             "staleness": asdict(self.staleness),
             "token_unit": self.token_unit,
         }
-        return _ints_and_strings(body)
+        declared: dict[str, Any] = _ints_and_strings(body)
+        return declared
 
 
 def _ints_and_strings(value: Any) -> Any:

@@ -29,7 +29,7 @@ from .agents import AgentCallError, AgentClient
 from .config import CoordinatorConfig
 from .registry import Registry
 from .secure import RoundAborted, WindowAggregation, make_aggregation
-from .store import CoordinatorStore, VersionRecord, vector_sha256
+from .store import CoordinatorStore, Registration, VersionRecord, vector_sha256
 
 log = structlog.get_logger(__name__)
 
@@ -133,21 +133,33 @@ class WindowDriver:
         metrics.WINDOW.set(window)
         started = self.clock()
         with structlog.contextvars.bound_contextvars(window=window):
-            outcome = self._run(window, decision.members, regs, identity.dim,
-                                identity.layout_digest)  # fmt: skip
+            outcome = self._run(
+                window, decision.members, regs, identity.dim, identity.layout_digest
+            )
         metrics.WINDOWS.labels("committed" if outcome.committed else "aborted").inc()
         metrics.WINDOW_SECONDS.observe(self.clock() - started)
         if outcome.committed:
             self.completed += 1
         else:
             self.aborted += 1
-        log.info("window_done", window=window, committed=outcome.committed,
-                 reason=outcome.reason, version=outcome.version,
-                 contributors=list(outcome.contributors))  # fmt: skip
+        log.info(
+            "window_done",
+            window=window,
+            committed=outcome.committed,
+            reason=outcome.reason,
+            version=outcome.version,
+            contributors=list(outcome.contributors),
+        )
         return outcome
 
-    def _run(self, window: int, members: tuple[str, ...], regs: dict, dim: int,
-             layout_digest: bytes) -> WindowOutcome:  # fmt: skip
+    def _run(
+        self,
+        window: int,
+        members: tuple[str, ...],
+        regs: dict[str, Registration],
+        dim: int,
+        layout_digest: bytes,
+    ) -> WindowOutcome:
         cfg = self.config
         assert self._phi is not None and self._optimizer is not None
         version = self.version
@@ -158,16 +170,21 @@ class WindowDriver:
         request = self._open_request(window, version, members, parties, regs, deadline)
         pool = futures.ThreadPoolExecutor(max_workers=max(2, len(members)))
         try:
-            live = self._parallel(pool, clients, lambda b, c: self._open(c, window, version,
-                                                                          layout_digest, request))
+            live = self._parallel(
+                pool, clients, lambda b, c: self._open(c, window, version, layout_digest, request)
+            )
             metrics.COHORT.set(len(live))
             if len(live) < cfg.window.min_cohort:
                 return self._abort(window, clients, live, version, f"{len(live)} opened")
             aggregation = make_aggregation(cfg, window, {b: parties[b] for b in members}, regs, dim)
             live = aggregation.key_rounds({b: clients[b] for b in live}, pool)
-            collected = self._collect(pool, aggregation, {b: clients[b] for b in live}, window,
-                                      dim, opened, deadline)  # fmt: skip
-            survivors = aggregation.fix_survivors()
+            collected = self._collect(
+                pool, aggregation, {b: clients[b] for b in live}, window, dim, opened, deadline
+            )
+            try:
+                survivors = aggregation.fix_survivors()
+            except RoundAborted as exc:
+                return self._abort(window, clients, live, version, f"too few survivors: {exc}")
             gate = unmask_decision(len(survivors), cfg.window)
             if not gate.unmask:
                 return self._abort(window, clients, live, version, gate.reason)
@@ -182,33 +199,55 @@ class WindowDriver:
         finally:
             pool.shutdown(wait=False, cancel_futures=True)
 
-    def _open_request(self, window: int, version: int, members: tuple[str, ...],
-                      parties: dict[str, int], regs: dict, deadline: float
-                      ) -> boundary_pb2.OpenWindowRequest:  # fmt: skip
+    def _open_request(
+        self,
+        window: int,
+        version: int,
+        members: tuple[str, ...],
+        parties: dict[str, int],
+        regs: dict[str, Registration],
+        deadline: float,
+    ) -> boundary_pb2.OpenWindowRequest:
         cfg = self.config
         sa = cfg.secagg
         metrics.INNER_STEPS.set(self.inner_steps)
         return boundary_pb2.OpenWindowRequest(
             version=version,
-            cohort=[boundary_pb2.CohortMember(boundary=b, party=parties[b],
-                                              identity_key=regs[b].identity_key)
-                    for b in members],
+            cohort=[
+                boundary_pb2.CohortMember(
+                    boundary=b, party=parties[b], identity_key=regs[b].identity_key
+                )
+                for b in members
+            ],
             deadline_unix_ms=int(deadline * 1000),
             inner_steps=self.inner_steps,
-            inner=boundary_pb2.InnerHyperparams(lr=cfg.inner.lr, mu=cfg.inner.mu,
-                                                batch_size=cfg.inner.batch_size,
-                                                seq_len=cfg.inner.seq_len),
+            inner=boundary_pb2.InnerHyperparams(
+                lr=cfg.inner.lr,
+                mu=cfg.inner.mu,
+                batch_size=cfg.inner.batch_size,
+                seq_len=cfg.inner.seq_len,
+            ),
             secagg=boundary_pb2.SecAggParams(
                 levels=common_pb2.SecAggLevels(level1=sa.level1, level2=sa.level2),
-                neighbours=sa.neighbours, frac_bits=sa.frac_bits, clip=sa.clip,
-                max_weight=sa.max_weight, graph_seed=f"{cfg.run_id}/{window}".encode(),
-                m_min=cfg.window.m_min, k_min=sa.k_min,
+                neighbours=sa.neighbours,
+                frac_bits=sa.frac_bits,
+                clip=sa.clip,
+                max_weight=sa.max_weight,
+                graph_seed=f"{cfg.run_id}/{window}".encode(),
+                m_min=cfg.window.m_min,
+                k_min=sa.k_min,
             ),
             token_unit=cfg.token_unit,
-        )  # fmt: skip
+        )
 
-    def _open(self, client: AgentClient, window: int, version: int, layout_digest: bytes,
-              template: boundary_pb2.OpenWindowRequest) -> None:  # fmt: skip
+    def _open(
+        self,
+        client: AgentClient,
+        window: int,
+        version: int,
+        layout_digest: bytes,
+        template: boundary_pb2.OpenWindowRequest,
+    ) -> None:
         if self._delivered.get(client.boundary) != version:
             assert self._phi is not None
             latest = self.store.latest_version()
@@ -220,8 +259,12 @@ class WindowDriver:
         request.ref.CopyFrom(new_ref(window))
         client.open_window(request)
 
-    def _parallel(self, pool: futures.ThreadPoolExecutor, clients: dict[str, AgentClient],
-                  call: Callable[[str, AgentClient], object]) -> list[str]:  # fmt: skip
+    def _parallel(
+        self,
+        pool: futures.ThreadPoolExecutor,
+        clients: dict[str, AgentClient],
+        call: Callable[[str, AgentClient], object],
+    ) -> list[str]:
         """Runs `call` for every boundary; returns those that succeeded, sorted."""
         jobs = {pool.submit(call, b, c): b for b, c in clients.items()}
         ok = []
@@ -237,28 +280,40 @@ class WindowDriver:
                     self._delivered.pop(boundary, None)
         return sorted(ok)
 
-    def _collect(self, pool: futures.ThreadPoolExecutor, aggregation: WindowAggregation,
-                 clients: dict[str, AgentClient], window: int, dim: int, opened: float,
-                 deadline: float) -> dict[str, common_pb2.WindowMetadata]:  # fmt: skip
+    def _collect(
+        self,
+        pool: futures.ThreadPoolExecutor,
+        aggregation: WindowAggregation,
+        clients: dict[str, AgentClient],
+        window: int,
+        dim: int,
+        opened: float,
+        deadline: float,
+    ) -> dict[str, common_pb2.WindowMetadata]:
         """Collects contributions until the window closes; returns metadata by boundary."""
         cfg = self.config
         jobs = {
-            pool.submit(c.collect_delta, window, dim, len(clients),
-                        max(0.1, deadline - self.clock())): b
+            pool.submit(
+                c.collect_delta, window, dim, len(clients), max(0.1, deadline - self.clock())
+            ): b
             for b, c in clients.items()
         }
         metadata: dict[str, common_pb2.WindowMetadata] = {}
         failed = 0
         pending = set(jobs)
         while True:
-            decision = close_decision(self.clock(), opened_s=opened, cohort_size=len(clients),
-                                      collected=len(metadata), failed=failed,
-                                      config=cfg.window)  # fmt: skip
+            decision = close_decision(
+                self.clock(),
+                opened_s=opened,
+                cohort_size=len(clients),
+                collected=len(metadata),
+                failed=failed,
+                config=cfg.window,
+            )
             if decision.close:
                 log.info("window_closing", reason=decision.detail)
                 break
-            done, pending = futures.wait(pending, timeout=0.2,
-                                         return_when=futures.FIRST_COMPLETED)  # fmt: skip
+            done, pending = futures.wait(pending, timeout=0.2, return_when=futures.FIRST_COMPLETED)
             for job in done:
                 boundary = jobs[job]
                 try:
@@ -286,9 +341,14 @@ class WindowDriver:
             header.vector.total_bytes
         )
 
-    def _outer_step(self, window: int, version: int, total: object,
-                    names: tuple[str, ...], collected: dict[str, common_pb2.WindowMetadata]
-                    ) -> int:  # fmt: skip
+    def _outer_step(
+        self,
+        window: int,
+        version: int,
+        total: object,
+        names: tuple[str, ...],
+        collected: dict[str, common_pb2.WindowMetadata],
+    ) -> int:
         from echelon.aggregation import WindowSum
 
         assert isinstance(total, WindowSum)
@@ -304,17 +364,29 @@ class WindowDriver:
             metrics.TRAIN_LOSS.set(sum(loss * t for loss, t in losses) / tokens)
         aggregate = np.append(total.weighted_sum, total.weight_sum).astype(np.float64)
         record = VersionRecord(
-            version + 1, window, vector_sha256(phi), names, total.weight_sum,
-            int(self.clock() * 1000), vector_sha256(aggregate),
-        )  # fmt: skip
+            version + 1,
+            window,
+            vector_sha256(phi),
+            names,
+            total.weight_sum,
+            int(self.clock() * 1000),
+            vector_sha256(aggregate),
+        )
         self.store.save_version(record, phi, self._optimizer.momentum, aggregate)
         self._phi = phi
         metrics.VERSION.set(version + 1)
         return version + 1
 
-    def _distribute(self, pool: futures.ThreadPoolExecutor, clients: dict[str, AgentClient],
-                    live: list[str], window: int, version: int, layout_digest: bytes,
-                    names: tuple[str, ...]) -> None:  # fmt: skip
+    def _distribute(
+        self,
+        pool: futures.ThreadPoolExecutor,
+        clients: dict[str, AgentClient],
+        live: list[str],
+        window: int,
+        version: int,
+        layout_digest: bytes,
+        names: tuple[str, ...],
+    ) -> None:
         assert self._phi is not None
         phi = self._phi
 
@@ -324,8 +396,14 @@ class WindowDriver:
 
         self._parallel(pool, {b: clients[b] for b in live}, deliver)
 
-    def _abort(self, window: int, clients: dict[str, AgentClient], live: list[str],
-               version: int, reason: str) -> WindowOutcome:  # fmt: skip
+    def _abort(
+        self,
+        window: int,
+        clients: dict[str, AgentClient],
+        live: list[str],
+        version: int,
+        reason: str,
+    ) -> WindowOutcome:
         for boundary in live:
             try:
                 clients[boundary].abort_window(window, reason)

@@ -2,30 +2,28 @@
 
 from prometheus_client import Counter, Gauge, Histogram
 
+from services.common.metrics import BYTES_IN as BYTES_IN
+from services.common.metrics import BYTES_OUT as BYTES_OUT
+
 WINDOW = Gauge("echelon_coordinator_window", "Current window id")
 VERSION = Gauge("echelon_coordinator_global_version", "Latest global adapter version")
 INNER_STEPS = Gauge("echelon_coordinator_inner_steps", "Inner steps H sent with the window")
 WINDOWS = Counter("echelon_coordinator_windows_total", "Windows by outcome", ["outcome"])
 WINDOW_SECONDS = Histogram(
-    "echelon_coordinator_window_seconds", "Duration of a window from open to distribution",
+    "echelon_coordinator_window_seconds",
+    "Duration of a window from open to distribution",
     buckets=(1, 2, 5, 10, 20, 40, 80, 160, 320, 640),
-)  # fmt: skip
+)
 CONTRIBUTIONS = Gauge("echelon_coordinator_contributions", "Contributions in the last window")
 COHORT = Gauge("echelon_coordinator_cohort_size", "Boundaries in the last cohort")
 STALENESS = Histogram(
-    "echelon_coordinator_staleness", "Staleness of contributions (versions behind)",
+    "echelon_coordinator_staleness",
+    "Staleness of contributions (versions behind)",
     buckets=(0, 1, 2, 3, 5, 8),
-)  # fmt: skip
+)
 TOKENS = Counter("echelon_coordinator_tokens_total", "Tokens reported by contributions")
 TOKENS_PER_S = Gauge("echelon_coordinator_tokens_per_second", "Tokens/s over the last window")
 TRAIN_LOSS = Gauge("echelon_coordinator_train_loss", "Token-weighted train loss of the last window")
 VAL_LOSS = Gauge("echelon_coordinator_val_loss", "Validation loss per boundary", ["boundary"])
 DRIFT = Gauge("echelon_coordinator_drift", "Relative drift per boundary", ["boundary"])
 AGREEMENT = Gauge("echelon_coordinator_agreement", "||sum w delta|| / sum w ||delta||")
-BYTES_OUT = Counter(
-    "echelon_cross_boundary_bytes_sent_total", "Bytes sent across boundaries", ["payload_type"]
-)
-BYTES_IN = Counter(
-    "echelon_cross_boundary_bytes_received_total", "Bytes received across boundaries",
-    ["payload_type"],
-)  # fmt: skip

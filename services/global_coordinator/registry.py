@@ -44,9 +44,11 @@ class Registry:
         if raw is not None:
             parts = raw.split(":")
             self._identity = ModelIdentity(
-                bytes.fromhex(parts[0]), bytes.fromhex(parts[1]), bytes.fromhex(parts[2]),
+                bytes.fromhex(parts[0]),
+                bytes.fromhex(parts[1]),
+                bytes.fromhex(parts[2]),
                 int(parts[3]),
-            )  # fmt: skip
+            )
 
     @property
     def identity(self) -> ModelIdentity | None:
@@ -119,7 +121,8 @@ def _validate(reg: Registration) -> None:
         )
     if reg.devices < 1:
         raise RequestError(
-            grpc.StatusCode.INVALID_ARGUMENT, f"RegisterRequest.devices: got {reg.devices}, want >= 1"
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"RegisterRequest.devices: got {reg.devices}, want >= 1",
         )
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from concurrent import futures
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import numpy as np
 import structlog
@@ -24,6 +24,7 @@ from .config import CoordinatorConfig
 from .store import Registration
 
 log = structlog.get_logger(__name__)
+R = TypeVar("R")
 
 
 class RoundAborted(Exception):
@@ -38,11 +39,13 @@ class WindowAggregation(Protocol):
 
 
 def _each(
-    pool: futures.Executor, clients: Mapping[str, AgentClient], call: Callable[[str, AgentClient], object]
-) -> dict[str, object]:
+    pool: futures.Executor,
+    clients: Mapping[str, AgentClient],
+    call: Callable[[str, AgentClient], R],
+) -> dict[str, R]:
     """Calls every client in parallel; returns the results of those that answered."""
     jobs = {pool.submit(call, b, c): b for b, c in clients.items()}
-    results: dict[str, object] = {}
+    results: dict[str, R] = {}
     for job in futures.as_completed(jobs):
         try:
             results[jobs[job]] = job.result()
@@ -76,30 +79,47 @@ class PlainWindow:
 class SecureWindow:
     """Level 2 on: drives the Bonawitz rounds against the agents; sees only the sum."""
 
-    def __init__(self, window: int, parties: dict[str, int], identities: dict[int, Ed25519PublicKey],
-                 config: SecAggConfig, graph_seed: bytes, dim: int) -> None:  # fmt: skip
+    def __init__(
+        self,
+        window: int,
+        parties: dict[str, int],
+        identities: dict[int, Ed25519PublicKey],
+        config: SecAggConfig,
+        graph_seed: bytes,
+        dim: int,
+    ) -> None:
         self.window = window
         self.parties = parties
-        self._agg = Aggregator(window=window, cohort=sorted(parties.values()), dim=dim,
-                               config=config, graph_seed=graph_seed,
-                               peer_identities=identities)  # fmt: skip
+        self._agg = Aggregator(
+            window=window,
+            cohort=sorted(parties.values()),
+            dim=dim,
+            config=config,
+            graph_seed=graph_seed,
+            peer_identities=identities,
+        )
         self._survivors: list[int] = []
 
     def key_rounds(self, clients: dict[str, AgentClient], pool: futures.Executor) -> list[str]:
         w = self.window
         ads = _each(pool, clients, lambda b, c: c.advertise_keys(w))
         for boundary, ad in ads.items():
-            self._agg.add_advertisement(self.parties[boundary], ad_from_proto(ad, w))  # type: ignore[arg-type]
+            self._agg.add_advertisement(self.parties[boundary], ad_from_proto(ad, w))
         relayed = [ad_to_proto(a) for _, a in sorted(self._agg.close_advertisements().items())]
         advertised = {b: clients[b] for b in ads}
         shares = _each(pool, advertised, lambda b, c: c.share_keys(w, relayed))
         for boundary, sent in shares.items():
-            parsed = {s.recipient: share_from_proto(s, w) for s in sent}  # type: ignore[attr-defined]
+            parsed = {s.recipient: share_from_proto(s, w) for s in sent}
             self._agg.add_shares(self.parties[boundary], parsed)
         routed = self._agg.route_shares()
         sharers = {b: clients[b] for b in shares}
-        delivered = _each(pool, sharers, lambda b, c: c.deliver_shares(
-            w, [share_to_proto(s) for s in routed.get(self.parties[b], [])]))  # fmt: skip
+        delivered = _each(
+            pool,
+            sharers,
+            lambda b, c: c.deliver_shares(
+                w, [share_to_proto(s) for s in routed.get(self.parties[b], [])]
+            ),
+        )
         return sorted(delivered)
 
     def add(self, boundary: str, vector: np.ndarray) -> None:
@@ -111,7 +131,11 @@ class SecureWindow:
             raise AggregationError(f"{boundary}: {exc}") from exc
 
     def fix_survivors(self) -> list[int]:
-        self._survivors = self._agg.fix_survivors()
+        """Ends collection; raises RoundAborted when too few survivors hold shares."""
+        try:
+            self._survivors = self._agg.fix_survivors()
+        except AbortedRound as exc:
+            raise RoundAborted(str(exc)) from exc
         return list(self._survivors)
 
     def unmask(self, clients: dict[str, AgentClient], pool: futures.Executor) -> WindowSum:
@@ -121,27 +145,32 @@ class SecureWindow:
         alive = {by_party[p]: clients[by_party[p]] for p in survivors if by_party[p] in clients}
         signatures = _each(pool, alive, lambda b, c: c.confirm_survivors(w, survivors))
         for boundary, sig in signatures.items():
-            self._agg.add_survivor_signature(self.parties[boundary], sig.signature)  # type: ignore[attr-defined]
-        signed = [s for s in signatures.values()]
-        releases = _each(pool, {b: alive[b] for b in signatures},
-                         lambda b, c: c.unmask(w, survivors, signed))  # type: ignore[arg-type]
+            self._agg.add_survivor_signature(self.parties[boundary], sig.signature)
+        signed = list(signatures.values())
+        releases = _each(
+            pool, {b: alive[b] for b in signatures}, lambda b, c: c.unmask(w, survivors, signed)
+        )
         for boundary, response in releases.items():
-            shares = UnmaskingShares.from_bytes(response.encoded)  # type: ignore[attr-defined]
+            shares = UnmaskingShares.from_bytes(response.encoded)
             self._agg.add_unmasking_shares(self.parties[boundary], shares)
         try:
             result = self._agg.finalize()
         except AbortedRound as exc:
             raise RoundAborted(str(exc)) from exc
         return WindowSum(
-            weighted_sum=result.weighted_sum, weight_sum=result.weight_sum,
+            weighted_sum=result.weighted_sum,
+            weight_sum=result.weight_sum,
             contributors=tuple(result.contributors),
-        )  # fmt: skip
+        )
 
 
 def make_aggregation(
-    config: CoordinatorConfig, window: int, parties: dict[str, int],
-    regs: dict[str, Registration], dim: int,
-) -> WindowAggregation:  # fmt: skip
+    config: CoordinatorConfig,
+    window: int,
+    parties: dict[str, int],
+    regs: dict[str, Registration],
+    dim: int,
+) -> WindowAggregation:
     if not config.secagg.level2:
         return PlainWindow(parties, dim)
     sa = config.secagg
@@ -149,8 +178,11 @@ def make_aggregation(
         parties[b]: Ed25519PublicKey.from_public_bytes(regs[b].identity_key) for b in parties
     }
     lib_config = SecAggConfig(
-        threshold_fraction=sa.threshold_fraction, neighbours=sa.neighbours or None,
-        clip=sa.clip, frac_bits=sa.frac_bits, max_weight=sa.max_weight,
-    )  # fmt: skip
+        threshold_fraction=sa.threshold_fraction,
+        neighbours=sa.neighbours or None,
+        clip=sa.clip,
+        frac_bits=sa.frac_bits,
+        max_weight=sa.max_weight,
+    )
     seed = f"{config.run_id}/{window}".encode()
     return SecureWindow(window, parties, identities, lib_config, seed, dim)

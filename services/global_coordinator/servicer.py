@@ -25,8 +25,15 @@ log = structlog.get_logger(__name__)
 
 
 class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
-    def __init__(self, *, registry: Registry, driver: WindowDriver, audit: AuditedPeer,
-                 run_config: Callable[[], bytes], clock: Callable[[], float] = time.time) -> None:  # fmt: skip
+    def __init__(
+        self,
+        *,
+        registry: Registry,
+        driver: WindowDriver,
+        audit: AuditedPeer,
+        run_config: Callable[[], bytes],
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.registry = registry
         self.driver = driver
         self.audit = audit
@@ -39,25 +46,40 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
     ) -> coordinator_pb2.RegisterResponse:
         try:
             self.nonces.check("RegisterRequest", request.ref.window, request.ref.nonce)
-            reg = Registration(request.boundary, request.address, bytes(request.identity_key),
-                               int(request.devices))  # fmt: skip
-            model = ModelIdentity(bytes(request.layout_digest), bytes(request.base_model_digest),
-                                  bytes(request.tokenizer_digest), int(request.dim))  # fmt: skip
+            reg = Registration(
+                request.boundary, request.address, bytes(request.identity_key), int(request.devices)
+            )
+            model = ModelIdentity(
+                bytes(request.layout_digest),
+                bytes(request.base_model_digest),
+                bytes(request.tokenizer_digest),
+                int(request.dim),
+            )
             if len(reg.identity_key) == 32:
                 self.audit.gate.received(
-                    PayloadType.KEY_REGISTRATION, request.boundary, 0, message_bytes(request),
+                    PayloadType.KEY_REGISTRATION,
+                    request.boundary,
+                    0,
+                    message_bytes(request),
                     KeyRegistration(role=Role.BOUNDARY, signing_key=reg.identity_key),
-                )  # fmt: skip
+                )
             self.registry.register(reg, model, self.clock())
             config = self.run_config()
             response = coordinator_pb2.RegisterResponse(
-                ref=request.ref, run_id=self.driver.config.run_id,
-                current_version=max(self.driver.version, 0), run_config=config,
+                ref=request.ref,
+                run_id=self.driver.config.run_id,
+                current_version=max(self.driver.version, 0),
+                run_config=config,
                 run_config_sha256=hashlib.sha256(config).digest(),
-            )  # fmt: skip
+            )
             log.info("boundary_registered", boundary=reg.boundary, address=reg.address)
-            return self.audit.reply(common_pb2.PAYLOAD_TYPE_RUN_CONFIG, reg.boundary, 0, response,
-                                    RunConfig(config=config))  # fmt: skip
+            return self.audit.reply(
+                common_pb2.PAYLOAD_TYPE_RUN_CONFIG,
+                reg.boundary,
+                0,
+                response,
+                RunConfig(config=config),
+            )
         except RequestError as exc:
             abort(context, exc)
         except PolicyViolation as exc:
@@ -73,9 +95,10 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
             self.registry.heartbeat(request.boundary, self.clock())
             self.audit.received(common_pb2.PAYLOAD_TYPE_STATUS, request.boundary, 0, request)
             response = coordinator_pb2.HeartbeatResponse(
-                ref=request.ref, current_version=max(self.driver.version, 0),
+                ref=request.ref,
+                current_version=max(self.driver.version, 0),
                 current_window=self.driver.window_id,
-            )  # fmt: skip
+            )
             return self.audit.reply(common_pb2.PAYLOAD_TYPE_STATUS, request.boundary, 0, response)
         except RequestError as exc:
             abort(context, exc)
@@ -89,12 +112,15 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         try:
             phi = self.driver.store.load_adapter(version)
         except KeyError:
-            context.abort(grpc.StatusCode.NOT_FOUND,
-                          f"FetchGlobalRequest.version: got {request.version}, want 0..{self.driver.version}")  # fmt: skip
+            context.abort(
+                grpc.StatusCode.NOT_FOUND,
+                f"FetchGlobalRequest.version: got {request.version}, want 0..{self.driver.version}",
+            )
         identity = self.registry.identity
         digest = identity.layout_digest if identity else b""
-        header = coordinator_pb2.GlobalVersionHeader(version=version,
-                                                     vector=vector_header(phi, digest))  # fmt: skip
+        header = coordinator_pb2.GlobalVersionHeader(
+            version=version, vector=vector_header(phi, digest)
+        )
         yield coordinator_pb2.FetchGlobalResponse(header=header)
         for chunk in iter_chunks(phi):
             yield coordinator_pb2.FetchGlobalResponse(chunk=chunk)
@@ -104,21 +130,31 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
     ) -> coordinator_pb2.CoordinatorStatus:
         regs, seen = self.registry.snapshot()
         now = self.clock()
-        live = sorted(b for b, t in seen.items()
-                      if now - t <= self.driver.config.window.liveness_s)  # fmt: skip
+        live = sorted(b for b, t in seen.items() if now - t <= self.driver.config.window.liveness_s)
         return coordinator_pb2.CoordinatorStatus(
-            run_id=self.driver.config.run_id, window=self.driver.window_id,
-            version=max(self.driver.version, 0), inner_steps=self.driver.inner_steps,
-            registered=sorted(regs), live=live, windows_completed=self.driver.completed,
+            run_id=self.driver.config.run_id,
+            window=self.driver.window_id,
+            version=max(self.driver.version, 0),
+            inner_steps=self.driver.inner_steps,
+            registered=sorted(regs),
+            live=live,
+            windows_completed=self.driver.completed,
             windows_aborted=self.driver.aborted,
-        )  # fmt: skip
+        )
 
     def ListVersions(
         self, request: coordinator_pb2.ListVersionsRequest, context: grpc.ServicerContext
     ) -> coordinator_pb2.ListVersionsResponse:
-        return coordinator_pb2.ListVersionsResponse(versions=[
-            coordinator_pb2.VersionInfo(version=v.version, window=v.window, sha256=v.sha256,
-                                        contributors=list(v.contributors),
-                                        weight_sum=v.weight_sum, created_unix_ms=v.created_ms)
-            for v in self.driver.store.versions()
-        ])  # fmt: skip
+        return coordinator_pb2.ListVersionsResponse(
+            versions=[
+                coordinator_pb2.VersionInfo(
+                    version=v.version,
+                    window=v.window,
+                    sha256=v.sha256,
+                    contributors=list(v.contributors),
+                    weight_sum=v.weight_sum,
+                    created_unix_ms=v.created_ms,
+                )
+                for v in self.driver.store.versions()
+            ]
+        )

@@ -75,7 +75,7 @@ def _atomic_save(path: Path, array: np.ndarray) -> None:
 def vector_sha256(vector: np.ndarray) -> bytes:
     """SHA-256 of a vector's little-endian bytes (what the wire header carries)."""
     little = np.ascontiguousarray(vector, dtype=vector.dtype.newbyteorder("<"))
-    return hashlib.sha256(memoryview(little).cast("B")).digest()
+    return hashlib.sha256(little.data.cast("B")).digest()
 
 
 class CoordinatorStore:
@@ -143,11 +143,15 @@ class CoordinatorStore:
             self._db.execute(
                 "INSERT INTO versions VALUES(?, ?, ?, ?, ?, ?, ?)",
                 (
-                    record.version, record.window, record.sha256,
-                    json.dumps(list(record.contributors)), record.weight_sum,
-                    record.created_ms, record.aggregate_sha256,
+                    record.version,
+                    record.window,
+                    record.sha256,
+                    json.dumps(list(record.contributors)),
+                    record.weight_sum,
+                    record.created_ms,
+                    record.aggregate_sha256,
                 ),
-            )  # fmt: skip
+            )
 
     def versions(self) -> list[VersionRecord]:
         with self._lock:
@@ -157,9 +161,14 @@ class CoordinatorStore:
             ).fetchall()
         return [
             VersionRecord(
-                int(r[0]), int(r[1]), bytes(r[2]), tuple(json.loads(r[3])), float(r[4]),
-                int(r[5]), bytes(r[6]),
-            )  # fmt: skip
+                int(r[0]),
+                int(r[1]),
+                bytes(r[2]),
+                tuple(json.loads(r[3])),
+                float(r[4]),
+                int(r[5]),
+                bytes(r[6]),
+            )
             for r in rows
         ]
 
@@ -172,11 +181,15 @@ class CoordinatorStore:
         path = self.root / "versions" / f"v{version:06d}.npy"
         if not path.exists():
             raise KeyError(f"version {version} is not stored")
-        return np.load(path, allow_pickle=False)
+        loaded: np.ndarray = np.load(path, allow_pickle=False)
+        return loaded
 
     def load_momentum(self, version: int) -> np.ndarray | None:
         path = self.root / "versions" / f"m{version:06d}.npy"
         return np.load(path, allow_pickle=False) if path.exists() else None
 
     def load_aggregate(self, window: int) -> np.ndarray:
-        return np.load(self.root / "aggregates" / f"w{window:06d}.npy", allow_pickle=False)
+        loaded: np.ndarray = np.load(
+            self.root / "aggregates" / f"w{window:06d}.npy", allow_pickle=False
+        )
+        return loaded

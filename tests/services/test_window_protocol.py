@@ -1,0 +1,166 @@
+"""One window over real gRPC between the real coordinator driver and three boundary agents:
+secure aggregation at level 2 yields exactly the weighted average of the known deltas, also
+when a boundary drops before or after masking, and the audit log records the rounds."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from echelon.audit.cli import main as audit_cli
+from echelon.audit.record import AuditRecord, PayloadType
+from echelon.audit.store import SqliteLogStore
+from echelon_proto.boundary.v1 import boundary_pb2
+from services.boundary_agent.servicer import BoundaryAgentServicer
+
+from .harness import Sites, expected_phi
+
+ORGS = ["org-a", "org-b", "org-c"]
+# Fixed point with 16 fraction bits: each coordinate of a sum of n weighted values is off by
+# at most n * 2**-16; divided by the weight sum (>= 3 here) and scaled by lr*(1+m) = 1.33.
+TOLERANCE = 1e-4
+
+
+@pytest.fixture
+def sites(tmp_path: Path) -> Iterator[Sites]:
+    s = Sites(tmp_path, ORGS)
+    yield s
+    s.close()
+
+
+def _records(sites: Sites) -> list[AuditRecord]:
+    store = SqliteLogStore(sites.root / "audit" / "log.db", readonly=True)
+    try:
+        return [AuditRecord.decode(e.record) for e in store.get(0, store.size())]
+    finally:
+        store.close()
+
+
+def test_secure_window_yields_the_weighted_average(sites: Sites) -> None:
+    sites.heartbeat_all()
+    outcome = sites.driver.step()
+    assert outcome is not None and outcome.committed, outcome
+    assert outcome.contributors == tuple(ORGS)
+    phi = sites.store.load_adapter(outcome.version)
+    np.testing.assert_allclose(phi, expected_phi(ORGS), atol=TOLERANCE)
+    for agent in sites.agents.values():
+        assert agent.runtime.held_version == 1
+        np.testing.assert_allclose(agent.runtime.theta(), phi, atol=0)
+
+
+def test_audit_log_holds_both_sides_of_every_crossing(sites: Sites) -> None:
+    sites.heartbeat_all()
+    assert sites.driver.step().committed  # type: ignore[union-attr]
+    records = _records(sites)
+    types = {r.payload_type for r in records}
+    assert {
+        PayloadType.MASKED_DELTA,
+        PayloadType.UNMASKING_SHARES,
+        PayloadType.SURVIVOR_LIST,
+        PayloadType.KEY_ADVERTISEMENT,
+        PayloadType.GLOBAL_ADAPTER,
+    } <= types
+    assert PayloadType.PLAIN_DELTA not in types
+    report = sites.root / "report.json"
+    code = audit_cli(
+        ["verify", "--db", str(sites.root / "audit" / "log.db"), "--json", str(report)]
+    )
+    assert code == 0, report.read_text()
+
+
+def test_boundary_that_never_submits_is_dropped_and_masks_cancel(tmp_path: Path) -> None:
+    sites = Sites(tmp_path, ORGS, deadline_s=4.0)
+    hang = threading.Event()
+    sites.agents["org-c"].trainer.hang = hang
+    try:
+        sites.heartbeat_all()
+        outcome = sites.driver.step()
+        assert outcome is not None and outcome.committed, outcome
+        assert outcome.contributors == ("org-a", "org-b")
+        phi = sites.store.load_adapter(outcome.version)
+        np.testing.assert_allclose(phi, expected_phi(["org-a", "org-b"]), atol=TOLERANCE)
+        unmasked = [r for r in _records(sites) if r.payload_type == PayloadType.UNMASKING_SHARES]
+        assert {r.sender for r in unmasked} >= {"org-a", "org-b"}
+    finally:
+        hang.set()
+        sites.close()
+
+
+class DiesBeforeUnmasking(BoundaryAgentServicer):
+    """An agent whose host vanishes after its masked delta was collected."""
+
+    def ConfirmSurvivors(self, request, context):  # type: ignore[no-untyped-def]
+        context.abort(grpc.StatusCode.UNAVAILABLE, "host gone")
+
+    def Unmask(self, request, context):  # type: ignore[no-untyped-def]
+        context.abort(grpc.StatusCode.UNAVAILABLE, "host gone")
+
+
+def test_boundary_that_vanishes_after_masking_is_still_counted(tmp_path: Path) -> None:
+    def servicer(*args, **kwargs):  # type: ignore[no-untyped-def]
+        cls = DiesBeforeUnmasking if args[0].boundary == "org-c" else BoundaryAgentServicer
+        return cls(*args, **kwargs)
+
+    sites = Sites(tmp_path, ORGS, servicer_class=servicer)
+    try:
+        sites.heartbeat_all()
+        outcome = sites.driver.step()
+        assert outcome is not None and outcome.committed, outcome
+        # Its masked input is in the sum; survivors revealed its self-mask seed.
+        phi = sites.store.load_adapter(outcome.version)
+        np.testing.assert_allclose(phi, expected_phi(ORGS), atol=TOLERANCE)
+    finally:
+        sites.close()
+
+
+def test_window_below_m_min_aborts_and_deltas_roll_over(tmp_path: Path) -> None:
+    sites = Sites(tmp_path, ["org-a", "org-b"], deadline_s=3.0)
+    hang = threading.Event()
+    sites.agents["org-b"].trainer.hang = hang
+    try:
+        sites.heartbeat_all()
+        outcome = sites.driver.step()
+        assert outcome is not None and not outcome.committed
+        assert sites.driver.version == 0
+        assert sites.agents["org-a"].runtime.status()["has_pending"] == 1.0  # kept, not lost
+        hang.set()
+        sites.heartbeat_all()
+        second = sites.driver.step()
+        assert second is not None and second.committed, second
+        phi = sites.store.load_adapter(second.version)
+        np.testing.assert_allclose(phi, expected_phi(["org-a", "org-b"]), atol=TOLERANCE)
+        assert sites.agents["org-a"].trainer.calls == [1]  # the rolled-over delta, not retrained
+    finally:
+        hang.set()
+        sites.close()
+
+
+def test_plain_baseline_is_marked_and_exact(tmp_path: Path) -> None:
+    sites = Sites(tmp_path, ORGS, level2=False)
+    try:
+        sites.heartbeat_all()
+        outcome = sites.driver.step()
+        assert outcome is not None and outcome.committed
+        phi = sites.store.load_adapter(outcome.version)
+        np.testing.assert_allclose(phi, expected_phi(ORGS), atol=1e-6)
+        records = _records(sites)
+        assert any(r.payload_type == PayloadType.PLAIN_DELTA for r in records)
+        assert all(not r.levels.level2 for r in records)
+    finally:
+        sites.close()
+
+
+def test_open_window_request_is_validated(sites: Sites) -> None:
+    stub = sites.agents["org-a"].stub()
+    request = boundary_pb2.OpenWindowRequest(inner_steps=2, deadline_unix_ms=1, token_unit=1.0)
+    request.ref.window, request.ref.nonce = 5, b"n" * 16
+    request.cohort.add(boundary="org-b", party=0, identity_key=b"k" * 32)
+    with pytest.raises(grpc.RpcError) as err:
+        stub.OpenWindow(request, timeout=5)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "cohort" in (err.value.details() or "")
