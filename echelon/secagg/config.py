@@ -33,9 +33,15 @@ class SecAggConfig:
     degree ``2 * ceil(2 * log2(n))`` (O(log n), Bell et al. 2020). A degree of
     at least ``n - 1`` is the complete graph (Bonawitz et al. 2017).
 
-    Each party's secrets are shared among its neighbours with threshold
-    ``t = floor(threshold_fraction * degree) + 1``, a strict majority of the
-    neighbourhood, so at most one survivor list can ever gather t signatures.
+    Each party's secrets are shared among its ``degree + 1`` holders (its
+    neighbours and itself, as in Bonawitz et al. 2017) with threshold
+    ``t = floor(threshold_fraction * (degree + 1)) + 1``, a strict majority of
+    the holders (``2 t > degree + 1``). Each honest party signs one survivor list
+    and releases one kind of share per peer, so at most one list can gather t
+    signatures within a neighbourhood and the aggregator never obtains both
+    secrets of a party (see docs/secure-aggregation.md for the exact condition
+    when participants collude). In a complete graph of n parties a round
+    survives up to ``n - t = ceil(n / 2) - 1`` dropouts with the default 0.5.
     """
 
     threshold_fraction: float = 0.5
@@ -50,7 +56,7 @@ class SecAggConfig:
         if not 0.5 <= self.threshold_fraction < 1.0:
             raise ConfigError(
                 f"SecAggConfig.threshold_fraction: got {self.threshold_fraction}, want a value "
-                "in [0.5, 1) so that t is a strict majority of each neighbourhood",
+                "in [0.5, 1) so that t is a strict majority of each party's share holders",
                 expected="[0.5, 1)",
                 found=self.threshold_fraction,
             )

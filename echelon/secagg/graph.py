@@ -1,5 +1,8 @@
 """Neighbour graph of a window: who masks with whom and who holds whose secret shares.
 
+A party masks with its neighbours, and its secrets are shared among its
+neighbours and itself (``holders``), with a strict-majority threshold.
+
 For small cohorts this is the complete graph (Bonawitz et al. 2017). For large
 ones it is a random Harary graph as in SecAgg+ (Bell et al. 2020): the cohort is
 ordered by a keyed hash of (public seed, window, party id) and each party is
@@ -64,7 +67,7 @@ def validate_cohort(cohort: Sequence[int], config: SecAggConfig) -> tuple[int, .
 
 @dataclass(frozen=True, kw_only=True)
 class NeighbourGraph:
-    """The neighbourhoods and Shamir thresholds of one window's cohort."""
+    """The neighbourhoods, share holders and Shamir thresholds of one window's cohort."""
 
     cohort: tuple[int, ...]
     neighbours: dict[int, frozenset[int]]
@@ -111,6 +114,20 @@ class NeighbourGraph:
                 f"party {party} is not in the cohort", expected=self.cohort, found=party
             ) from None
 
+    def holders(self, party: int) -> frozenset[int]:
+        """Who holds shares of ``party``'s secrets: its neighbours and ``party`` itself.
+
+        As in Bonawitz et al. 2017 (Fig. 4, ShareKeys), a party shares its s key
+        and self-mask seed among its whole neighbourhood *including itself* and
+        keeps its own shares; raises ``UnknownParty`` outside the cohort.
+        """
+        return self.of(party) | {party}
+
     def threshold(self, party: int) -> int:
-        """Shares of ``party``'s secrets needed to reconstruct them: a strict majority."""
-        return math.floor(self.threshold_fraction * len(self.of(party))) + 1
+        """Shares of ``party``'s secrets needed to reconstruct them.
+
+        ``t = floor(threshold_fraction * (degree + 1)) + 1``: a strict majority of
+        the ``degree + 1`` holders (neighbours and the party itself), so that
+        ``2 t > degree + 1``.
+        """
+        return math.floor(self.threshold_fraction * len(self.holders(party))) + 1

@@ -270,7 +270,13 @@ def _check_entries(name: str, entries: ShareEntries) -> None:
 
 @dataclass(frozen=True, kw_only=True)
 class UnmaskingShares:
-    """A survivor's released shares: self-mask seeds of survivors, s keys of dropped parties."""
+    """A survivor's released shares: self-mask seeds of survivors, s keys of dropped parties.
+
+    ``self_mask_shares`` holds the holder's shares of the seeds of its surviving
+    neighbours *and of its own seed* (owner == holder); ``pairwise_key_shares``
+    those of the s keys of its dropped neighbours, never of its own. No owner
+    appears in both lists.
+    """
 
     window: int
     holder: int

@@ -1,10 +1,14 @@
 """One party of one secure-aggregation window (a device at level 1, a boundary at level 2).
 
 The participant advertises fresh signed keys, Shamir-shares its s key and
-self-mask seed with its neighbours, masks its weighted, encoded vector, signs
-the survivor list the aggregator announces, and releases unmasking shares only
-after the consistency check: at least t valid signatures over that same list,
-its own among them. For each peer it reveals one kind of share, never both.
+self-mask seed t-out-of-(k + 1) among its k neighbours *and itself* (Bonawitz
+et al. 2017, Fig. 4: it keeps its own shares, which are never encrypted or
+sent), masks its weighted, encoded vector, signs the survivor list the
+aggregator announces, and releases unmasking shares only after the consistency
+check: at least t valid signatures over that same list, its own among them.
+For each peer it reveals one kind of share, never both; of its own secrets it
+reveals only its share of its self-mask seed (it is a survivor whenever it
+unmasks, so its seed is due anyway), never its share of its own s key.
 """
 
 from __future__ import annotations
@@ -106,6 +110,9 @@ class Participant:
         self._advertisement: KeyAdvertisement | None = None
         self._peer_ads: dict[int, KeyAdvertisement] = {}
         self._held: dict[int, SharePlaintext] = {}
+        # This party's share of its own self-mask seed (b_{u,u}); its share of its
+        # own s key is never released (it unmasks only as a survivor), so not kept.
+        self._own_seed_share: bytes | None = None
         self._signed_survivors: tuple[int, ...] | None = None
         self._masks = MaskGenerator()
 
@@ -155,9 +162,13 @@ class Participant:
     def share_keys(self, ads: Mapping[int, KeyAdvertisement]) -> dict[int, EncryptedShare]:
         """Verify the relayed advertisements and encrypt shares for each advertised neighbour.
 
-        Raises ``InvalidSignature``/``WrongWindow``/``UnknownParty`` for a bad
-        advertisement, ``ConsistencyError`` when the relay altered this party's
-        own, and ``AbortedRound`` when fewer than t neighbours advertised.
+        The s key and the self-mask seed are split t-out-of-(advertised
+        neighbours + 1): this party is a holder too and keeps its own shares, so
+        the returned bundle has one ``EncryptedShare`` per advertised neighbour
+        and none for itself. Raises ``InvalidSignature``/``WrongWindow``/
+        ``UnknownParty`` for a bad advertisement, ``ConsistencyError`` when the
+        relay altered this party's own, and ``AbortedRound`` when fewer than
+        t - 1 neighbours advertised (fewer than t holders, itself included).
         """
         self._require(ParticipantStage.SHARE_KEYS)
         if ads.get(self.party_id) != self._advertisement:
@@ -173,21 +184,27 @@ class Participant:
                 ad, party=party, window=self.window, identity=self._peer_identities[party]
             )
             peer_ads[party] = ad
-        if len(peer_ads) < self.threshold:
+        if len(peer_ads) + 1 < self.threshold:
             self._stage = ParticipantStage.DONE
             raise AbortedRound(
-                f"party {self.party_id}: {len(peer_ads)} neighbours advertised keys, "
-                f"want at least t = {self.threshold}",
+                f"party {self.party_id}: {len(peer_ads)} neighbours advertised keys, so "
+                f"{len(peer_ads) + 1} share holders with itself, want at least t = "
+                f"{self.threshold}",
                 expected=self.threshold,
-                found=len(peer_ads),
+                found=len(peer_ads) + 1,
             )
         self._peer_ads = peer_ads
         self._stage = ParticipantStage.RECEIVE_SHARES
         holders = sorted(peer_ads)
         key_shares = shamir.split(
-            self._s_key.private_bytes_raw(), threshold=self.threshold, holders=holders
+            self._s_key.private_bytes_raw(),
+            threshold=self.threshold,
+            holders=[*holders, self.party_id],
         )
-        seed_shares = shamir.split(self._seed, threshold=self.threshold, holders=holders)
+        seed_shares = shamir.split(
+            self._seed, threshold=self.threshold, holders=[*holders, self.party_id]
+        )
+        self._own_seed_share = seed_shares[self.party_id]
         return {
             holder: keys.encrypt_share(
                 SharePlaintext(
@@ -212,7 +229,8 @@ class Participant:
         Raises ``WrongWindow`` (replay), ``UnknownParty`` (not for us, or from a
         party we did not share with), ``DuplicateSubmission``,
         ``ShareAuthenticationError`` (AES-GCM failure) and ``AbortedRound`` when
-        fewer than t neighbours exchanged shares with us.
+        fewer than t - 1 neighbours exchanged shares with us (Bonawitz et al.'s
+        ``|U2| >= t``, this party counted).
         """
         self._require(ParticipantStage.RECEIVE_SHARES)
         held: dict[int, SharePlaintext] = {}
@@ -244,13 +262,14 @@ class Participant:
                 recipient_private=self._c_key,
                 sender_public=self._peer_ads[share.sender].c_pk,
             )
-        if len(held) < self.threshold:
+        if len(held) + 1 < self.threshold:
             self._stage = ParticipantStage.DONE
             raise AbortedRound(
-                f"party {self.party_id}: {len(held)} neighbours shared keys with it, "
-                f"want at least t = {self.threshold} to mask safely",
+                f"party {self.party_id}: {len(held)} neighbours shared keys with it, so "
+                f"{len(held) + 1} parties with itself, want at least t = {self.threshold} "
+                "to mask safely",
                 expected=self.threshold,
-                found=len(held),
+                found=len(held) + 1,
             )
         self._held = held
         self._stage = ParticipantStage.MASK
@@ -332,10 +351,12 @@ class Participant:
     ) -> UnmaskingShares:
         """Release seed shares of surviving peers and key shares of dropped peers, once.
 
-        ``survivors`` must be the list this party signed, and ``signatures``
-        must hold at least t valid signatures over it from survivors in this
-        party's neighbourhood, its own included (signatures of survivors outside
-        the neighbourhood are neither counted nor verified). ``dropped``, when the
+        The seed shares include this party's own share of its own seed (it is a
+        survivor: the list it signed names it); it never releases a share of its
+        own s key. ``survivors`` must be the list this party signed, and
+        ``signatures`` must hold at least t valid signatures over it from
+        survivors in this party's neighbourhood, its own included (signatures of
+        survivors outside the neighbourhood are neither counted nor verified). ``dropped``, when the
         aggregator names them, must not intersect the survivors. Raises
         ``ConsistencyError``, ``InvalidSignature``, ``UnknownParty`` or
         ``InsufficientSignatures``; nothing is released on error.
@@ -365,9 +386,10 @@ class Participant:
                 expected=ordered,
                 found=strangers,
             )
-        # Only signatures from this party's neighbourhood count towards its t (SecAgg+):
-        # those are the parties that hold its shares; others are not verified.
-        counted = set(signatures) & (self.neighbours | {self.party_id})
+        # Only signatures from this party's neighbourhood and itself count towards its t
+        # (SecAgg+): those are the k + 1 holders of its shares, of which t is a strict
+        # majority, so two lists cannot both reach t here; others are not verified.
+        counted = set(signatures) & self.graph.holders(self.party_id)
         for signer in sorted(counted):
             if not keys.verify_signature(
                 self._peer_identities[signer], signatures[signer], payload
@@ -385,16 +407,18 @@ class Participant:
                 expected=self.threshold,
                 found=len(counted),
             )
+        assert self._own_seed_share is not None  # set by share_keys, which MASK follows
         self._stage = ParticipantStage.DONE
         alive_set = set(ordered)
+        seed_shares = {
+            owner: held.seed_share for owner, held in self._held.items() if owner in alive_set
+        }
+        # b_{u,u}: this party is in the list it signed, so its seed is due (Bonawitz Fig. 4).
+        seed_shares[self.party_id] = self._own_seed_share
         return UnmaskingShares(
             window=self.window,
             holder=self.party_id,
-            self_mask_shares=tuple(
-                (owner, held.seed_share)
-                for owner, held in sorted(self._held.items())
-                if owner in alive_set
-            ),
+            self_mask_shares=tuple(sorted(seed_shares.items())),
             pairwise_key_shares=tuple(
                 (owner, held.key_share)
                 for owner, held in sorted(self._held.items())

@@ -2,9 +2,13 @@
 
 The aggregator needs the self-mask seed of every survivor and the s key of
 every dropped party that has a surviving neighbour; each is rebuilt from t
-shares released by surviving neighbours. A share of the wrong kind (a key share
-of a survivor, a seed share of a dropped party) is refused, so the aggregator
-never holds both secrets of one party.
+shares released by its surviving holders. A party's holders are its neighbours
+and itself, so a survivor's seed comes from its surviving neighbours *and the
+survivor's own share of its own seed*; a dropped party's key comes from its
+surviving neighbours only (it released nothing). A share of the wrong kind (a
+key share of a survivor, a seed share of a dropped party) is refused, and so
+is a share of a party's own key from itself, so the aggregator never holds
+both secrets of one party.
 """
 
 from __future__ import annotations
@@ -43,7 +47,9 @@ class ShareBook:
         self._key_shares: dict[int, dict[int, bytes]] = {p: {} for p in self.keys_needed}
 
     def _available(self, owner: int) -> int:
-        return len(self.graph.of(owner) & self.sharers & self.survivors)
+        # Holders that can release: surviving neighbours, plus the owner itself when it
+        # survived (it holds b_{u,u}); a dropped owner is no survivor, so it never counts.
+        return len(self.graph.holders(owner) & self.sharers & self.survivors)
 
     def shortfall(self) -> AbortedRound | None:
         """The abort to raise when the survivors cannot release enough shares, else None."""
@@ -54,27 +60,33 @@ class ShareBook:
             if available < needed:
                 kind = "self-mask seed" if owner in self.survivors else "s key"
                 return AbortedRound(
-                    f"only {available} surviving neighbours hold shares of the {kind} of "
-                    f"party {owner}, want t = {needed}",
+                    f"only {available} surviving holders (neighbours and the party itself) "
+                    f"hold shares of the {kind} of party {owner}, want t = {needed}",
                     expected=needed,
                     found=available,
                 )
         return None
 
     def add(self, shares: UnmaskingShares) -> None:
-        """Record one survivor's shares after checking each is due; all or nothing."""
+        """Record one survivor's shares after checking each is due; all or nothing.
+
+        Seed shares are due for surviving neighbours of ``holder`` and for the
+        holder itself (its own share of its own seed); key shares only for
+        dropped neighbours, never for the holder itself (it is a survivor).
+        """
         holder = shares.holder
         if holder in self._holders:
             raise DuplicateSubmission(
                 f"second unmasking shares of party {holder}", expected=1, found=2
             )
         peers = self.graph.of(holder) & self.sharers
+        seed_owners = (peers | {holder}) & self.survivors
         for owner, _ in shares.self_mask_shares:
-            if owner not in self.survivors or owner not in peers:
+            if owner not in seed_owners:
                 raise UnexpectedShare(
-                    f"party {holder} released a self-mask share of party {owner}, which is not "
-                    "a surviving neighbour of it",
-                    expected=sorted(peers & self.survivors),
+                    f"party {holder} released a self-mask share of party {owner}, which is "
+                    "neither a surviving neighbour of it nor itself as a survivor",
+                    expected=sorted(seed_owners),
                     found=owner,
                 )
         for owner, _ in shares.pairwise_key_shares:

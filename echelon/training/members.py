@@ -18,6 +18,7 @@ from torch._C._distributed_c10d import TCPStore
 from echelon.training.adapter import AdapterLayout
 from echelon.training.control import (
     LOOPBACK,
+    Advertised,
     EvalResult,
     FromWorker,
     GroupInfo,
@@ -25,7 +26,10 @@ from echelon.training.control import (
     JoinGroup,
     PointToPointGroup,
     Ready,
+    SharesReleased,
+    SharesSent,
     Stop,
+    SurvivorsSigned,
     ToWorker,
     WindowDone,
     WorkerError,
@@ -36,7 +40,17 @@ from echelon.training.control import (
 
 log = structlog.get_logger(__name__)
 
-_M = TypeVar("_M", Ready, Joined, WindowDone, EvalResult)
+_M = TypeVar(
+    "_M",
+    Ready,
+    Joined,
+    WindowDone,
+    EvalResult,
+    Advertised,
+    SharesSent,
+    SurvivorsSigned,
+    SharesReleased,
+)
 POLL_S = 0.05
 _REBUILD_ATTEMPTS = 3
 
@@ -55,12 +69,14 @@ def _worker_entry(spec: WorkerSpec, conn: Connection) -> None:
 
 @dataclass
 class WorkerHandle:
-    """The agent's handle on one worker process: its shard, process, pipe and group rank."""
+    """The agent's handle on one worker process: its shard, process, pipe, group rank, and
+    the Ed25519 identity public key (raw 32 bytes) it announced in `Ready`."""
 
     shard: int
     process: BaseProcess
     conn: Connection
     rank: int = 0
+    identity: bytes = b""
 
 
 class Membership:
@@ -139,6 +155,7 @@ class Membership:
                 f"worker {handle.shard} layout digest {layout.digest()}, "
                 f"want {self.layout.digest()}"
             )
+        handle.identity = ready.identity
         self.workers[handle.shard] = handle
         self._dirty = True
 

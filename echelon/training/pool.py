@@ -2,15 +2,23 @@
 participation windows over a gloo group in which the agent is rank 0, and returns only the
 token-weighted SUM of the workers' deltas (never one worker's update or token count).
 
-Per window: a StartWindow control message over each worker's Pipe; theta_v to each worker
-point-to-point over gloo; each worker's contribution (see `contribution.py`) back
-point-to-point, waited on until the window's deadline. A worker that dies or misses the
+Per window: a StartWindow control message over each worker's Pipe; with level-1 secure
+aggregation on (`PoolConfig.secure`), the key rounds over the Pipes (`secure.py`); theta_v to
+each worker point-to-point over gloo; each worker's contribution (see `contribution.py`:
+float, or masked) back point-to-point, waited on until the window's deadline; with level 1 on,
+the survivor signatures and unmasking shares over the Pipes. A worker that dies or misses the
 deadline is dropped (killed), the window completes with the survivors, and the group is
 rebuilt on a fresh rendezvous port before the next window.
+
+A refused window (`WindowRefused`: fewer than `k_min` contributors, or too few survivors to
+unmask) applies nothing. Each worker keeps what it holds locally (AdamW moments and step
+count, persisted in its `work_dir`) and discards its delta: every window starts from the
+global adapter the agent sends, so the next window starts from the global version as usual.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,8 +28,16 @@ import numpy as np
 import structlog
 import torch
 
+from echelon.secagg import SecAggConfig
 from echelon.training.adapter import AdapterLayout, AdapterLayoutError
-from echelon.training.contribution import collect_contributions, send_global
+from echelon.training.contribution import (
+    FloatAggregation,
+    Transcript,
+    TranscriptEntry,
+    WindowAggregation,
+    collect_contributions,
+    send_global,
+)
 from echelon.training.control import (
     EvalResult,
     Evaluate,
@@ -32,19 +48,47 @@ from echelon.training.control import (
 )
 from echelon.training.data import DataConfig
 from echelon.training.inner import InnerConfig
-from echelon.training.members import Membership, PoolError
+from echelon.training.members import Membership, PoolError, WorkerHandle
 from echelon.training.model_config import LoraConfig, ModelConfig
+from echelon.training.secure import (
+    LEVEL1_GRAPH_SEED,
+    RefusalReason,
+    SecureAggregation,
+    WindowRefused,
+    device_secagg_config,
+)
 
 log = structlog.get_logger(__name__)
 
-__all__ = ["DevicePool", "DeviceWindowResult", "PoolConfig", "PoolError"]
+__all__ = [
+    "DevicePool",
+    "DeviceWindowResult",
+    "PoolConfig",
+    "PoolError",
+    "RefusalReason",
+    "TranscriptEntry",
+    "WindowRefused",
+    "device_secagg_config",
+]
 
 
 @dataclass(frozen=True, kw_only=True)
 class PoolConfig:
     """One boundary's devices. `backend` picks the workers' compute device ("gloo": CPU,
     "nccl": CUDA required, "auto": CUDA when present); the agent/worker exchange always runs
-    on gloo, since NCCL cannot include the CPU-only agent."""
+    on gloo, since NCCL cannot include the CPU-only agent.
+
+    Level-1 secure aggregation: `secure` None keeps the float path (the baseline, level 1
+    off); a `SecAggConfig` (see `device_secagg_config`) makes the workers mask their updates
+    so the agent unmasks only their sum, and only over at least `k_min` devices (refused
+    below, `WindowRefused`). `k_min` applies to level 1 only (the agent's export policy
+    applies its own). A worker's weight is `w = tokens / token_unit`, which must stay within
+    `secure.max_weight`; `token_unit` None means one full window of one worker
+    (`steps * batch_size * seq_len`), so `w <= 1`. Clipping is per coordinate of the
+    unweighted delta at `secure.clip` (LoRA deltas are small: 1.0 by default).
+    `graph_seed` is the public seed of the neighbour graph (declare it with the run).
+    `record_updates` is for tests only: each worker also writes its true update to its
+    `work_dir` (`update-w{window}-s{shard}.npz`)."""
 
     n_workers: int
     data: DataConfig
@@ -64,6 +108,11 @@ class PoolConfig:
     eval_batches: int = 8
     eval_batch_size: int = 8
     eval_timeout_s: float = 120.0
+    secure: SecAggConfig | None = None
+    k_min: int = 2
+    token_unit: float | None = None
+    graph_seed: bytes = LEVEL1_GRAPH_SEED
+    record_updates: bool = False
 
     def __post_init__(self) -> None:
         if self.n_workers < 1:
@@ -83,13 +132,33 @@ class PoolConfig:
             raise ValueError("PoolConfig.backend: 'nccl' needs CUDA; use 'auto' or 'gloo'")
         if self.eval_batches < 1 or self.eval_batch_size < 1:
             raise ValueError("PoolConfig: eval_batches and eval_batch_size must be >= 1")
+        if self.k_min < 1:
+            raise ValueError(f"PoolConfig.k_min: got {self.k_min}, want >= 1")
+        if self.token_unit is not None and not (
+            math.isfinite(self.token_unit) and self.token_unit > 0
+        ):
+            raise ValueError(f"PoolConfig.token_unit: got {self.token_unit}, want None or > 0")
+        if self.secure is not None:
+            if self.secure.max_participants < self.n_workers:
+                raise ValueError(
+                    f"PoolConfig.secure.max_participants: got {self.secure.max_participants}, "
+                    f"want >= n_workers={self.n_workers}"
+                )
+            if self.token_unit is None and self.secure.max_weight < 1.0:
+                raise ValueError(
+                    f"PoolConfig.secure.max_weight: got {self.secure.max_weight}, want >= 1 "
+                    "when token_unit is None (a full window weighs 1); or set token_unit"
+                )
 
 
 @dataclass(frozen=True)
 class DeviceWindowResult:
     """The boundary's sum for one window: `delta_sum = sum_i w_i * (theta_v - theta_i)` with
     `w_i = tokens_i`; `weight_sum = sum_i w_i = tokens`; `train_loss` token-weighted;
-    `val_loss` of `theta_v - delta_sum / weight_sum` on held-out text (None when not run)."""
+    `val_loss` of `theta_v - delta_sum / weight_sum` on held-out text (None when not run).
+    With level 1 on, each coordinate of `delta_sum` is within `error_bound` of the sum of the
+    clipped deltas (fixed-point quantization), and `weight_sum` within
+    `error_bound`; with level 1 off, `error_bound` is 0."""
 
     delta_sum: np.ndarray
     weight_sum: float
@@ -97,6 +166,7 @@ class DeviceWindowResult:
     devices: int
     train_loss: float
     val_loss: float | None
+    error_bound: float = 0.0
 
 
 class DevicePool:
@@ -105,8 +175,12 @@ class DevicePool:
     Not thread-safe: one caller drives start, windows, evaluation and close in turn.
     """
 
-    def __init__(self, cfg: PoolConfig) -> None:
+    def __init__(self, cfg: PoolConfig, *, transcript: Transcript | None = None) -> None:
+        """`transcript`, for tests and audits of the device plane, is called with everything
+        the agent process receives from the workers during each window (`TranscriptEntry`)."""
         self.cfg = cfg
+        self._transcript = transcript
+        self._inner = cfg.inner_cfg
         self._members = Membership(
             self._spec,
             n_workers=cfg.n_workers,

@@ -7,11 +7,10 @@ before it leaves), and map domain errors to status codes once (`_errors`).
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 import grpc
 import numpy as np
@@ -39,9 +38,24 @@ from .runtime import BoundaryRuntime, WindowSpec, WindowStateError
 from .secure import SecureAggregationSession
 
 log = structlog.get_logger(__name__)
-T = TypeVar("T")
+R = TypeVar("R", bound="_Response")
+P = common_pb2
 
 COORDINATOR = "coordinator"
+
+
+class _Response(Protocol):
+    @property
+    def ref(self) -> common_pb2.WindowRef: ...
+
+    def SerializeToString(self, *, deterministic: bool = ...) -> bytes: ...
+
+
+class _Request(Protocol):
+    @property
+    def ref(self) -> common_pb2.WindowRef: ...
+
+    def SerializeToString(self, *, deterministic: bool = ...) -> bytes: ...
 
 
 @contextmanager
@@ -99,24 +113,21 @@ class BoundaryAgentServicer(boundary_pb2_grpc.BoundaryAgentServicer):
     def OpenWindow(
         self, request: boundary_pb2.OpenWindowRequest, context: grpc.ServicerContext
     ) -> boundary_pb2.OpenWindowResponse:
-        with _errors(context):
-            window = self._ref("OpenWindowRequest", request.ref)
-            self.egress.received(common_pb2.PAYLOAD_TYPE_WINDOW_OPEN, COORDINATOR, window, request)
+        def handle(window: int) -> boundary_pb2.OpenWindowResponse:
             spec = _window_spec(request, self.runtime.boundary, self.clock())
             self.runtime.open_window(spec)
             self.secure.open(request, spec)
+            metrics.WINDOW.set(window)
             st = self.runtime.status()
-            response = boundary_pb2.OpenWindowResponse(
-                ref=request.ref,
+            return boundary_pb2.OpenWindowResponse(
                 held_version=max(int(st["held_version"]), 0),
                 has_pending_delta=bool(st["has_pending"]),
                 pending_base_version=max(int(st["pending_base"]), 0),
             )
-            metrics.WINDOW.set(window)
-            return self.egress.reply(
-                common_pb2.PAYLOAD_TYPE_WINDOW_ACK, COORDINATOR, window, response
-            )
-        raise AssertionError("unreachable")
+
+        return self._round(
+            context, request, P.PAYLOAD_TYPE_WINDOW_OPEN, P.PAYLOAD_TYPE_WINDOW_ACK, handle
+        )
 
     def DeliverGlobal(
         self,
@@ -165,52 +176,57 @@ class BoundaryAgentServicer(boundary_pb2_grpc.BoundaryAgentServicer):
             )
         raise AssertionError("unreachable")
 
+    def _round(
+        self,
+        context: grpc.ServicerContext,
+        request: _Request,
+        received: int,
+        sent: int,
+        handle: Callable[[int], R],
+    ) -> R:
+        """One unary round: check the reference, audit the request, handle, audit the reply."""
+        with _errors(context):
+            window = self._ref(type(request).__name__, request.ref)
+            self.egress.received(received, COORDINATOR, window, request)
+            response = handle(window)
+            response.ref.CopyFrom(request.ref)
+            return self.egress.reply(sent, COORDINATOR, window, response)
+        raise AssertionError("unreachable: _errors aborts")
+
     def AdvertiseKeys(
         self, request: boundary_pb2.AdvertiseKeysRequest, context: grpc.ServicerContext
     ) -> boundary_pb2.AdvertiseKeysResponse:
-        with _errors(context):
-            window = self._ref("AdvertiseKeysRequest", request.ref)
-            self.egress.received(
-                common_pb2.PAYLOAD_TYPE_ROUND_REQUEST, COORDINATOR, window, request
-            )
-            self.runtime.window(window)
-            response = boundary_pb2.AdvertiseKeysResponse(
-                ref=request.ref, advertisement=self.secure.advertise(window)
-            )
-            return self.egress.reply(
-                common_pb2.PAYLOAD_TYPE_KEY_ADVERTISEMENT, COORDINATOR, window, response
-            )
-        raise AssertionError("unreachable")
+        return self._round(
+            context,
+            request,
+            P.PAYLOAD_TYPE_ROUND_REQUEST,
+            P.PAYLOAD_TYPE_KEY_ADVERTISEMENT,
+            lambda w: boundary_pb2.AdvertiseKeysResponse(advertisement=self.secure.advertise(w)),
+        )
 
     def ShareKeys(
         self, request: boundary_pb2.ShareKeysRequest, context: grpc.ServicerContext
     ) -> boundary_pb2.ShareKeysResponse:
-        with _errors(context):
-            window = self._ref("ShareKeysRequest", request.ref)
-            self.egress.received(
-                common_pb2.PAYLOAD_TYPE_KEY_ADVERTISEMENT, COORDINATOR, window, request
-            )
-            shares = self.secure.share_keys(window, list(request.advertisements))
-            response = boundary_pb2.ShareKeysResponse(ref=request.ref, shares=shares)
-            return self.egress.reply(
-                common_pb2.PAYLOAD_TYPE_ENCRYPTED_SHARES, COORDINATOR, window, response
-            )
-        raise AssertionError("unreachable")
+        return self._round(
+            context,
+            request,
+            P.PAYLOAD_TYPE_KEY_ADVERTISEMENT,
+            P.PAYLOAD_TYPE_ENCRYPTED_SHARES,
+            lambda w: boundary_pb2.ShareKeysResponse(
+                shares=self.secure.share_keys(w, list(request.advertisements))
+            ),
+        )
 
     def DeliverShares(
         self, request: boundary_pb2.DeliverSharesRequest, context: grpc.ServicerContext
     ) -> boundary_pb2.DeliverSharesResponse:
-        with _errors(context):
-            window = self._ref("DeliverSharesRequest", request.ref)
-            self.egress.received(
-                common_pb2.PAYLOAD_TYPE_ENCRYPTED_SHARES, COORDINATOR, window, request
-            )
+        def handle(window: int) -> boundary_pb2.DeliverSharesResponse:
             self.secure.receive_shares(window, list(request.shares))
-            response = boundary_pb2.DeliverSharesResponse(ref=request.ref)
-            return self.egress.reply(
-                common_pb2.PAYLOAD_TYPE_WINDOW_ACK, COORDINATOR, window, response
-            )
-        raise AssertionError("unreachable")
+            return boundary_pb2.DeliverSharesResponse()
+
+        return self._round(
+            context, request, P.PAYLOAD_TYPE_ENCRYPTED_SHARES, P.PAYLOAD_TYPE_WINDOW_ACK, handle
+        )
 
     def CollectDelta(
         self, request: boundary_pb2.CollectDeltaRequest, context: grpc.ServicerContext
@@ -268,46 +284,38 @@ class BoundaryAgentServicer(boundary_pb2_grpc.BoundaryAgentServicer):
     def ConfirmSurvivors(
         self, request: boundary_pb2.ConfirmSurvivorsRequest, context: grpc.ServicerContext
     ) -> boundary_pb2.ConfirmSurvivorsResponse:
-        with _errors(context):
-            window = self._ref("ConfirmSurvivorsRequest", request.ref)
-            self.egress.received(
-                common_pb2.PAYLOAD_TYPE_SURVIVOR_LIST, COORDINATOR, window, request
-            )
-            signature = self.secure.sign_survivors(window, list(request.survivors))
-            response = boundary_pb2.ConfirmSurvivorsResponse(ref=request.ref, signature=signature)
-            return self.egress.reply(
-                common_pb2.PAYLOAD_TYPE_SURVIVOR_SIGNATURE, COORDINATOR, window, response
-            )
-        raise AssertionError("unreachable")
+        return self._round(
+            context,
+            request,
+            P.PAYLOAD_TYPE_SURVIVOR_LIST,
+            P.PAYLOAD_TYPE_SURVIVOR_SIGNATURE,
+            lambda w: boundary_pb2.ConfirmSurvivorsResponse(
+                signature=self.secure.sign_survivors(w, list(request.survivors))
+            ),
+        )
 
     def Unmask(
         self, request: boundary_pb2.UnmaskRequest, context: grpc.ServicerContext
     ) -> boundary_pb2.UnmaskResponse:
-        with _errors(context):
-            window = self._ref("UnmaskRequest", request.ref)
-            self.egress.received(
-                common_pb2.PAYLOAD_TYPE_SURVIVOR_SIGNATURE, COORDINATOR, window, request
-            )
-            response = self.secure.unmask(window, list(request.survivors), list(request.signatures))
-            response.ref.CopyFrom(request.ref)
-            return self.egress.reply(
-                common_pb2.PAYLOAD_TYPE_UNMASKING_SHARES, COORDINATOR, window, response
-            )
-        raise AssertionError("unreachable")
+        return self._round(
+            context,
+            request,
+            P.PAYLOAD_TYPE_SURVIVOR_SIGNATURE,
+            P.PAYLOAD_TYPE_UNMASKING_SHARES,
+            lambda w: self.secure.unmask(w, list(request.survivors), list(request.signatures)),
+        )
 
     def AbortWindow(
         self, request: boundary_pb2.AbortWindowRequest, context: grpc.ServicerContext
     ) -> boundary_pb2.AbortWindowResponse:
-        with _errors(context):
-            window = self._ref("AbortWindowRequest", request.ref)
-            self.egress.received(common_pb2.PAYLOAD_TYPE_WINDOW_ABORT, COORDINATOR, window, request)
+        def handle(window: int) -> boundary_pb2.AbortWindowResponse:
             kept = self.runtime.abort_window(window)
             log.info("window_aborted", window=window, reason=request.reason, delta_kept=kept)
-            response = boundary_pb2.AbortWindowResponse(ref=request.ref, delta_kept=kept)
-            return self.egress.reply(
-                common_pb2.PAYLOAD_TYPE_WINDOW_ACK, COORDINATOR, window, response
-            )
-        raise AssertionError("unreachable")
+            return boundary_pb2.AbortWindowResponse(delta_kept=kept)
+
+        return self._round(
+            context, request, P.PAYLOAD_TYPE_WINDOW_ABORT, P.PAYLOAD_TYPE_WINDOW_ACK, handle
+        )
 
     def GetStatus(
         self, request: boundary_pb2.GetStatusRequest, context: grpc.ServicerContext
@@ -362,8 +370,3 @@ def _window_spec(request: boundary_pb2.OpenWindowRequest, me: str, now: float) -
         token_unit=float(request.token_unit),
     )
 
-
-def payload_digest(message: object) -> bytes:
-    """SHA-256 of a message's deterministic serialization (what the gate records)."""
-    serialize = getattr(message, "SerializeToString")  # noqa: B009
-    return hashlib.sha256(serialize(deterministic=True)).digest()

@@ -160,11 +160,13 @@ def test_aggregator_refuses_key_share_of_a_survivor_and_keeps_state() -> None:
         w.aggregator.add_survivor_signature(p, w.participants[p].sign_survivors(survivors))
     honest = w.participants[0].unmask(survivors, w.aggregator.survivor_signatures())
     assert [o for o, _ in honest.pairwise_key_shares] == [4]
+    assert [o for o, _ in honest.self_mask_shares] == [0, 1, 2, 3]  # its own seed share too
     # Move survivor 1's share into the key-share list: a request to reveal a survivor's key.
+    seed_shares = dict(honest.self_mask_shares)
     smuggled = dataclasses.replace(
         honest,
-        self_mask_shares=honest.self_mask_shares[1:],
-        pairwise_key_shares=((1, honest.self_mask_shares[0][1]), *honest.pairwise_key_shares),
+        self_mask_shares=tuple((o, v) for o, v in honest.self_mask_shares if o != 1),
+        pairwise_key_shares=((1, seed_shares[1]), *honest.pairwise_key_shares),
     )
     before = w.aggregator.masked_total.copy()
 
