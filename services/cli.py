@@ -10,6 +10,7 @@ commands:
   demo     run the multi-site demo on this machine (make demo)
   export   write a global adapter version as a peft adapter directory
   audit    verify or show an audit log (echelon audit verify --help)
+  replay   rebuild global versions from stored aggregates and check them against the log
 """
 
 
@@ -23,6 +24,8 @@ def main(argv: list[str] | None = None) -> int:
         from services.demo import main as run
     elif command == "export":
         from services.export import main as run
+    elif command == "replay":
+        from services.global_coordinator.replay import main as run
     elif command == "audit":
         from echelon.audit.cli import main as run
     else:

@@ -354,12 +354,13 @@ class Participant:
         The seed shares include this party's own share of its own seed (it is a
         survivor: the list it signed names it); it never releases a share of its
         own s key. ``survivors`` must be the list this party signed, and
-        ``signatures`` must hold at least t valid signatures over it from
-        survivors in this party's neighbourhood, its own included (signatures of
-        survivors outside the neighbourhood are neither counted nor verified). ``dropped``, when the
-        aggregator names them, must not intersect the survivors. Raises
-        ``ConsistencyError``, ``InvalidSignature``, ``UnknownParty`` or
-        ``InsufficientSignatures``; nothing is released on error.
+        ``signatures`` must hold at least t valid signatures over it from the
+        survivors among its k + 1 holders (its neighbours and itself), its own
+        included; signatures of survivors outside the neighbourhood are neither
+        counted nor verified. ``dropped``, when the aggregator names them, must
+        not intersect the survivors. Raises ``ConsistencyError``,
+        ``InvalidSignature``, ``UnknownParty`` or ``InsufficientSignatures``;
+        nothing is released on error.
         """
         self._require(ParticipantStage.UNMASK)
         ordered = tuple(sorted(survivors))

@@ -89,7 +89,8 @@ class WindowAggregation(Protocol):
     `sink`, then calls `close`; either may raise `WindowRefused`, after which the pool calls
     `abort`. Workers that fail a step are added to `failed` (shard -> reason)."""
 
-    sink: ContributionSink
+    @property
+    def sink(self) -> ContributionSink: ...
 
     def start_info(self) -> SecureStart | None: ...
 

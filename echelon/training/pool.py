@@ -18,17 +18,13 @@ global adapter the agent sends, so the next window starts from the global versio
 
 from __future__ import annotations
 
-import math
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Literal
+from collections.abc import Callable
 
 import numpy as np
 import structlog
 import torch
 
-from echelon.secagg import SecAggConfig
 from echelon.training.adapter import AdapterLayout, AdapterLayoutError
 from echelon.training.contribution import (
     FloatAggregation,
@@ -41,17 +37,14 @@ from echelon.training.contribution import (
 from echelon.training.control import (
     EvalResult,
     Evaluate,
-    Partition,
     StartWindow,
     WindowDone,
     WorkerSpec,
 )
-from echelon.training.data import DataConfig
 from echelon.training.inner import InnerConfig
 from echelon.training.members import Membership, PoolError, WorkerHandle
-from echelon.training.model_config import LoraConfig, ModelConfig
+from echelon.training.pool_config import DeviceWindowResult, PoolConfig
 from echelon.training.secure import (
-    LEVEL1_GRAPH_SEED,
     RefusalReason,
     SecureAggregation,
     WindowRefused,
@@ -70,103 +63,6 @@ __all__ = [
     "WindowRefused",
     "device_secagg_config",
 ]
-
-
-@dataclass(frozen=True, kw_only=True)
-class PoolConfig:
-    """One boundary's devices. `backend` picks the workers' compute device ("gloo": CPU,
-    "nccl": CUDA required, "auto": CUDA when present); the agent/worker exchange always runs
-    on gloo, since NCCL cannot include the CPU-only agent.
-
-    Level-1 secure aggregation: `secure` None keeps the float path (the baseline, level 1
-    off); a `SecAggConfig` (see `device_secagg_config`) makes the workers mask their updates
-    so the agent unmasks only their sum, and only over at least `k_min` devices (refused
-    below, `WindowRefused`). `k_min` applies to level 1 only (the agent's export policy
-    applies its own). A worker's weight is `w = tokens / token_unit`, which must stay within
-    `secure.max_weight`; `token_unit` None means one full window of one worker
-    (`steps * batch_size * seq_len`), so `w <= 1`. Clipping is per coordinate of the
-    unweighted delta at `secure.clip` (LoRA deltas are small: 1.0 by default).
-    `graph_seed` is the public seed of the neighbour graph (declare it with the run).
-    `record_updates` is for tests only: each worker also writes its true update to its
-    `work_dir` (`update-w{window}-s{shard}.npz`)."""
-
-    n_workers: int
-    data: DataConfig
-    tokenizer_dir: Path
-    work_dir: Path
-    partition: Partition = "iid"
-    dirichlet_alpha: float = 0.5
-    model_cfg: ModelConfig = field(default_factory=ModelConfig)
-    lora_cfg: LoraConfig = field(default_factory=LoraConfig)
-    inner_cfg: InnerConfig = field(default_factory=InnerConfig)
-    threads_per_worker: int = 1
-    collective_timeout_s: float = 30.0
-    start_timeout_s: float = 300.0
-    backend: Literal["auto", "gloo", "nccl"] = "auto"
-    restart_dead_workers: bool = False
-    eval_each_window: bool = True
-    eval_batches: int = 8
-    eval_batch_size: int = 8
-    eval_timeout_s: float = 120.0
-    secure: SecAggConfig | None = None
-    k_min: int = 2
-    token_unit: float | None = None
-    graph_seed: bytes = LEVEL1_GRAPH_SEED
-    record_updates: bool = False
-
-    def __post_init__(self) -> None:
-        if self.n_workers < 1:
-            raise ValueError(f"PoolConfig.n_workers: got {self.n_workers}, want >= 1")
-        if self.threads_per_worker < 1:
-            raise ValueError(
-                f"PoolConfig.threads_per_worker: got {self.threads_per_worker}, want >= 1"
-            )
-        if self.collective_timeout_s <= 0 or self.start_timeout_s <= 0:
-            raise ValueError("PoolConfig: collective_timeout_s and start_timeout_s must be > 0")
-        if self.inner_cfg.seq_len > self.data.seq_len:
-            raise ValueError(
-                f"PoolConfig.inner_cfg.seq_len: got {self.inner_cfg.seq_len}, want <= "
-                f"data.seq_len={self.data.seq_len} (blocks are cut at data.seq_len)"
-            )
-        if self.backend == "nccl" and not torch.cuda.is_available():
-            raise ValueError("PoolConfig.backend: 'nccl' needs CUDA; use 'auto' or 'gloo'")
-        if self.eval_batches < 1 or self.eval_batch_size < 1:
-            raise ValueError("PoolConfig: eval_batches and eval_batch_size must be >= 1")
-        if self.k_min < 1:
-            raise ValueError(f"PoolConfig.k_min: got {self.k_min}, want >= 1")
-        if self.token_unit is not None and not (
-            math.isfinite(self.token_unit) and self.token_unit > 0
-        ):
-            raise ValueError(f"PoolConfig.token_unit: got {self.token_unit}, want None or > 0")
-        if self.secure is not None:
-            if self.secure.max_participants < self.n_workers:
-                raise ValueError(
-                    f"PoolConfig.secure.max_participants: got {self.secure.max_participants}, "
-                    f"want >= n_workers={self.n_workers}"
-                )
-            if self.token_unit is None and self.secure.max_weight < 1.0:
-                raise ValueError(
-                    f"PoolConfig.secure.max_weight: got {self.secure.max_weight}, want >= 1 "
-                    "when token_unit is None (a full window weighs 1); or set token_unit"
-                )
-
-
-@dataclass(frozen=True)
-class DeviceWindowResult:
-    """The boundary's sum for one window: `delta_sum = sum_i w_i * (theta_v - theta_i)` with
-    `w_i = tokens_i`; `weight_sum = sum_i w_i = tokens`; `train_loss` token-weighted;
-    `val_loss` of `theta_v - delta_sum / weight_sum` on held-out text (None when not run).
-    With level 1 on, each coordinate of `delta_sum` is within `error_bound` of the sum of the
-    clipped deltas (fixed-point quantization), and `weight_sum` within
-    `error_bound`; with level 1 off, `error_bound` is 0."""
-
-    delta_sum: np.ndarray
-    weight_sum: float
-    tokens: int
-    devices: int
-    train_loss: float
-    val_loss: float | None
-    error_bound: float = 0.0
 
 
 class DevicePool:
@@ -247,11 +143,14 @@ class DevicePool:
     ) -> DeviceWindowResult:
         """Run `steps` inner steps on every live worker from `global_flat` and return the sum
         of their weighted deltas. `deadline_s` is seconds from now; a worker that has not
-        delivered by then is dropped.
+        delivered by then is dropped. `inner` None keeps the last window's inner config.
 
         Raises:
             AdapterLayoutError: `global_flat` does not match the layout.
+            WindowRefused: level 1 on and fewer than `k_min` devices contributed, or too few
+                survivors to unmask; nothing was unmasked or applied ("no delta").
             PoolError: the pool is not running or no worker contributed.
+            ValueError: bad `steps`, `deadline_s` or `inner` for this pool.
         """
         layout = self._check_running()
         if global_flat.shape != (layout.numel,):
@@ -260,39 +159,53 @@ class DevicePool:
             )
         if steps < 1 or deadline_s <= 0:
             raise ValueError(f"run_window: got steps={steps}, deadline_s={deadline_s}; want > 0")
-        if inner is not None and inner.seq_len > self.cfg.data.seq_len:
+        effective = inner if inner is not None else self._inner
+        if effective.seq_len > self.cfg.data.seq_len:
             raise ValueError(
-                f"run_window.inner.seq_len: got {inner.seq_len}, want <= "
+                f"run_window.inner.seq_len: got {effective.seq_len}, want <= "
                 f"data.seq_len={self.cfg.data.seq_len}"
             )
+        token_unit = self._token_unit(steps, effective)
         deadline = time.monotonic() + deadline_s
         self._members.supervise()
         group = self._members.require_group()
+        members = list(self._members.workers.values())
+        self._inner = effective
+        aggregation = self._aggregation(window, members, layout.numel, token_unit)
         theta = torch.from_numpy(np.ascontiguousarray(global_flat, dtype=np.float32))
         start = StartWindow(
             window=window,
             steps=steps,
-            inner=inner,
+            inner=effective,
             send_timeout_s=deadline_s + self.cfg.collective_timeout_s,
+            secure=aggregation.start_info(),
         )
         failed: dict[int, str] = {}
-        members = list(self._members.workers.values())
         for handle in members:
             if not self._members.send(handle, start):
                 failed[handle.shard] = "control pipe closed"
-        ranks = {h.shard: h.rank for h in members if h.shard not in failed}
-        failed.update(send_global(group, ranks, theta, self.cfg.collective_timeout_s))
-        ranks = {shard: rank for shard, rank in ranks.items() if shard not in failed}
-        total, lost = collect_contributions(group, ranks, layout.numel, deadline)
-        failed.update(lost)
-        for handle in members:
-            if handle.shard not in failed:
-                reply = self._members.await_reply(handle, WindowDone, self.cfg.collective_timeout_s)
-                if reply is None or reply.window != window:
-                    failed[handle.shard] = "no WindowDone"
-        for shard, reason in failed.items():
-            self._members.drop(shard, reason, window=window)
-        if total.count == 0:
+        refused: WindowRefused | None = None
+        try:
+            aggregation.open(self._live(members, failed), failed)
+            ranks = {h.shard: h.rank for h in self._live(members, failed)}
+            failed.update(send_global(group, ranks, theta, self.cfg.collective_timeout_s))
+            ranks = {shard: rank for shard, rank in ranks.items() if shard not in failed}
+            failed.update(
+                collect_contributions(
+                    group, ranks, aggregation.sink, deadline, self._recorder(window)
+                )
+            )
+            total = aggregation.close(self._live(members, failed), failed)
+        except WindowRefused as exc:
+            refused = exc
+            aggregation.abort(self._live(members, failed), str(exc))
+        self._finish_window(window, members, failed)
+        if refused is not None:
+            log.warning(
+                "pool_window_refused", window=window, reason=refused.reason.name, error=str(refused)
+            )
+            raise refused
+        if total.devices == 0:
             raise PoolError(f"window {window}: no worker contributed ({failed})")
         val_loss = None
         if self.cfg.eval_each_window:
@@ -302,9 +215,10 @@ class DevicePool:
             delta_sum=total.delta_sum,
             weight_sum=total.weight_sum,
             tokens=round(total.weight_sum),
-            devices=total.count,
-            train_loss=total.mean_train_loss,
+            devices=total.devices,
+            train_loss=total.train_loss,
             val_loss=val_loss,
+            error_bound=total.error_bound,
         )
         log.info(
             "pool_window_done",
@@ -314,6 +228,7 @@ class DevicePool:
             train_loss=round(result.train_loss, 4),
             val_loss=val_loss,
             dropped=len(failed),
+            secure=self.cfg.secure is not None,
         )
         return result
 
@@ -361,7 +276,66 @@ class DevicePool:
             work_dir=self.cfg.work_dir,
             eval_batches=self.cfg.eval_batches,
             eval_batch_size=self.cfg.eval_batch_size,
+            record_updates=self.cfg.record_updates,
         )
+
+    def _aggregation(
+        self, window: int, members: list[WorkerHandle], numel: int, token_unit: float
+    ) -> WindowAggregation:
+        if self.cfg.secure is None:
+            return FloatAggregation(numel)
+        return SecureAggregation(
+            window=window,
+            handles=members,
+            numel=numel,
+            config=self.cfg.secure,
+            k_min=self.cfg.k_min,
+            graph_seed=self.cfg.graph_seed,
+            token_unit=token_unit,
+            members=self._members,
+            timeout_s=self.cfg.collective_timeout_s,
+            record=self._recorder(window),
+        )
+
+    def _token_unit(self, steps: int, inner: InnerConfig) -> float:
+        """Tokens per unit of level-1 weight; checks that a full window fits `max_weight`."""
+        full = float(steps * inner.batch_size * inner.seq_len)
+        unit = self.cfg.token_unit if self.cfg.token_unit is not None else full
+        secure = self.cfg.secure
+        if secure is not None and full / unit > secure.max_weight:
+            raise ValueError(
+                f"run_window: a full window weighs {full} / token_unit {unit} = {full / unit}, "
+                f"want <= secure.max_weight={secure.max_weight}; raise PoolConfig.token_unit"
+            )
+        return unit
+
+    @staticmethod
+    def _live(members: list[WorkerHandle], failed: dict[int, str]) -> list[WorkerHandle]:
+        return [h for h in members if h.shard not in failed]
+
+    def _recorder(self, window: int) -> Callable[[int, str, bytes], None] | None:
+        hook = self._transcript
+        if hook is None:
+            return None
+
+        def record(shard: int, kind: str, payload: bytes) -> None:
+            hook(TranscriptEntry(window=window, shard=shard, kind=kind, payload=payload))
+
+        return record
+
+    def _finish_window(
+        self, window: int, members: list[WorkerHandle], failed: dict[int, str]
+    ) -> None:
+        """Wait for every live worker's WindowDone, then drop the failed ones."""
+        record = self._recorder(window)
+        for handle in self._live(members, failed):
+            reply = self._members.await_reply(handle, WindowDone, self.cfg.collective_timeout_s)
+            if reply is None or reply.window != window:
+                failed[handle.shard] = "no WindowDone"
+            elif record is not None:
+                record(handle.shard, "window_done", b"")
+        for shard, reason in failed.items():
+            self._members.drop(shard, reason, window=window)
 
     def _check_running(self) -> AdapterLayout:
         if self._closed:

@@ -56,10 +56,6 @@ from echelon.training.members import Membership, PoolError, WorkerHandle
 
 log = structlog.get_logger(__name__)
 
-#: Default public seed of the level-1 neighbour graph (irrelevant up to
-#: `SecAggConfig.complete_graph_max` devices, where the graph is complete).
-LEVEL1_GRAPH_SEED = b"echelon/secagg/level-1"
-
 Record = Callable[[int, str, bytes], None]
 _M = TypeVar("_M", Advertised, SharesSent, SurvivorsSigned, SharesReleased)
 

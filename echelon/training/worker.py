@@ -1,6 +1,8 @@
 """The worker process of one device: holds the model, its data shard, the inner optimizer state
 (in memory and in its `work_dir`), and serves the pool's control messages; only its weighted
-contribution leaves it, over the gloo group, to the agent."""
+contribution leaves it, over the gloo group, to the agent: in the clear (level 1 off) or masked
+for the other devices of the window (level 1 on, `masking.py`), under an Ed25519 identity it
+generates at spawn."""
 
 from __future__ import annotations
 
@@ -12,10 +14,13 @@ from pathlib import Path
 import numpy as np
 import structlog
 import torch
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from torch._C._distributed_c10d import TCPStore
 
 from echelon.training.contribution import THETA_TAG, encode_contribution, send_contribution
 from echelon.training.control import (
+    AbortWindow,
     EvalResult,
     Evaluate,
     GroupInfo,
@@ -41,6 +46,7 @@ from echelon.training.data import (
     split_train_val,
 )
 from echelon.training.inner import InnerLoop, evaluate
+from echelon.training.masking import DeviceMasking
 from echelon.training.model import build_model
 from echelon.training.tokenizer import load_tokenizer
 
@@ -77,6 +83,7 @@ class DeviceWorker:
         self.sampler = BatchSampler(
             self.train, spec.inner_cfg.batch_size, seed=spec.inner_cfg.seed * 1_000_003 + spec.shard
         )
+        self.identity = Ed25519PrivateKey.generate()
         self.group: PointToPointGroup | None = None
         self.store: TCPStore | None = None
         self.group_info: GroupInfo | None = None
@@ -114,26 +121,50 @@ class DeviceWorker:
         self.group = None
         self.store = None
 
-    def window(self, msg: StartWindow) -> WindowDone:
+    @property
+    def identity_public(self) -> bytes:
+        return self.identity.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+
+    def window(self, msg: StartWindow, conn: Connection) -> WindowDone:
+        """One window: (level 1: key rounds over `conn`), theta_v, inner steps, contribution,
+        (level 1: survivor signature and unmasking shares). A window the agent refuses ends
+        early or after masking; the optimizer state is kept either way."""
         if self.group is None or self.group_info is None:
             raise RuntimeError("StartWindow before JoinGroup")
         if msg.inner is not None:
             self.loop.set_config(msg.inner)
             self.sampler.batch_size = msg.inner.batch_size
+        masking = None
+        if msg.secure is not None:
+            masking = DeviceMasking(
+                conn=conn, start=msg, shard=self.spec.shard, identity=self.identity
+            )
+            if not masking.exchange_keys():
+                return WindowDone(window=msg.window)
         seq_len = self.loop.cfg.seq_len
-        theta = torch.zeros(self.layout.numel, dtype=torch.float32)
-        self.group.recv([theta], 0, THETA_TAG).wait(timedelta(seconds=self.group_info.timeout_s))
-        theta_v = theta.numpy().copy()
+        received = torch.zeros(self.layout.numel, dtype=torch.float32)
+        self.group.recv([received], 0, THETA_TAG).wait(timedelta(seconds=self.group_info.timeout_s))
+        theta_v = received.numpy().copy()
         batches = (b[:, :seq_len] for b in self.sampler)
         started = time.perf_counter()
         result = self.loop.run(theta_v, batches, msg.steps)
         elapsed = time.perf_counter() - started
-        contribution = encode_contribution(
-            theta_v, self.loop.adapter(), tokens=result.tokens, train_loss=result.mean_loss
-        )
+        theta = self.loop.adapter()
+        if self.spec.record_updates:
+            self._record_update(msg.window, theta_v, theta, result.tokens, result.mean_loss)
+        if masking is None:
+            contribution = encode_contribution(
+                theta_v, theta, tokens=result.tokens, train_loss=result.mean_loss
+            )
+        else:
+            contribution = masking.mask(
+                theta_v, theta, tokens=result.tokens, train_loss=result.mean_loss
+            )
         send_contribution(self.group, contribution, msg.send_timeout_s)
-        del contribution
+        del contribution, theta
         self._persist()
+        if masking is not None:
+            masking.finish()
         log.info(
             "worker_window_done",
             window=msg.window,
@@ -142,6 +173,15 @@ class DeviceWorker:
             tokens_per_s=round(result.tokens / max(elapsed, 1e-9)),
         )
         return WindowDone(window=msg.window)
+
+    def _record_update(
+        self, window: int, theta_v: np.ndarray, theta: np.ndarray, tokens: int, loss: float
+    ) -> None:
+        """Test mode only (`PoolConfig.record_updates`): this device's true update, kept on its
+        own disk, so a test can check that the agent never received it in the clear."""
+        delta = theta_v.astype(np.float64) - theta.astype(np.float64)
+        path = self.spec.work_dir / f"update-w{window}-s{self.spec.shard}.npz"
+        np.savez(path, delta=delta, tokens=np.int64(tokens), train_loss=np.float64(loss))
 
     def evaluate(self, msg: Evaluate) -> EvalResult:
         self.loop.set_adapter(np.asarray(msg.theta, dtype=np.float32))
@@ -160,7 +200,14 @@ def worker_main(spec: WorkerSpec, conn: Connection) -> None:
     torch.set_num_threads(spec.threads)
     try:
         worker = DeviceWorker(spec)
-        conn.send(Ready(shard=spec.shard, layout_json=worker.layout.to_json(), device=spec.device))
+        conn.send(
+            Ready(
+                shard=spec.shard,
+                layout_json=worker.layout.to_json(),
+                device=spec.device,
+                identity=worker.identity_public,
+            )
+        )
     except Exception as exc:
         log.exception("worker_start_failed", shard=spec.shard)
         conn.send(WorkerError(message=f"worker {spec.shard} start: {exc}"))
@@ -172,11 +219,13 @@ def worker_main(spec: WorkerSpec, conn: Connection) -> None:
             break
         if isinstance(msg, Stop):
             break
+        if isinstance(msg, AbortWindow):
+            continue  # a refusal that crossed this worker's last reply: the window is over
         try:
             if isinstance(msg, JoinGroup):
                 conn.send(worker.join(msg))
             elif isinstance(msg, StartWindow):
-                conn.send(worker.window(msg))
+                conn.send(worker.window(msg, conn))
             elif isinstance(msg, Evaluate):
                 conn.send(worker.evaluate(msg))
             else:

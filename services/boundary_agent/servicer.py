@@ -369,4 +369,3 @@ def _window_spec(request: boundary_pb2.OpenWindowRequest, me: str, now: float) -
         mu=float(request.inner.mu),
         token_unit=float(request.token_unit),
     )
-

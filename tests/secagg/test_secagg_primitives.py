@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import hmac
+import math
 import struct
 
 import numpy as np
@@ -150,7 +151,21 @@ def test_graph_is_symmetric_regular_and_public() -> None:
     for party in cohort:
         assert len(graph.of(party)) == 6 and party not in graph.of(party)
         assert all(party in graph.of(peer) for peer in graph.of(party))
-        assert graph.threshold(party) == 4
+        assert graph.holders(party) == graph.of(party) | {party}
+        assert graph.threshold(party) == 4  # of 7 holders: 6 neighbours and the party itself
+
+
+@pytest.mark.parametrize("fraction", [0.5, 0.6, 2 / 3, 0.75, 0.99])
+@pytest.mark.parametrize("size", [2, 3, 4, 5, 6, 7, 33])
+def test_threshold_is_a_strict_majority_of_neighbours_and_self(fraction: float, size: int) -> None:
+    config = SecAggConfig(threshold_fraction=fraction)
+    graph = NeighbourGraph.build(cohort=range(size), window=0, graph_seed=b"g", config=config)
+
+    for party in range(size):
+        holders = len(graph.of(party)) + 1
+        t = graph.threshold(party)
+        assert t == math.floor(fraction * holders) + 1
+        assert holders < 2 * t <= 2 * holders  # two disjoint sets of holders cannot both reach t
 
 
 def test_default_graph_is_complete_for_small_cohorts_and_logarithmic_for_large() -> None:

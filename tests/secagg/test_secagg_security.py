@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 
 import numpy as np
 import pytest
-from secagg_harness import exchange_keys, make_identities, open_window, submit, unmask
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from secagg_harness import Window, exchange_keys, make_identities, open_window, submit, unmask
 
 from echelon.secagg import (
     ConfigError,
@@ -29,6 +33,8 @@ from echelon.secagg import (
     UnmaskingShares,
     WrongWindow,
     decode,
+    keys,
+    shamir,
     survivor_list_bytes,
 )
 
@@ -76,7 +82,7 @@ def test_single_masked_vector_decodes_to_noise() -> None:
 
 
 def test_split_survivor_lists_never_release_both_shares_of_one_party() -> None:
-    cohort = [0, 1, 2, 3, 4]  # t = 3 of 4 neighbours
+    cohort = [0, 1, 2, 3, 4]  # t = 3 of 5 holders (4 neighbours and the party itself)
     w = _masked_window(cohort, 4)
     victim = 4
     claims_dropped, claims_alive = [0, 1, 2, 3], [0, 1, 2, 3, 4]
@@ -97,6 +103,94 @@ def test_split_survivor_lists_never_release_both_shares_of_one_party() -> None:
 
     key_shares = [o for r in released for o, _ in r.pairwise_key_shares if o == victim]
     assert key_shares == []
+    seed_holders = [r.holder for r in released for o, _ in r.self_mask_shares if o == victim]
+    assert seed_holders == [2, 3, 4]  # the victim's own share of its own seed among them
+
+
+def _released_shares(
+    released: list[UnmaskingShares], owner: int
+) -> tuple[dict[int, bytes], dict[int, bytes]]:
+    """The seed shares and key shares of ``owner``, by holder, in what was released."""
+    seed = {r.holder: v for r in released for o, v in r.self_mask_shares if o == owner}
+    key = {r.holder: v for r in released for o, v in r.pairwise_key_shares if o == owner}
+    return seed, key
+
+
+def _lie(w: Window, views: dict[int, list[int]]) -> list[UnmaskingShares]:
+    """A lying aggregator: each party sees its own survivor list and every signature over it."""
+    signatures = {p: w.participants[p].sign_survivors(view) for p, view in views.items()}
+    released = []
+    for party, view in views.items():
+        relayed = {q: signatures[q] for q, other in views.items() if other == view}
+        with contextlib.suppress(InsufficientSignatures):
+            released.append(w.participants[party].unmask(view, relayed))
+    return released
+
+
+@pytest.mark.parametrize("victim", [0, 1, 2])
+@pytest.mark.parametrize("told_dropped", [0, 1, 2], ids=lambda k: f"{k}-told-dropped")
+def test_aggregator_lying_about_one_of_three_parties_gets_at_most_one_secret(
+    victim: int, told_dropped: int
+) -> None:
+    # All three masked vectors arrived; the aggregator claims the victim dropped to
+    # ``told_dropped`` of the other two (hoping for its s key) and shows the rest, and the
+    # victim, the true list (hoping for its seed). t = 2 of 3 holders, the victim included.
+    w = _masked_window([0, 1, 2], 4, seed=victim)
+    others = [p for p in (0, 1, 2) if p != victim]
+    without = others
+    with pytest.raises(ConsistencyError):
+        w.participants[victim].sign_survivors(without)  # it never signs a list omitting it
+    views = {p: without if p in others[:told_dropped] else [0, 1, 2] for p in (0, 1, 2)}
+
+    seed, key = _released_shares(_lie(w, views), victim)
+
+    t = w.aggregator.graph.threshold(victim)
+    assert t == 2
+    assert not (len(seed) >= t and len(key) >= t)
+    if told_dropped == 2:
+        # Both others accept "victim dropped" (2 signatures): its key is released, which
+        # removes only its pairwise masks; the victim sees one signature on its own list,
+        # so its seed (and with it its input) stays hidden.
+        assert (sorted(seed), sorted(key)) == ([], others)
+        rebuilt = X25519PrivateKey.from_private_bytes(shamir.reconstruct(key))
+        assert keys.public_bytes(rebuilt) == w.ads[victim].s_pk
+    else:
+        # At most one other is told it dropped: it sees only its own signature and refuses;
+        # the victim and the remaining parties release seed shares, its own share among them.
+        assert sorted(key) == []
+        assert sorted(seed) == sorted([victim, *others[told_dropped:]])
+        commitment = keys.self_mask_commitment(shamir.reconstruct(seed), window=1, party=victim)
+        assert commitment == w.ads[victim].self_mask_commitment
+
+
+@settings(max_examples=40, deadline=None)
+@given(data=st.data())
+def test_arbitrary_survivor_lists_never_release_t_seed_and_t_key_shares_of_one_party(
+    data: st.DataObject,
+) -> None:
+    n = data.draw(st.integers(3, 6), label="n")
+    cohort = list(range(n))
+    w = _masked_window(cohort, 2, seed=n)
+    # A few candidate lists, each the cohort less some parties "claimed dropped"; every party
+    # is shown one that names it (it refuses any other), so groups of parties share a view.
+    claims = data.draw(
+        st.lists(st.sets(st.sampled_from(cohort), min_size=1, max_size=n - 2), max_size=3),
+        label="claimed dropped",
+    )
+    candidates = [cohort, *(sorted(set(cohort) - claim) for claim in claims)]
+    views = {
+        p: data.draw(st.sampled_from([c for c in candidates if p in c]), label=f"list of {p}")
+        for p in cohort
+    }
+
+    released = _lie(w, views)
+
+    for owner in cohort:
+        seed, key = _released_shares(released, owner)
+        t = w.aggregator.graph.threshold(owner)
+        assert owner not in key  # nobody releases a share of its own s key
+        assert set(seed).isdisjoint(key)  # one kind of share per holder and owner
+        assert not (len(seed) >= t and len(key) >= t)
 
 
 def test_too_few_signatures_withhold_shares() -> None:
@@ -175,7 +269,16 @@ def test_aggregator_refuses_key_share_of_a_survivor_and_keeps_state() -> None:
 
     assert caught.value.found == 1
     np.testing.assert_array_equal(w.aggregator.masked_total, before)
-    w.aggregator.add_unmasking_shares(0, honest)  # the refused message left no trace
+    # Its own share of its own seed is due; moved to the key list it would reveal its s key.
+    own_key = dataclasses.replace(
+        honest,
+        self_mask_shares=tuple((o, v) for o, v in honest.self_mask_shares if o != 0),
+        pairwise_key_shares=((0, seed_shares[0]), *honest.pairwise_key_shares),
+    )
+    with pytest.raises(UnexpectedShare) as caught:
+        w.aggregator.add_unmasking_shares(0, own_key)
+    assert caught.value.found == 0
+    w.aggregator.add_unmasking_shares(0, honest)  # the refused messages left no trace
 
 
 def test_corrupted_unmasking_share_is_detected_before_any_mask_is_removed() -> None:

@@ -5,7 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from echelon.training.contribution import ContributionSum, encode_contribution
+from echelon.training.contribution import (
+    ContributionRejected,
+    ContributionSum,
+    encode_contribution,
+)
 
 
 def test_sum_gives_token_weighted_average() -> None:
@@ -16,8 +20,8 @@ def test_sum_gives_token_weighted_average() -> None:
     losses = [3.0, 2.0, 1.0]
     total = ContributionSum(10)
 
-    for theta, t, loss in zip(thetas, tokens, losses, strict=True):
-        total.add(encode_contribution(theta_v, theta, tokens=t, train_loss=loss))
+    for shard, (theta, t, loss) in enumerate(zip(thetas, tokens, losses, strict=True)):
+        total.add(shard, encode_contribution(theta_v, theta, tokens=t, train_loss=loss))
 
     expected = sum(
         t * (theta_v.astype(np.float64) - th) for th, t in zip(thetas, tokens, strict=True)
@@ -32,5 +36,5 @@ def test_rejects_mismatched_vectors() -> None:
     with pytest.raises(ValueError, match="want theta_v"):
         encode_contribution(np.zeros(3), np.zeros(4), tokens=1, train_loss=0.0)
     total = ContributionSum(3)
-    with pytest.raises(ValueError, match="contribution length"):
-        total.add(encode_contribution(np.zeros(4), np.zeros(4), tokens=1, train_loss=0.0))
+    with pytest.raises(ContributionRejected, match="want float64"):
+        total.add(0, encode_contribution(np.zeros(4), np.zeros(4), tokens=1, train_loss=0.0))
