@@ -21,7 +21,7 @@ from echelon.training.data import (
     load_blocks,
     split_train_val,
 )
-from echelon.training.tokenizer import TokenizerConfig, obtain_tokenizer
+from echelon.training.tokenizer import TextTokenizer, TokenizerConfig, obtain_tokenizer
 
 
 class Skew(Enum):
@@ -74,7 +74,7 @@ class Corpus:
 
     train: TokenBlocks
     val: TokenBlocks
-    vocab_size: int
+    tokenizer: TextTokenizer
     domains: tuple[str, ...]
 
 
@@ -90,14 +90,17 @@ def _sample_text(src: Path, dst: Path, max_bytes: int) -> None:
     tmp.replace(dst)
 
 
-def load_corpus(cfg: CorpusConfig, seed: int = 0) -> Corpus:
-    """Samples, tokenizes (cached under `cfg.work_dir`) and splits the corpus.
+def load_corpus(
+    cfg: CorpusConfig, seed: int = 0, tokenizer_files: tuple[Path, ...] = ()
+) -> Corpus:
+    """Samples, tokenizes (cached under `cfg.work_dir`) and splits the corpus; the tokenizer
+    is trained on the samples and `tokenizer_files` (the base model's pre-training text).
 
     Raises:
         ValueError: a domain is unknown or too short for the held-out set.
     """
     key = hashlib.sha256(
-        f"{cfg.domains}|{cfg.bytes_per_domain}|{cfg.vocab_size}".encode()
+        f"{cfg.domains}|{cfg.bytes_per_domain}|{cfg.vocab_size}|{tokenizer_files}".encode()
     ).hexdigest()[:16]
     work = Path(cfg.work_dir) / f"corpus-{key}"
     files: list[Path] = []
@@ -107,7 +110,8 @@ def load_corpus(cfg: CorpusConfig, seed: int = 0) -> Corpus:
         _sample_text(text.path, sample, cfg.bytes_per_domain)
         files.append(sample)
     tokenizer = obtain_tokenizer(
-        TokenizerConfig(files=tuple(files), vocab_size=cfg.vocab_size), work / "tokenizer"
+        TokenizerConfig(files=(*files, *tokenizer_files), vocab_size=cfg.vocab_size),
+        work / "tokenizer",
     )
     blocks = load_blocks(
         DataConfig(files=tuple(files), seq_len=cfg.seq_len, seed=seed),
@@ -125,7 +129,7 @@ def load_corpus(cfg: CorpusConfig, seed: int = 0) -> Corpus:
             )
         picked.append(idx[: cfg.val_blocks_per_domain])
     val = rest.select(np.concatenate(picked))
-    return Corpus(train=train, val=val, vocab_size=tokenizer.vocab_size, domains=cfg.domains)
+    return Corpus(train=train, val=val, tokenizer=tokenizer, domains=cfg.domains)
 
 
 def partition(
