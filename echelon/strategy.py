@@ -91,22 +91,29 @@ class Strategy:
 
 
 _ECHELON_STALENESS = StalenessConfig(kind=StalenessKind.POLYNOMIAL, a=0.5, tau_max=4)
+_CONTROLLER = SyncControllerConfig(h_min=2, h_max=16)
 
 STRATEGIES: dict[str, Strategy] = {
     s.name: s
     for s in (
         Strategy(name="local-only", mode=SyncMode.LOCAL),
-        Strategy(name="fedavg", mode=SyncMode.SYNC, inner_steps=4),
-        Strategy(name="fedprox", mode=SyncMode.SYNC, inner_steps=4, mu=1e-2),
+        Strategy(name="fedavg", mode=SyncMode.SYNC, inner_steps=2),
+        Strategy(name="fedprox", mode=SyncMode.SYNC, inner_steps=2, mu=1e-2),
         Strategy(
             name="fedbuff",
             mode=SyncMode.BUFFERED,
-            inner_steps=8,
+            inner_steps=4,
             buffer_k=2,
             staleness=StalenessConfig(kind=StalenessKind.POLYNOMIAL, a=0.5, tau_max=8),
         ),
-        Strategy(name="diloco", mode=SyncMode.SYNC, outer=DILOCO_OUTER),
-        Strategy(name="diloco-sa", mode=SyncMode.SYNC, outer=DILOCO_OUTER, secure_aggregation=True),
+        Strategy(name="diloco", mode=SyncMode.SYNC, inner_steps=4, outer=DILOCO_OUTER),
+        Strategy(
+            name="diloco-sa",
+            mode=SyncMode.SYNC,
+            inner_steps=4,
+            outer=DILOCO_OUTER,
+            secure_aggregation=True,
+        ),
         Strategy(
             name="echelon",
             mode=SyncMode.SEMI_ASYNC,
@@ -114,7 +121,8 @@ STRATEGIES: dict[str, Strategy] = {
             staleness=_ECHELON_STALENESS,
             deadline_factor=1.5,
             secure_aggregation=True,
-            controller=SyncControllerConfig(),
+            inner_steps=4,
+            controller=_CONTROLLER,
         ),
         Strategy(
             name="echelon-da",
@@ -123,7 +131,8 @@ STRATEGIES: dict[str, Strategy] = {
             staleness=_ECHELON_STALENESS,
             deadline_factor=1.5,
             secure_aggregation=True,
-            controller=SyncControllerConfig(),
+            inner_steps=4,
+            controller=_CONTROLLER,
             delay_aware=True,
         ),
     )

@@ -26,6 +26,7 @@ from echelon.audit.record import AuditRecord, Direction
 from echelon.audit.store import SqliteLogStore
 from echelon_proto.boundary.v1 import boundary_pb2, boundary_pb2_grpc
 from echelon_proto.coordinator.v1 import coordinator_pb2
+from services.audit_log.client import AuditClient
 from services.common.wire import new_ref
 
 from .launcher import Deployment, DeploymentSpec, LaunchError, Site
@@ -59,7 +60,27 @@ def _corpus(cache: Path, max_bytes: int) -> dict[str, Path]:
     return paths
 
 
-def _spec(args: argparse.Namespace, paths: dict[str, Path]) -> DeploymentSpec:
+def _base_model(args: argparse.Namespace, paths: dict[str, Path]) -> Path:
+    """Pretrains (once, cached) the tiny Llama on public text: the model every org adapts."""
+    from echelon.training.model_config import ModelConfig
+    from echelon.training.pretrain import PretrainConfig, pretrain_base
+    from echelon.training.tokenizer import TokenizerConfig
+
+    files = tuple(paths[d].resolve() for d in TOKENIZER_DOMAINS)
+    out: Path = (args.cache / f"base-model-{args.pretrain_steps}").resolve()
+    started = time.monotonic()
+    pretrain_base(
+        files,
+        out,
+        ModelConfig(),
+        TokenizerConfig(files=files, vocab_size=4096),
+        PretrainConfig(steps=args.pretrain_steps, seq_len=args.seq_len),
+    )
+    print(f"  {out} ({time.monotonic() - started:.0f}s; cached for the next run)")
+    return out
+
+
+def _spec(args: argparse.Namespace, paths: dict[str, Path], base: Path) -> DeploymentSpec:
     seq = args.seq_len
     return DeploymentSpec(
         root=args.root,
@@ -76,7 +97,8 @@ def _spec(args: argparse.Namespace, paths: dict[str, Path]) -> DeploymentSpec:
         },
         agent_tables={
             "data": {"seq_len": seq, "max_tokens_per_file": args.max_tokens},
-            "tokenizer": {"vocab_size": 4096},
+            "tokenizer": {"model_dir": str(base)},
+            "model": {"source": str(base)},
             "inner": {
                 "batch_size": args.batch_size,
                 "seq_len": seq,
@@ -159,14 +181,22 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--max-tokens", type=int, default=400_000, help="tokens per org file")
     parser.add_argument("--no-secagg", action="store_true", help="baseline: level 2 off")
+    parser.add_argument(
+        "--pretrain-steps",
+        type=int,
+        default=300,
+        help="steps of base-model pretraining on public text (cached)",
+    )
     args = parser.parse_args(argv)
     print("Echelon demo: 2 organizations x 2 devices, coordinator, audit log (loopback)")
     print("corpus:")
     paths = _corpus(args.cache / "corpus", 4 << 20)
+    print("base model: a tiny Llama pretrained on public text (Python stdlib docstrings):")
+    base = _base_model(args, paths)
     if args.root.exists():
         shutil.rmtree(args.root)
     started = time.monotonic()
-    deployment = Deployment(_spec(args, paths))
+    deployment = Deployment(_spec(args, paths, base))
     try:
         print("starting services (each agent spawns its workers) ...")
         deployment.start()
@@ -180,6 +210,8 @@ def main(argv: list[str]) -> int:
             if (st := _agent_status(deployment.services[org].address)) is not None
         )
         status = deployment.coordinator_status()
+        with grpc.insecure_channel(deployment.services["audit-log"].address) as channel:
+            checkpoint = AuditClient(channel).tree_head().checkpoint.decode()
     except KeyboardInterrupt:
         print("\ninterrupted: stopping every process ...")
         deployment.stop()
@@ -191,10 +223,12 @@ def main(argv: list[str]) -> int:
     print("\nstopping services ...")
     codes = deployment.stop()
     print("  exit codes: " + ", ".join(f"{n}={c}" for n, c in codes.items()))
-    return _finish(args, deployment, int(status.windows_completed), tokens)
+    return _finish(args, deployment, int(status.windows_completed), tokens, checkpoint)
 
 
-def _finish(args: argparse.Namespace, deployment: Deployment, windows: int, tokens: int) -> int:
+def _finish(
+    args: argparse.Namespace, deployment: Deployment, windows: int, tokens: int, checkpoint: str
+) -> int:
     from .evaluate import generate_sample, heldout_losses
 
     db = deployment.audit_db
@@ -235,7 +269,8 @@ def _finish(args: argparse.Namespace, deployment: Deployment, windows: int, toke
     print(
         f"audit verify           {report.get('summary', verify.stdout.strip().splitlines()[-1:])}"
     )
-    print(f"final tree head        size {report.get('size')} root {report.get('root_hash', '')}")
+    print("final signed tree head (C2SP checkpoint):")
+    print("  " + checkpoint.rstrip().replace("\n", "\n  "))
     print(f"exported adapter       {args.root / 'export' / 'adapter'}")
     print(f"sample from it         {sample!r}")
     print("=" * 72)

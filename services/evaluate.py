@@ -57,23 +57,32 @@ def heldout_losses(
 
 
 def generate_sample(deployment: Deployment, org: str, out_dir: Path, tokens: int = 24) -> str:
-    """Exports the latest version as a peft adapter and generates from it (greedy)."""
+    """Exports the latest version as a peft adapter and samples from it (seeded, top-k 20)."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
     exported = export_version(
         coordinator_state=deployment.coordinator_state,
         agent_config=deployment.agent_config(org),
         out_dir=out_dir,
     )
-    assert exported.base_dir is not None
-    tokenizer = AutoTokenizer.from_pretrained(str(exported.base_dir))
-    base = AutoModelForCausalLM.from_pretrained(str(exported.base_dir))
+    base_dir = exported.base_dir or exported.base_source
+    tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
+    base = AutoModelForCausalLM.from_pretrained(str(base_dir))
     model = PeftModel.from_pretrained(base, str(exported.adapter_dir))
     prompt = "In the beginning"
     ids = tokenizer(prompt, return_tensors="pt").input_ids
+    torch.manual_seed(0)
     with torch.no_grad():
         generated = model.generate(  # type: ignore[no-untyped-call]
-            ids, max_new_tokens=tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
+            ids,
+            max_new_tokens=tokens,
+            do_sample=True,
+            top_k=20,
+            temperature=0.7,
+            pad_token_id=tokenizer.pad_token_id,
         )
     return str(tokenizer.decode(generated[0], skip_special_tokens=True))

@@ -26,7 +26,8 @@ from .global_coordinator.store import CoordinatorStore
 class Exported:
     version: int
     adapter_dir: Path
-    base_dir: Path | None
+    base_dir: Path | None  # where the tiny base model was written; None for a local model
+    base_source: Path | None  # the local base model directory the adapter applies to
 
 
 def export_version(
@@ -60,7 +61,8 @@ def export_version(
         out_dir,
         tokenizer_dir=work / "tokenizer",
     )
-    return Exported(chosen, saved.adapter_dir, saved.base_dir)
+    source = None if setup.model.source == "tiny" else Path(setup.model.source)
+    return Exported(chosen, saved.adapter_dir, saved.base_dir, source)
 
 
 def main(argv: list[str]) -> int:
@@ -90,8 +92,6 @@ def main(argv: list[str]) -> int:
     except (KeyError, ValueError) as exc:
         print(f"echelon export: {exc}")
         return 1
-    print(
-        f"exported version {done.version} to {done.adapter_dir}"
-        + (f" (base model in {done.base_dir})" if done.base_dir else "")
-    )
+    base = done.base_dir or done.base_source
+    print(f"exported version {done.version} to {done.adapter_dir} (base model: {base})")
     return 0

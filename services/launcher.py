@@ -8,6 +8,7 @@ demo and the end-to-end tests use this one launcher.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -72,6 +73,7 @@ class Deployment:
     """The processes of one deployment; stop() ends them all (also on errors)."""
 
     def __init__(self, spec: DeploymentSpec) -> None:
+        spec = dataclasses.replace(spec, root=spec.root.resolve())
         self.spec = spec
         self.services: dict[str, Service] = {}
         (spec.root / "logs").mkdir(parents=True, exist_ok=True)
@@ -179,8 +181,10 @@ class Deployment:
                                 "coordinator": coordinator.address,
                             },
                             "devices": {"workers": site.workers},
-                            "data": {"files": [str(p) for p in site.data_files]},
-                            "tokenizer": {"files": [str(p) for p in spec.tokenizer_files]},
+                            "data": {"files": [str(p.resolve()) for p in site.data_files]},
+                            "tokenizer": {
+                                "files": [str(p.resolve()) for p in spec.tokenizer_files]
+                            },
                         },
                         spec.agent_tables,
                     ),

@@ -2,8 +2,8 @@
 
 The participant advertises fresh signed keys, Shamir-shares its s key and
 self-mask seed t-out-of-(k + 1) among its k neighbours *and itself* (Bonawitz
-et al. 2017, Fig. 4: it keeps its own shares, which are never encrypted or
-sent), masks its weighted, encoded vector, signs the survivor list the
+et al. 2017, Fig. 4: it keeps its own seed share, and no share of its own is
+ever encrypted or sent), masks its weighted, encoded vector, signs the survivor list the
 aggregator announces, and releases unmasking shares only after the consistency
 check: at least t valid signatures over that same list, its own among them.
 For each peer it reveals one kind of share, never both; of its own secrets it

@@ -46,6 +46,9 @@ class CorpusConfig:
     allow_network: bool = False
 
     def __post_init__(self) -> None:
+        # TOML gives strings; keep the fields paths.
+        object.__setattr__(self, "cache_dir", Path(self.cache_dir))
+        object.__setattr__(self, "work_dir", Path(self.work_dir))
         if len(self.domains) < 1 or len(set(self.domains)) != len(self.domains):
             raise ValueError(f"CorpusConfig.domains: got {self.domains}, want distinct names")
         if self.bytes_per_domain < 10_000:

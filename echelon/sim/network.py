@@ -73,6 +73,12 @@ class FaultConfig:
     def __post_init__(self) -> None:
         if not 0.0 <= self.churn < 1.0:
             raise ValueError(f"FaultConfig.churn: got {self.churn}, want in [0, 1)")
+        # TOML gives tables; keep the field typed as intervals.
+        for name in ("outages", "partitions"):
+            items = tuple(
+                i if isinstance(i, Interval) else Interval(**dict(i)) for i in getattr(self, name)
+            )
+            object.__setattr__(self, name, items)
 
 
 def device_present(seed: int, boundary: int, device: int, cycle: int, churn: float) -> bool:

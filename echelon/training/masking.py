@@ -107,18 +107,20 @@ class DeviceMasking:
         masked = self._participant.mask(x, self.weight(tokens), np.random.default_rng())
         return torch.from_numpy(masked.view(np.int32))
 
-    def finish(self) -> None:
-        """Sign the survivor list and release unmasking shares (or stop on AbortWindow)."""
+    def finish(self) -> bool:
+        """Sign the survivor list and release unmasking shares. False when the agent refused
+        the window instead (AbortWindow): then no share was released."""
         sign = self._expect(SignSurvivors)
         if sign is None:
-            return
+            return False
         signature = self._participant.sign_survivors(sign.survivors)
         self._conn.send(SurvivorsSigned(window=self.window, signature=signature))
         release = self._expect(ReleaseShares)
         if release is None:
-            return
+            return False
         shares = self._participant.unmask(release.survivors, dict(release.signatures))
         self._conn.send(SharesReleased(window=self.window, shares=shares.to_bytes()))
+        return True
 
     def _expect(self, kind: type[_R]) -> _R | None:
         """The agent's next message if it is a `kind` of this window; None on AbortWindow.

@@ -171,6 +171,7 @@ class SecureAggregation:
         self._timeout_s = timeout_s
         self._record = record
         self._done: set[int] = set()
+        self._sharers: frozenset[int] = frozenset()
 
     def start_info(self) -> SecureStart:
         return self._start
@@ -207,6 +208,7 @@ class SecureAggregation:
             except SecAggError as exc:
                 _fail(failed, h.shard, "shares", exc)
         routed = agg.route_shares()
+        self._sharers = frozenset(routed)
         self._check_graph(set(routed) - set(failed), "exchanged shares")
         for h in handles:
             if h.shard in routed and h.shard not in failed:
@@ -220,23 +222,14 @@ class SecureAggregation:
         try:
             survivors = tuple(self._aggregator.fix_survivors())
         except AbortedRound as exc:
-            raise self._refusal(RefusalReason.SECAGG_ABORTED, str(exc), exc) from exc
+            raise self._refusal(str(exc), _as_int(exc.expected), _as_int(exc.found)) from exc
         surviving = [h for h in handles if h.shard in survivors and h.shard not in failed]
-        self._send(surviving, SignSurvivors(window=self.window, survivors=survivors), failed)
-        for h in surviving:
-            signed = self._await(h, SurvivorsSigned, failed)
-            if signed is None:
-                continue
-            self._note(h.shard, "survivor_signature", signed.signature)
-            try:
-                self._aggregator.add_survivor_signature(h.shard, signed.signature)
-            except SecAggError as exc:
-                _fail(failed, h.shard, "survivor signature", exc)
+        signers = self._collect_signatures(surviving, survivors, failed)
+        self._check_release(set(survivors), {h.shard for h in signers})
         signatures = self._aggregator.survivor_signatures()
         release = ReleaseShares(
             window=self.window, survivors=survivors, signatures=tuple(sorted(signatures.items()))
         )
-        signers = [h for h in surviving if h.shard in signatures and h.shard not in failed]
         self._send(signers, release, failed)
         self._done.update(h.shard for h in signers)
         for h in signers:
@@ -252,7 +245,7 @@ class SecureAggregation:
         try:
             result = self._aggregator.finalize()
         except SecAggError as exc:
-            raise self._refusal(RefusalReason.SECAGG_ABORTED, str(exc), exc) from exc
+            raise self._refusal(str(exc), _as_int(exc.expected), _as_int(exc.found)) from exc
         unit = self._token_unit
         weight_sum = result.weight_sum * unit
         loss_sum = float(result.weighted_sum[self._numel]) * LOSS_RANGE / self._config.clip * unit
@@ -263,6 +256,40 @@ class SecureAggregation:
             devices=len(result.contributors),
             error_bound=result.quantization_bound * unit,
         )
+
+    def _collect_signatures(
+        self, surviving: list[WorkerHandle], survivors: tuple[int, ...], failed: dict[int, str]
+    ) -> list[WorkerHandle]:
+        """Announce the survivor list; returns the live survivors whose signature verified."""
+        self._send(surviving, SignSurvivors(window=self.window, survivors=survivors), failed)
+        for h in surviving:
+            signed = self._await(h, SurvivorsSigned, failed)
+            if signed is None:
+                continue
+            self._note(h.shard, "survivor_signature", signed.signature)
+            try:
+                self._aggregator.add_survivor_signature(h.shard, signed.signature)
+            except SecAggError as exc:
+                _fail(failed, h.shard, "survivor signature", exc)
+        signed_by = self._aggregator.survivor_signatures()
+        return [h for h in surviving if h.shard in signed_by and h.shard not in failed]
+
+    def _check_release(self, survivors: set[int], signers: set[int]) -> None:
+        """Refuse before any share is released when the signers cannot complete the round:
+        each signer needs t signatures among its holders (neighbours and itself: its own
+        `unmask` rule), and each secret to rebuild (seeds of survivors, keys of dropped
+        parties that masked with a survivor) needs t signing holders."""
+        graph = self._aggregator.graph
+        dropped = self._sharers - survivors
+        owners = survivors | {p for p in dropped if graph.of(p) & survivors}
+        for party in sorted(signers):
+            have, want = len(graph.holders(party) & signers), graph.threshold(party)
+            if have < want:
+                raise self._refusal(f"party {party} sees {have} signatures, want t", want, have)
+        for owner in sorted(owners):
+            have, want = len(graph.holders(owner) & signers), graph.threshold(owner)
+            if have < want:
+                raise self._refusal(f"{have} signers hold shares of party {owner}", want, have)
 
     def abort(self, handles: Sequence[WorkerHandle], reason: str) -> None:
         """Tell every worker still inside the window's protocol that its sum is refused."""
@@ -303,37 +330,23 @@ class SecureAggregation:
 
     def _check_graph(self, parties: set[int], stage: str) -> None:
         """Refuse before any worker reaches `AbortedRound`: each remaining party needs t
-        remaining neighbours to share with (the library's own rule)."""
+        remaining holders of its shares, itself included (the library's own rule)."""
         self._require(len(parties), RefusalReason.TOO_FEW_DEVICES, stage)
         graph = self._aggregator.graph
         for party in sorted(parties):
-            have, want = len(graph.of(party) & parties), graph.threshold(party)
+            have, want = len(graph.holders(party) & parties), graph.threshold(party)
             if have < want:
-                raise self._refusal(
-                    RefusalReason.SECAGG_ABORTED,
-                    f"{stage}: party {party} has {have} neighbours left, want t = {want}",
-                    None,
-                    expected=want,
-                    found=have,
-                )
+                raise self._refusal(f"{stage}: party {party} has {have} holders left", want, have)
 
-    def _refusal(
-        self,
-        reason: RefusalReason,
-        detail: str,
-        cause: SecAggError | None,
-        *,
-        expected: int | None = None,
-        found: int | None = None,
-    ) -> WindowRefused:
-        exp = expected if expected is not None else _as_int(cause.expected if cause else None)
-        got = found if found is not None else _as_int(cause.found if cause else None)
+    def _refusal(self, detail: str, expected: int, found: int) -> WindowRefused:
+        """Too few parties remain to remove every mask (the threshold t of the library)."""
+        reason = RefusalReason.SECAGG_ABORTED
         return WindowRefused(
-            f"window {self.window}: {reason.value}: {detail}",
+            f"window {self.window}: {reason.value}: {detail} (want {expected}, found {found})",
             window=self.window,
             reason=reason,
-            expected=exp,
-            found=got,
+            expected=expected,
+            found=found,
         )
 
 

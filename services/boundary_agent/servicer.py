@@ -123,6 +123,7 @@ class BoundaryAgentServicer(boundary_pb2_grpc.BoundaryAgentServicer):
                 held_version=max(int(st["held_version"]), 0),
                 has_pending_delta=bool(st["has_pending"]),
                 pending_base_version=max(int(st["pending_base"]), 0),
+                holds_window_version=int(st["held_version"]) == spec.version,
             )
 
         return self._round(

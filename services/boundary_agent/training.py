@@ -70,6 +70,8 @@ class ModelFacts:
 def model_facts(setup: TrainingSetup, work_dir: Path) -> ModelFacts:
     tokenizer_dir = work_dir / "tokenizer"
     tokenizer = obtain_tokenizer(setup.tokenizer, tokenizer_dir)
+    if not (tokenizer_dir / "tokenizer.json").exists():
+        tokenizer.save(tokenizer_dir)  # the model directory's own: workers load this copy
     model, layout = build_model(setup.model, setup.lora, tokenizer.vocab_size)
     theta0 = flatten(lora_state(model, layout), layout)
     return ModelFacts(

@@ -65,7 +65,6 @@ class WindowDriver:
         self.completed = sum(1 for v in store.versions() if v.version > 0)
         self.aborted = 0
         self._clients: dict[str, AgentClient] = {}
-        self._delivered: dict[str, int] = {}
         self._phi: np.ndarray | None = None
         self._optimizer: OuterOptimizer | None = None
         self._lock = threading.Lock()
@@ -98,7 +97,6 @@ class WindowDriver:
                 client.close()
             client = AgentClient(boundary, address, self.audit, self.config.rpc_timeout_s)
             self._clients[boundary] = client
-            self._delivered.pop(boundary, None)
         return client
 
     def close(self) -> None:
@@ -194,6 +192,8 @@ class WindowDriver:
                 return self._abort(window, clients, live, version, f"unmasking failed: {exc}")
             names = tuple(sorted(b for b in live if parties[b] in total.contributors))
             new_version = self._outer_step(window, version, total, names, collected)
+            tokens = sum(m.tokens for b, m in collected.items() if b in names)
+            metrics.TOKENS_PER_S.set(tokens / max(self.clock() - opened, 1e-9))
             self._distribute(pool, clients, live, window, new_version, layout_digest, names)
             return WindowOutcome(window, True, gate.reason, new_version, names)
         finally:
@@ -248,16 +248,16 @@ class WindowDriver:
         layout_digest: bytes,
         template: boundary_pb2.OpenWindowRequest,
     ) -> None:
-        if self._delivered.get(client.boundary) != version:
+        """Opens the window on an agent, then delivers its version if the agent lacks it."""
+        request = boundary_pb2.OpenWindowRequest()
+        request.CopyFrom(template)
+        request.ref.CopyFrom(new_ref(window))
+        response = client.open_window(request)
+        if not response.holds_window_version:
             assert self._phi is not None
             latest = self.store.latest_version()
             names = list(latest.contributors) if latest else []
             client.deliver_global(window, version, self._phi, layout_digest, names)
-            self._delivered[client.boundary] = version
-        request = boundary_pb2.OpenWindowRequest()
-        request.CopyFrom(template)
-        request.ref.CopyFrom(new_ref(window))
-        client.open_window(request)
 
     def _parallel(
         self,
@@ -277,7 +277,6 @@ class WindowDriver:
                 log.warning("agent_call_failed", boundary=boundary, error=str(exc))
                 if exc.code is not None and exc.code.name in ("UNAVAILABLE", "DEADLINE_EXCEEDED"):
                     self.registry.mark_unreachable(boundary)
-                    self._delivered.pop(boundary, None)
         return sorted(ok)
 
     def _collect(
@@ -392,7 +391,6 @@ class WindowDriver:
 
         def deliver(boundary: str, client: AgentClient) -> None:
             client.deliver_global(window, version, phi, layout_digest, list(names))
-            self._delivered[boundary] = version
 
         self._parallel(pool, {b: clients[b] for b in live}, deliver)
 

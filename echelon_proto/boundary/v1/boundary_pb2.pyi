@@ -203,11 +203,14 @@ class OpenWindowResponse(_message.Message):
     HELD_VERSION_FIELD_NUMBER: _builtins.int
     HAS_PENDING_DELTA_FIELD_NUMBER: _builtins.int
     PENDING_BASE_VERSION_FIELD_NUMBER: _builtins.int
+    HOLDS_WINDOW_VERSION_FIELD_NUMBER: _builtins.int
     held_version: _builtins.int
     """the global version the agent holds"""
     has_pending_delta: _builtins.bool
     """a delta from an earlier version waits to be contributed"""
     pending_base_version: _builtins.int
+    holds_window_version: _builtins.bool
+    """false: deliver the window's version (then it trains)"""
     @_builtins.property
     def ref(self) -> _common_pb2.WindowRef: ...
     def __init__(
@@ -217,10 +220,11 @@ class OpenWindowResponse(_message.Message):
         held_version: _builtins.int = ...,
         has_pending_delta: _builtins.bool = ...,
         pending_base_version: _builtins.int = ...,
+        holds_window_version: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["ref", b"ref"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["has_pending_delta", b"has_pending_delta", "held_version", b"held_version", "pending_base_version", b"pending_base_version", "ref", b"ref"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["has_pending_delta", b"has_pending_delta", "held_version", b"held_version", "holds_window_version", b"holds_window_version", "pending_base_version", b"pending_base_version", "ref", b"ref"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

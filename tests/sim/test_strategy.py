@@ -1,0 +1,34 @@
+"""The strategy registry: eight named compositions, checked overrides."""
+
+from __future__ import annotations
+
+import pytest
+
+from echelon.strategy import STRATEGIES, SyncMode, strategy
+
+
+def test_registry_names_the_eight_strategies() -> None:
+    assert list(STRATEGIES) == [
+        "local-only", "fedavg", "fedprox", "fedbuff", "diloco", "diloco-sa", "echelon",
+        "echelon-da",
+    ]
+    assert STRATEGIES["fedavg"].outer.lr == 1.0 and STRATEGIES["fedavg"].outer.momentum == 0.0
+    assert STRATEGIES["diloco-sa"].secure_aggregation and not STRATEGIES["diloco"].secure_aggregation
+    assert STRATEGIES["echelon-da"].delay_aware and STRATEGIES["echelon"].controller is not None
+    assert STRATEGIES["fedbuff"].mode is SyncMode.BUFFERED
+
+
+def test_overrides_build_the_outer_optimizer() -> None:
+    s = strategy("diloco", outer_lr=1.0, outer_momentum=0.0, inner_steps=8, frozen_a=True)
+
+    assert (s.outer.lr, s.outer.momentum, s.outer.nesterov) == (1.0, 0.0, False)
+    assert s.inner_steps == 8 and s.frozen_a
+
+
+def test_invalid_compositions_are_refused() -> None:
+    with pytest.raises(KeyError, match="want one of"):
+        strategy("fedsgd")
+    with pytest.raises(ValueError, match="buffered"):
+        strategy("fedbuff", delay_aware=True)
+    with pytest.raises(ValueError, match="local"):
+        strategy("local-only", secure_aggregation=True)
