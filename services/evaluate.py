@@ -62,7 +62,7 @@ def generate_sample(deployment: Deployment, org: str, out_dir: Path, tokens: int
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()
+    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
 
     exported = export_version(
         coordinator_state=deployment.coordinator_state,
