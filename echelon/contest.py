@@ -36,7 +36,7 @@ from echelon.sim.base import BaseConfig
 from echelon.sim.config import SimConfig, World, prepare_world
 from echelon.sim.data import CorpusConfig, PartitionConfig, Skew
 from echelon.sim.driver import RunResult, simulate
-from echelon.sim.network import FaultConfig, LinkConfig
+from echelon.sim.network import FaultConfig
 from echelon.strategy import STRATEGIES, Strategy, strategy
 from echelon.tomlconfig import ConfigFileError, build, load_toml
 
@@ -58,7 +58,9 @@ class ContestConfig:
     def __post_init__(self) -> None:
         unknown = sorted(set(self.strategies) - set(STRATEGIES))
         if unknown:
-            raise ValueError(f"ContestConfig.strategies: unknown {unknown}; want {list(STRATEGIES)}")
+            raise ValueError(
+                f"ContestConfig.strategies: unknown {unknown}; want {list(STRATEGIES)}"
+            )
         if not self.seeds or self.workers < 1:
             raise ValueError("ContestConfig: want at least one seed and workers >= 1")
         if self.tune_seed in self.seeds:
@@ -119,7 +121,9 @@ def load_plan(path: Path) -> Plan:
     grid: dict[str, dict[str, list[Any]]] = {}
     for name, table in dict(raw.get("grid", {})).items():
         if name not in STRATEGIES:
-            raise ConfigFileError(f"[grid.{name}]: unknown strategy; want one of {list(STRATEGIES)}")
+            raise ConfigFileError(
+                f"[grid.{name}]: unknown strategy; want one of {list(STRATEGIES)}"
+            )
         grid[name] = {k: list(v) if isinstance(v, list) else [v] for k, v in table.items()}
     return Plan(
         contest=build(ContestConfig, raw.get("contest"), "contest"),
@@ -278,8 +282,11 @@ def stress_jobs(plan: Plan, selections: Sequence[Selection]) -> list[Job]:
             point = sel.point if sel else {}
             for seed in plan.stress.seeds:
                 jobs.append(
-                    Job(f"stress|{setting}|{name}|{seed}", strategy(name, **point),
-                        replace(sim, seed=seed))
+                    Job(
+                        f"stress|{setting}|{name}|{seed}",
+                        strategy(name, **point),
+                        replace(sim, seed=seed),
+                    )
                 )
     return jobs
 
@@ -314,8 +321,9 @@ def main(argv: list[str] | None = None) -> int:
     selections = select(plan, tuned, budgets)
     finals = run_jobs(final_jobs(plan, selections), plan)
     stress = {} if args.no_stress else run_jobs(stress_jobs(plan, selections), plan)
-    command = " ".join(["echelon contest", *map(shlex.quote, argv if argv is not None else
-                                                sys.argv[1:])])
+    command = " ".join(
+        ["echelon contest", *map(shlex.quote, argv if argv is not None else sys.argv[1:])]
+    )
     report = ContestReport(
         command=command,
         config_path=str(args.config),

@@ -117,11 +117,7 @@ def _order(report: ContestReport) -> Any:
 
 def _best(cells: Mapping[str, Cell]) -> tuple[str, set[str]]:
     best = min(cells, key=lambda r: cells[r].mean)
-    tied = {
-        r
-        for r, c in cells.items()
-        if c.mean - cells[best].mean <= max(c.std, cells[best].std)
-    }
+    tied = {r for r, c in cells.items() if c.mean - cells[best].mean <= max(c.std, cells[best].std)}
     return best, tied
 
 
@@ -132,8 +128,11 @@ def stress_rows(report: ContestReport) -> list[dict[str, Any]]:
     for key, r in report.stress.items():
         _, setting, name, _ = key.split("|")
         groups.setdefault((setting, name), []).append(r)
-    ideal = {n: float(np.mean([r.points[-1].loss for r in rs]))
-             for (s, n), rs in groups.items() if s == "ideal"}
+    ideal = {
+        n: float(np.mean([r.points[-1].loss for r in rs]))
+        for (s, n), rs in groups.items()
+        if s == "ideal"
+    }
     for setting in report.stress_settings:
         in_setting = {n: rs for (s, n), rs in groups.items() if s == setting}
         if not in_setting:
@@ -143,20 +142,24 @@ def stress_rows(report: ContestReport) -> list[dict[str, Any]]:
             final = [r.points[-1].loss for r in rs]
             t2t = [time_to_target(r, target) for r in rs]
             share = [float(np.mean([p.comm_share for p in r.points[1:]] or [0.0])) for r in rs]
-            out.append({
-                "setting": setting,
-                "strategy": name,
-                "loss_mean": float(np.mean(final)),
-                "loss_std": float(np.std(final)),
-                "degradation_pct": 100.0 * (float(np.mean(final)) / ideal[name] - 1.0)
-                if name in ideal else math.nan,
-                "tokens_per_s": float(np.mean([r.points[-1].tokens / r.points[-1].wall_s
-                                               for r in rs])),
-                "target_loss": target,
-                "time_to_target_s": float(np.mean(t2t)),
-                "comm_share": float(np.mean(share)),
-                "syncs": float(np.mean([r.points[-1].syncs for r in rs])),
-            })
+            out.append(
+                {
+                    "setting": setting,
+                    "strategy": name,
+                    "loss_mean": float(np.mean(final)),
+                    "loss_std": float(np.std(final)),
+                    "degradation_pct": 100.0 * (float(np.mean(final)) / ideal[name] - 1.0)
+                    if name in ideal
+                    else math.nan,
+                    "tokens_per_s": float(
+                        np.mean([r.points[-1].tokens / r.points[-1].wall_s for r in rs])
+                    ),
+                    "target_loss": target,
+                    "time_to_target_s": float(np.mean(t2t)),
+                    "comm_share": float(np.mean(share)),
+                    "syncs": float(np.mean([r.points[-1].syncs for r in rs])),
+                }
+            )
     return out
 
 
@@ -172,8 +175,10 @@ def aims(report: ContestReport, stress: list[dict[str, Any]]) -> list[str]:
             best, tied = _best({r: cells[r][axis] for r in cells})
             gap = cells[name][axis].mean - cells[best][axis].mean
             word = "best" if best == name else ("tied-best" if name in tied else "behind")
-            verdicts.append(f"{AXIS_TITLES[axis]}: {word}" + (
-                f" (+{gap:.4f} vs {best})" if word == "behind" else ""))
+            verdicts.append(
+                f"{AXIS_TITLES[axis]}: {word}"
+                + (f" (+{gap:.4f} vs {best})" if word == "behind" else "")
+            )
         lines.append(f"- {name}: " + "; ".join(verdicts) + ".")
     rows = {(s["setting"], s["strategy"]): s for s in stress}
     for setting in ("latency 200 ms", "non-IID severe"):
@@ -233,9 +238,7 @@ def markdown(report: ContestReport, stress: list[dict[str, Any]]) -> str:
     axes = list(AXIS_TITLES)
     winners = {a: _best({r: cells[r][a] for r in cells}) for a in axes}
     for row, by_axis in cells.items():
-        parts = [
-            _fmt(by_axis[a], row == winners[a][0], row in winners[a][1]) for a in axes
-        ]
+        parts = [_fmt(by_axis[a], row == winners[a][0], row in winners[a][1]) for a in axes]
         lines.append(f"| {row} | " + " | ".join(parts) + " |")
     lines += ["", "Grid points chosen (per budget):", ""]
     for sel in report.selections:
@@ -264,8 +267,10 @@ def markdown(report: ContestReport, stress: list[dict[str, Any]]) -> str:
     lines += [
         "",
         "Plots: `loss_vs_tokens.png`, `loss_vs_bytes.png`, `loss_vs_wall_s.png`"
-        + (", `stress.png`" if stress else "") + "; raw numbers in `contest.csv`"
-        + (", `stress.csv`" if stress else "") + ".",
+        + (", `stress.png`" if stress else "")
+        + "; raw numbers in `contest.csv`"
+        + (", `stress.csv`" if stress else "")
+        + ".",
         "",
         "## Configuration",
         "",
@@ -291,10 +296,14 @@ def _curves(report: ContestReport, axis: str, path: Path) -> None:
         runs = _runs(report.finals, row, by[(base, "tokens")].label)
         top = min(float(getattr(r.points[-1], axis)) for r in runs)
         grid = np.linspace(0.0, top, 60)
-        ys = np.array([
-            np.interp(grid, [float(getattr(p, axis)) for p in r.points], [p.loss for p in r.points])
-            for r in runs
-        ])
+        ys = np.array(
+            [
+                np.interp(
+                    grid, [float(getattr(p, axis)) for p in r.points], [p.loss for p in r.points]
+                )
+                for r in runs
+            ]
+        )
         mean, std = ys.mean(axis=0), ys.std(axis=0)
         style = "--" if row.endswith("frozen-A") else "-"
         ax.plot(grid, mean, style, label=row, linewidth=1.6)
@@ -347,24 +356,37 @@ def write_csv(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
 
 
 def _runs_json(runs: Mapping[str, RunResult]) -> dict[str, Any]:
-    return {k: {"strategy": r.strategy, "seed": r.seed,
-                "points": [dataclasses.asdict(p) for p in r.points]} for k, r in runs.items()}
+    return {
+        k: {
+            "strategy": r.strategy,
+            "seed": r.seed,
+            "points": [dataclasses.asdict(p) for p in r.points],
+        }
+        for k, r in runs.items()
+    }
 
 
 def _runs_from(raw: Mapping[str, Any]) -> dict[str, RunResult]:
-    return {k: RunResult(v["strategy"], int(v["seed"]), tuple(Point(**p) for p in v["points"]))
-            for k, v in raw.items()}
+    return {
+        k: RunResult(v["strategy"], int(v["seed"]), tuple(Point(**p) for p in v["points"]))
+        for k, v in raw.items()
+    }
 
 
 def save_runs(report: ContestReport, path: Path) -> None:
     """Every run's trajectory and the contest's decisions, to rebuild the report later."""
     data = {
-        "command": report.command, "config_path": report.config_path,
-        "config_text": report.config_text, "budgets": dataclasses.asdict(report.budgets),
+        "command": report.command,
+        "config_path": report.config_path,
+        "config_text": report.config_text,
+        "budgets": dataclasses.asdict(report.budgets),
         "selections": [dataclasses.asdict(s) for s in report.selections],
-        "tuned": _runs_json(report.tuned), "finals": _runs_json(report.finals),
-        "stress": _runs_json(report.stress), "stress_settings": report.stress_settings,
-        "seconds": report.seconds, "grid": report.grid,
+        "tuned": _runs_json(report.tuned),
+        "finals": _runs_json(report.finals),
+        "stress": _runs_json(report.stress),
+        "stress_settings": report.stress_settings,
+        "seconds": report.seconds,
+        "grid": report.grid,
     }
     path.write_text(json.dumps(data), encoding="utf-8")
 
@@ -372,12 +394,18 @@ def save_runs(report: ContestReport, path: Path) -> None:
 def load_runs(path: Path, sim: SimConfig) -> ContestReport:
     data = json.loads(path.read_text(encoding="utf-8"))
     return ContestReport(
-        command=data["command"], config_path=data["config_path"],
-        config_text=data["config_text"], budgets=Budgets(**data["budgets"]),
+        command=data["command"],
+        config_path=data["config_path"],
+        config_text=data["config_text"],
+        budgets=Budgets(**data["budgets"]),
         selections=[Selection(**s) for s in data["selections"]],
-        tuned=_runs_from(data["tuned"]), finals=_runs_from(data["finals"]),
-        stress=_runs_from(data["stress"]), stress_settings=list(data["stress_settings"]),
-        seconds=float(data["seconds"]), sim=sim, grid=data["grid"],
+        tuned=_runs_from(data["tuned"]),
+        finals=_runs_from(data["finals"]),
+        stress=_runs_from(data["stress"]),
+        stress_settings=list(data["stress_settings"]),
+        seconds=float(data["seconds"]),
+        sim=sim,
+        grid=data["grid"],
     )
 
 
@@ -387,12 +415,23 @@ def write_report(report: ContestReport, out: Path) -> None:
     save_runs(report, out / "runs.json")
     stress = stress_rows(report) if report.stress else []
     cells = budget_cells(report)
-    write_csv(out / "contest.csv", [
-        {"strategy": row, "budget": axis, "budget_value": report.budgets.get(axis),
-         "grid_point": c.label, "loss_mean": c.mean, "loss_std": c.std,
-         "seeds": len(c.values), "values": " ".join(f"{v:.6f}" for v in c.values)}
-        for row, by_axis in cells.items() for axis, c in by_axis.items()
-    ])
+    write_csv(
+        out / "contest.csv",
+        [
+            {
+                "strategy": row,
+                "budget": axis,
+                "budget_value": report.budgets.get(axis),
+                "grid_point": c.label,
+                "loss_mean": c.mean,
+                "loss_std": c.std,
+                "seeds": len(c.values),
+                "values": " ".join(f"{v:.6f}" for v in c.values),
+            }
+            for row, by_axis in cells.items()
+            for axis, c in by_axis.items()
+        ],
+    )
     write_csv(out / "stress.csv", stress)
     for axis in ("tokens", "bytes", "wall_s"):
         _curves(report, axis, out / f"loss_vs_{axis}.png")

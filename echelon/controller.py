@@ -184,9 +184,7 @@ def decide(
     if not calm:
         nxt = ControllerState(inner_steps=h, mu=mu, loss_ema=next_ema, calm_streak=0)
         reason = ControlReason.FIRST if ema is None else ControlReason.HOLD
-        return ControlDecision(
-            h, mu, reason, f"agreement {signals.agreement:.3f}: hold H {h}", nxt
-        )
+        return ControlDecision(h, mu, reason, f"agreement {signals.agreement:.3f}: hold H {h}", nxt)
     streak = state.calm_streak + 1
     if streak < cfg.patience:
         nxt = ControllerState(inner_steps=h, mu=mu, loss_ema=next_ema, calm_streak=streak)

@@ -66,7 +66,9 @@ class SimBoundary:
         self.devices = [
             Device(
                 loop=InnerLoop(model, layout, inner),
-                sampler=BatchSampler(shard, inner.batch_size, seed=seed * 1_000_003 + 97 * index + k),
+                sampler=BatchSampler(
+                    shard, inner.batch_size, seed=seed * 1_000_003 + 97 * index + k
+                ),
                 theta=theta0.copy(),
             )
             for k, shard in enumerate(shards)

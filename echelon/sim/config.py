@@ -47,7 +47,7 @@ class SimConfig:
             raise ValueError("SimConfig: want device_tokens_s > 0, batch_size >= 1, lora_r >= 1")
         if self.token_budget < 1 or self.warmup_steps < 0:
             raise ValueError("SimConfig: want token_budget >= 1 and warmup_steps >= 0")
-        if not 1 <= self.k_min or not self.clip_norm > 0:
+        if not self.k_min >= 1 or not self.clip_norm > 0:
             raise ValueError(f"SimConfig: got k_min={self.k_min}, clip_norm={self.clip_norm}")
 
 

@@ -93,9 +93,7 @@ def _sample_text(src: Path, dst: Path, max_bytes: int) -> None:
     tmp.replace(dst)
 
 
-def load_corpus(
-    cfg: CorpusConfig, seed: int = 0, tokenizer_files: tuple[Path, ...] = ()
-) -> Corpus:
+def load_corpus(cfg: CorpusConfig, seed: int = 0, tokenizer_files: tuple[Path, ...] = ()) -> Corpus:
     """Samples, tokenizes (cached under `cfg.work_dir`) and splits the corpus; the tokenizer
     is trained on the samples and `tokenizer_files` (the base model's pre-training text).
 

@@ -48,7 +48,10 @@ class _Pipe:
     """One direction: a reader task stamps chunks, a writer task releases them when due."""
 
     def __init__(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, delay_s: float,
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        delay_s: float,
         config: DelayConfig,
     ) -> None:
         self.reader, self.writer, self.delay_s, self.config = reader, writer, delay_s, config

@@ -44,7 +44,13 @@ from echelon.strategy import Strategy, SyncMode
 from echelon.training.adapter import flatten
 from echelon.training.inner import InnerConfig, evaluate
 from echelon.training.model import LoraConfig, build_model, lora_state
-from echelon.window import BoundarySeen, WindowConfig, close_decision, select_cohort, unmask_decision
+from echelon.window import (
+    BoundarySeen,
+    WindowConfig,
+    close_decision,
+    select_cohort,
+    unmask_decision,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -116,21 +122,35 @@ class Simulation:
 
     def __init__(self, world: World, cfg: SimConfig, strategy: Strategy) -> None:
         self.world, self.cfg, self.strategy = world, cfg, strategy
-        lora = LoraConfig(r=cfg.lora_r, alpha=2 * cfg.lora_r, frozen_a=strategy.frozen_a,
-                          seed=cfg.seed)
+        lora = LoraConfig(
+            r=cfg.lora_r, alpha=2 * cfg.lora_r, frozen_a=strategy.frozen_a, seed=cfg.seed
+        )
         self.model, layout = build_model(world.model_cfg, lora, world.corpus.tokenizer.vocab_size)
         theta0 = flatten(lora_state(self.model, layout), layout)
         self.dim = int(theta0.shape[0])
         inner = InnerConfig(
-            lr=strategy.inner_lr, mu=strategy.mu, warmup_steps=cfg.warmup_steps,
-            total_steps=1 << 40, min_lr_ratio=1.0, batch_size=cfg.batch_size,
-            seq_len=world.seq_len, seed=cfg.seed,
+            lr=strategy.inner_lr,
+            mu=strategy.mu,
+            warmup_steps=cfg.warmup_steps,
+            total_steps=1 << 40,
+            min_lr_ratio=1.0,
+            batch_size=cfg.batch_size,
+            seq_len=world.seq_len,
+            seed=cfg.seed,
         )
         shards = partition(world.corpus.train, cfg.boundaries, cfg.devices, cfg.partition, cfg.seed)
         self.bounds = [
-            SimBoundary(index=b, model=self.model, layout=layout, shards=shards[b], inner=inner,
-                        speed_tokens_s=cfg.device_tokens_s * cfg.speeds[b], link=cfg.link,
-                        seed=cfg.seed, theta0=theta0)
+            SimBoundary(
+                index=b,
+                model=self.model,
+                layout=layout,
+                shards=shards[b],
+                inner=inner,
+                speed_tokens_s=cfg.device_tokens_s * cfg.speeds[b],
+                link=cfg.link,
+                seed=cfg.seed,
+                theta0=theta0,
+            )
             for b in range(cfg.boundaries)
         ]
         self.step_tokens = cfg.batch_size * world.seq_len
@@ -176,8 +196,11 @@ class Simulation:
 
     def _record(self, t: float, reason: str, comm_share: float, staleness: int = 0) -> None:
         loss = self._eval(self.phi)
-        self.points.append(Point(self.tokens, self.bytes, t, self.syncs, loss, self.h, reason,
-                                 comm_share, staleness))
+        self.points.append(
+            Point(
+                self.tokens, self.bytes, t, self.syncs, loss, self.h, reason, comm_share, staleness
+            )
+        )
 
     def _start_cycle(self, b: int, t: float) -> None:
         bound = self.bounds[b]
@@ -233,17 +256,27 @@ class Simulation:
     def _window_config(self, cohort: int) -> WindowConfig:
         s, link = self.strategy, self.cfg.link
         median = float(np.median([self._compute_s(b, self.h) for b in range(len(self.bounds))]))
-        comm = self.key_round_s + link.transfer_s(vector_bytes(self.dim)) + link.transfer_s(
-            adapter_bytes(self.dim)
+        comm = (
+            self.key_round_s
+            + link.transfer_s(vector_bytes(self.dim))
+            + link.transfer_s(adapter_bytes(self.dim))
         )
         k = min(s.buffer_k, cohort) if s.mode is SyncMode.BUFFERED else 0
-        return WindowConfig(inner_steps=self.h, deadline_s=s.deadline_factor * (median + comm),
-                            buffer_k=k, m_min=2, min_cohort=2, liveness_s=1.0)
+        return WindowConfig(
+            inner_steps=self.h,
+            deadline_s=s.deadline_factor * (median + comm),
+            buffer_k=k,
+            m_min=2,
+            min_cohort=2,
+            liveness_s=1.0,
+        )
 
     def _open(self, t: float, w: int) -> None:
         faults = self.cfg.faults
-        seen = [BoundarySeen(str(b), t if reachable_at(b, t, faults) == t else -math.inf)
-                for b in range(len(self.bounds))]
+        seen = [
+            BoundarySeen(str(b), t if reachable_at(b, t, faults) == t else -math.inf)
+            for b in range(len(self.bounds))
+        ]
         decision = select_cohort(t, seen, self._window_config(len(self.bounds)))
         self.idle_windows += 1
         if self.idle_windows > 200:
@@ -303,8 +336,12 @@ class Simulation:
         else:
             track.window = -1
         self.bytes += vector_bytes(self.dim)
-        seq = self._at(arrival_s(b, send, vector_bytes(self.dim), self.cfg.link, self.cfg.faults),
-                       Kind.ARRIVE, b, track.window)
+        seq = self._at(
+            arrival_s(b, send, vector_bytes(self.dim), self.cfg.link, self.cfg.faults),
+            Kind.ARRIVE,
+            b,
+            track.window,
+        )
         self.in_flight[seq] = track.held
         track.status = Status.SUBMITTED
         if self.strategy.mode is SyncMode.BUFFERED:
@@ -324,8 +361,12 @@ class Simulation:
         if self.strategy.mode is SyncMode.BUFFERED and track.held is contribution:
             track.held = None
         masked = self.sa is not None
-        if win is None or win.closed or (masked and win.id != w) or b in win.got or (
-            b not in win.cohort
+        if (
+            win is None
+            or win.closed
+            or (masked and win.id != w)
+            or b in win.got
+            or (b not in win.cohort)
         ):
             if masked:  # a late masked vector is rejected; the delta stays in its boundary
                 track.status = Status.HOLDING
@@ -358,9 +399,14 @@ class Simulation:
         win = self.win
         if win is None or win.id != w or win.closed:
             return
-        decision = close_decision(t, opened_s=win.opened, cohort_size=len(win.cohort),
-                                  collected=len(win.got), failed=len(win.failed),
-                                  config=win.config)
+        decision = close_decision(
+            t,
+            opened_s=win.opened,
+            cohort_size=len(win.cohort),
+            collected=len(win.got),
+            failed=len(win.failed),
+            config=win.config,
+        )
         if decision.close:
             self._close(t, win, decision.detail)
 
@@ -381,8 +427,13 @@ class Simulation:
         vectors = {b: c.delta for b, (c, _) in win.got.items()}
         weights = {b: w for b, (_, w) in win.got.items()}
         if self.sa is not None:
-            outcome = self.sa.aggregate(window=win.id, cohort=win.cohort, vectors=vectors,
-                                        weights=weights, rng=self.rounding)
+            outcome = self.sa.aggregate(
+                window=win.id,
+                cohort=win.cohort,
+                vectors=vectors,
+                weights=weights,
+                rng=self.rounding,
+            )
         else:
             outcome = plain_aggregate(win.cohort, vectors, weights)
         rounds = list(outcome.rounds.values())
@@ -436,8 +487,12 @@ class Simulation:
         if self.strategy.mode is not SyncMode.BUFFERED:
             for b in range(len(self.bounds)):
                 self.bytes += adapter_bytes(self.dim)
-                self._at(arrival_s(b, t, adapter_bytes(self.dim), self.cfg.link, self.cfg.faults),
-                         Kind.VERSION, b, self.version)
+                self._at(
+                    arrival_s(b, t, adapter_bytes(self.dim), self.cfg.link, self.cfg.faults),
+                    Kind.VERSION,
+                    b,
+                    self.version,
+                )
         self._at(t, Kind.OPEN, w=win.id + 1)
 
     def _version(self, t: float, b: int, v: int) -> None:
@@ -460,8 +515,9 @@ class Simulation:
         if remaining > 0:
             bound.train(remaining)
         track.status = Status.TRAINING
-        self._at(compute_end(b, t, self._compute_s(b, max(0, remaining)), self.cfg.faults),
-                 Kind.READY, b)
+        self._at(
+            compute_end(b, t, self._compute_s(b, max(0, remaining)), self.cfg.faults), Kind.READY, b
+        )
 
 
 def simulate(world: World, cfg: SimConfig, strategy: Strategy) -> RunResult:

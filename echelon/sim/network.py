@@ -117,6 +117,8 @@ def compute_end(boundary: int, start_s: float, duration_s: float, faults: FaultC
     return t + left
 
 
-def arrival_s(boundary: int, send_s: float, nbytes: int, link: LinkConfig, faults: FaultConfig) -> float:
+def arrival_s(
+    boundary: int, send_s: float, nbytes: int, link: LinkConfig, faults: FaultConfig
+) -> float:
     """When a message sent at `send_s` arrives: deferred while the link is down."""
     return reachable_at(boundary, send_s, faults) + link.transfer_s(nbytes)

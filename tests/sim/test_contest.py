@@ -34,7 +34,14 @@ def test_reduced_contest_writes_its_results(tmp_path: Path) -> None:
     assert "| echelon-da |" in table and "| diloco-sa |" in table
     assert "## Stress runs" in table and "latency 200 ms" in table
     assert f"--config {config}" in table
-    for name in ("contest.csv", "stress.csv", "loss_vs_tokens.png", "loss_vs_bytes.png",
-                 "loss_vs_wall_s.png", "stress.png", "runs.json"):
+    for name in (
+        "contest.csv",
+        "stress.csv",
+        "loss_vs_tokens.png",
+        "loss_vs_bytes.png",
+        "loss_vs_wall_s.png",
+        "stress.png",
+        "runs.json",
+    ):
         assert (out / name).stat().st_size > 0
     assert main(["--config", str(config), "--out", str(out), "--report-only"]) == 0

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from echelon.controller import (
-    ControlReason,
     ControllerState,
+    ControlReason,
     SyncControllerConfig,
     SyncSignals,
     agreement_ratio,

@@ -9,11 +9,19 @@ from echelon.strategy import STRATEGIES, SyncMode, strategy
 
 def test_registry_names_the_eight_strategies() -> None:
     assert list(STRATEGIES) == [
-        "local-only", "fedavg", "fedprox", "fedbuff", "diloco", "diloco-sa", "echelon",
+        "local-only",
+        "fedavg",
+        "fedprox",
+        "fedbuff",
+        "diloco",
+        "diloco-sa",
+        "echelon",
         "echelon-da",
     ]
     assert STRATEGIES["fedavg"].outer.lr == 1.0 and STRATEGIES["fedavg"].outer.momentum == 0.0
-    assert STRATEGIES["diloco-sa"].secure_aggregation and not STRATEGIES["diloco"].secure_aggregation
+    assert (
+        STRATEGIES["diloco-sa"].secure_aggregation and not STRATEGIES["diloco"].secure_aggregation
+    )
     assert STRATEGIES["echelon-da"].delay_aware and STRATEGIES["echelon"].controller is not None
     assert STRATEGIES["fedbuff"].mode is SyncMode.BUFFERED
 
