@@ -186,9 +186,8 @@ def aims(report: ContestReport, stress: list[dict[str, Any]]) -> list[str]:
             row = rows.get((setting, name))
             if row is not None:
                 ok = "within" if row["degradation_pct"] <= 2.0 else "beyond"
-                lines.append(
-                    f"- {name} at {setting}: {row['degradation_pct']:+.2f}% vs ideal ({ok} the 2% aim)."
-                )
+                pct = row["degradation_pct"]
+                lines.append(f"- {name} at {setting}: {pct:+.2f}% vs ideal ({ok} the 2% aim).")
     da, sa = rows.get(("latency 200 ms", "echelon-da")), rows.get(("latency 200 ms", "diloco-sa"))
     if da is not None and sa is not None and sa["time_to_target_s"] > 0:
         ratio = da["time_to_target_s"] / sa["time_to_target_s"]

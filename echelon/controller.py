@@ -208,7 +208,8 @@ def agreement_ratio(weighted_sum: np.ndarray, weighted_norms: float) -> float:
     """`||sum_b w_b delta_b|| / sum_b w_b ||delta_b||`; 1.0 when nothing moved."""
     if weighted_norms <= 0:
         return 1.0
-    return float(min(1.0, np.linalg.norm(weighted_sum.astype(np.float64)) / weighted_norms))
+    ratio = float(np.linalg.norm(weighted_sum.astype(np.float64))) / weighted_norms
+    return min(1.0, ratio)
 
 
 def cosine(a: np.ndarray | None, b: np.ndarray) -> float | None:

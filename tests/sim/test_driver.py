@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import replace
 
 from echelon.sim.config import SimConfig, World
@@ -17,7 +18,7 @@ def test_sync_windows_wait_for_everyone_and_are_never_stale(world: World, sim: S
     points = result.points[1:]
     assert points and all(p.staleness == 0 for p in points)
     assert [p.syncs for p in points] == list(range(1, len(points) + 1))
-    assert all(a.bytes < b.bytes and a.wall_s < b.wall_s for a, b in zip(points, points[1:]))
+    assert all(a.bytes < b.bytes and a.wall_s < b.wall_s for a, b in itertools.pairwise(points))
     assert points[-1].tokens >= sim.token_budget
 
 
