@@ -1,5 +1,6 @@
 """Throughput of a boundary's device pool: tokens/s of inner steps for N workers on the demo
-corpus (`python -m echelon.training.bench --corpus-cache DIR --workers 1 2`)."""
+corpus (`python -m echelon.training.bench --corpus-cache DIR --workers 1 2`), with level-1
+secure aggregation off (the float path) or on (`--secure`), and the mean seconds per window."""
 
 from __future__ import annotations
 
@@ -14,12 +15,13 @@ import numpy as np
 from echelon.training.corpus import fetch_domain
 from echelon.training.data import DataConfig
 from echelon.training.inner import InnerConfig
-from echelon.training.pool import DevicePool, PoolConfig
+from echelon.training.pool import DevicePool, PoolConfig, device_secagg_config
 from echelon.training.tokenizer import TokenizerConfig, obtain_tokenizer
 
 
-def measure(cfg: PoolConfig, *, steps: int, windows: int) -> float:
-    """Tokens/s over `windows` windows of `steps` steps (after one warm-up window)."""
+def measure(cfg: PoolConfig, *, steps: int, windows: int) -> tuple[float, float]:
+    """Tokens/s and seconds per window over `windows` windows of `steps` steps (after one
+    warm-up window)."""
     with DevicePool(cfg) as pool:
         theta = np.zeros(pool.layout().numel, dtype=np.float32)
         pool.run_window(window=0, global_flat=theta, steps=2, inner=None, deadline_s=600.0)
@@ -30,7 +32,8 @@ def measure(cfg: PoolConfig, *, steps: int, windows: int) -> float:
                 window=window, global_flat=theta, steps=steps, inner=None, deadline_s=600.0
             )
             tokens += result.tokens
-        return tokens / (time.perf_counter() - started)
+        elapsed = time.perf_counter() - started
+        return tokens / elapsed, elapsed / windows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--windows", type=int, default=2)
     parser.add_argument("--offline", action="store_true")
+    parser.add_argument("--secure", action="store_true", help="level-1 secure aggregation on")
     args = parser.parse_args(argv)
     text = fetch_domain(
         args.domain, args.corpus_cache, max_bytes=1 << 20, allow_network=not args.offline
@@ -60,9 +64,13 @@ def main(argv: list[str] | None = None) -> int:
                 threads_per_worker=args.threads_per_worker,
                 inner_cfg=InnerConfig(batch_size=args.batch_size, seq_len=args.seq_len),
                 eval_each_window=False,
+                secure=device_secagg_config(max_devices=max(n, 2)) if args.secure else None,
             )
-            rate = measure(cfg, steps=args.steps, windows=args.windows)
-            print(f"workers={n} threads/worker={args.threads_per_worker} tokens/s={rate:.0f}")
+            rate, per_window = measure(cfg, steps=args.steps, windows=args.windows)
+            print(
+                f"workers={n} threads/worker={args.threads_per_worker} secure={args.secure} "
+                f"tokens/s={rate:.0f} s/window={per_window:.3f}"
+            )
     return 0
 
 

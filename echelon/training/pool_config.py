@@ -36,6 +36,9 @@ class PoolConfig:
     `secure.max_weight`; `token_unit` None means one full window of one worker
     (`steps * batch_size * seq_len`), so `w <= 1`. Clipping is per coordinate of the
     unweighted delta at `secure.clip` (LoRA deltas are small: 1.0 by default).
+    Up to `secure.complete_graph_max` devices the graph is complete and, with the default
+    `threshold_fraction` 0.5, a window of n devices survives `ceil(n / 2) - 1` dropouts
+    after its key exchange (before or after masking); beyond that it is refused.
     `graph_seed` is the public seed of the neighbour graph (declare it with the run).
     `record_updates` is for tests only: each worker also writes its true update to its
     `work_dir` (`update-w{window}-s{shard}.npz`)."""

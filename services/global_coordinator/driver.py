@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import structlog
 
-from echelon.aggregation import AggregationError
+from echelon.aggregation import AggregationError, WindowSum
 from echelon.outer import OuterOptimizer
 from echelon.window import BoundarySeen, close_decision, select_cohort, unmask_decision
 from echelon_proto.boundary.v1 import boundary_pb2
@@ -344,13 +344,10 @@ class WindowDriver:
         self,
         window: int,
         version: int,
-        total: object,
+        total: WindowSum,
         names: tuple[str, ...],
         collected: dict[str, common_pb2.WindowMetadata],
     ) -> int:
-        from echelon.aggregation import WindowSum
-
-        assert isinstance(total, WindowSum)
         assert self._phi is not None and self._optimizer is not None
         g = total.pseudo_gradient()
         phi = self._optimizer.step(self._phi, g)

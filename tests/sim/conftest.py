@@ -28,8 +28,14 @@ TINY_BASE = BaseConfig(layers=1, hidden=32, heads=2, intermediate=64, pretrain_s
 
 
 @pytest.fixture(scope="session")
-def world(tmp_path_factory: pytest.TempPathFactory) -> World:
-    return prepare_world(tiny_corpus(tmp_path_factory.mktemp("world")), TINY_BASE)
+def world_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where the tiny world's corpus, tokenizer and blocks are cached for the session."""
+    return tmp_path_factory.mktemp("world")
+
+
+@pytest.fixture(scope="session")
+def world(world_root: Path) -> World:
+    return prepare_world(tiny_corpus(world_root), TINY_BASE)
 
 
 @pytest.fixture

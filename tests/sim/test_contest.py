@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from echelon.contest import grid_points, main
+from echelon.sim.config import World
+from tests.sim.conftest import tiny_corpus
 
 
 def test_grid_points_expand_outer_pairs() -> None:
@@ -16,13 +18,17 @@ def test_grid_points_expand_outer_pairs() -> None:
     ]
 
 
-def test_reduced_contest_writes_its_results(tmp_path: Path) -> None:
+def test_reduced_contest_writes_its_results(
+    tmp_path: Path, world_root: Path, world: World
+) -> None:
+    # The smoke config's corpus and base are the tiny world's: its caches are reused.
+    corpus = tiny_corpus(world_root)
     smoke = Path("configs/contest/smoke.toml").read_text(encoding="utf-8")
     config = tmp_path / "smoke.toml"
     config.write_text(
         smoke.replace(
             "[corpus]\n",
-            f'[corpus]\ncache_dir = "{tmp_path / "corpus"}"\nwork_dir = "{tmp_path / "sim"}"\n',
+            f'[corpus]\ncache_dir = "{corpus.cache_dir}"\nwork_dir = "{corpus.work_dir}"\n',
         ),
         encoding="utf-8",
     )

@@ -1,0 +1,139 @@
+"""Dropouts over real processes: 3 organizations x 3 devices with both levels of secure
+aggregation; mid-window, one device of org-b and the whole of org-c (agent and workers) are
+killed. The window completes with what the survivors contributed, the audit log shows the
+unmasking that removed the dropped parties' masks, and training continues."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from echelon.audit.record import AuditRecord, PayloadType
+from echelon.audit.store import SqliteLogStore
+from echelon.training.corpus import fetch_domain
+from echelon_proto.coordinator.v1 import coordinator_pb2, coordinator_pb2_grpc
+from services.common.wire import new_ref
+from services.launcher import Deployment, DeploymentSpec, Site
+
+pytestmark = pytest.mark.timeout(600)
+STEPS, BATCH, SEQ, UNIT = 16, 4, 64, 4096.0
+TOKENS_PER_DEVICE = STEPS * BATCH * SEQ
+
+
+def spawned_workers(pid: int) -> list[int]:
+    """Pids of the multiprocessing-spawned device workers of an agent process."""
+    workers = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            cmdline = (entry / "cmdline").read_bytes()
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == pid and b"spawn_main" in cmdline:
+            workers.append(int(entry.name))
+    return sorted(workers)
+
+
+def _versions(deployment: Deployment) -> list[coordinator_pb2.VersionInfo]:
+    with grpc.insecure_channel(deployment.services["coordinator"].address) as channel:
+        stub = coordinator_pb2_grpc.CoordinatorStub(channel)
+        return list(
+            stub.ListVersions(
+                coordinator_pb2.ListVersionsRequest(ref=new_ref(0)), timeout=5
+            ).versions
+        )
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, object]]:
+    root = tmp_path_factory.mktemp("dropouts")
+    texts = [
+        fetch_domain(d, root / "corpus", allow_network=False, max_bytes=200_000).path
+        for d in ("stdlib-a", "stdlib-b", "stdlib-c")
+    ]
+    spec = DeploymentSpec(
+        root=root / "run",
+        sites=tuple(
+            Site(boundary=f"org-{x}", data_files=(t,), workers=3)
+            for x, t in zip("abc", texts, strict=True)
+        ),
+        tokenizer_files=tuple(texts),
+        coordinator_tables={
+            "coordinator": {"run_id": "dropouts", "token_unit": UNIT},
+            "window": {"inner_steps": STEPS, "deadline_s": 120.0, "min_cohort": 2},
+            "inner": {"lr": 0.005, "batch_size": BATCH, "seq_len": SEQ},
+            "secagg": {"level1": True, "level2": True},
+        },
+        agent_tables={
+            "data": {"seq_len": SEQ, "max_tokens_per_file": 40_000},
+            "tokenizer": {"vocab_size": 512},
+            "inner": {"batch_size": BATCH, "seq_len": SEQ, "warmup_steps": 2, "total_steps": 200},
+            "devices": {"eval_batches": 1, "restart_dead_workers": False},
+        },
+    )
+    deployment = Deployment(spec)
+    with deployment:
+        deployment.start(timeout_s=300)
+        deployment.wait_windows(1, timeout_s=240)
+        # Window 2 opens right after window 1; its devices are training now.
+        give_up = time.monotonic() + 60
+        while deployment.coordinator_status().window < 2 and time.monotonic() < give_up:
+            time.sleep(0.05)
+        time.sleep(1.0)
+        victim = spawned_workers(deployment.services["org-b"].process.pid)[0]
+        os.kill(victim, signal.SIGKILL)
+        os.killpg(deployment.services["org-c"].process.pid, signal.SIGKILL)
+        deployment.services["org-c"].process.wait()
+        del deployment.services["org-c"]
+        deployment.wait_windows(3, timeout_s=300)
+        versions = _versions(deployment)
+        deployment.stop()
+    store = SqliteLogStore(deployment.audit_db, readonly=True)
+    try:
+        records = [AuditRecord.decode(e.record) for e in store.get(0, store.size())]
+    finally:
+        store.close()
+    yield {"versions": versions, "records": records}
+
+
+def test_window_with_dropouts_sums_exactly_the_survivors(run: dict[str, object]) -> None:
+    versions = run["versions"]
+    assert isinstance(versions, list)
+    first, second = versions[1], versions[2]
+    assert list(first.contributors) == ["org-a", "org-b", "org-c"]
+    assert list(second.contributors) == ["org-a", "org-b"]
+    # org-a's three devices and org-b's two survivors; weights are tokens / unit.
+    assert second.weight_sum == pytest.approx(5 * TOKENS_PER_DEVICE / UNIT, abs=1e-3)
+    assert first.weight_sum == pytest.approx(9 * TOKENS_PER_DEVICE / UNIT, abs=1e-3)
+
+
+def test_training_continues_after_the_dropouts(run: dict[str, object]) -> None:
+    versions = run["versions"]
+    assert isinstance(versions, list)
+    assert len(versions) >= 4 and list(versions[3].contributors) == ["org-a", "org-b"]
+
+
+def test_audit_log_shows_the_unmasking(run: dict[str, object]) -> None:
+    records = run["records"]
+    assert isinstance(records, list)
+    window = run["versions"][2].window  # type: ignore[index]
+    unmasking = {
+        r.sender
+        for r in records
+        if r.payload_type == PayloadType.UNMASKING_SHARES and r.window == window
+    }
+    assert unmasking == {"org-a", "org-b"}
+    deltas = {
+        r.sender
+        for r in records
+        if r.payload_type == PayloadType.MASKED_DELTA and r.window == window
+    }
+    assert "org-c" not in deltas
