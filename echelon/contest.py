@@ -35,8 +35,9 @@ from echelon.contest_report import (
 from echelon.sim.base import BaseConfig
 from echelon.sim.config import SimConfig, World, prepare_world
 from echelon.sim.data import CorpusConfig, PartitionConfig, Skew
-from echelon.sim.driver import RunResult, simulate
+from echelon.sim.driver import simulate
 from echelon.sim.network import FaultConfig
+from echelon.sim.results import RunResult, value_at
 from echelon.strategy import STRATEGIES, Strategy, strategy
 from echelon.tomlconfig import ConfigFileError, build, load_toml
 
@@ -190,16 +191,6 @@ def run_jobs(jobs: Sequence[Job], plan: Plan) -> dict[str, RunResult]:
                 out[key] = result
     log.info("jobs_done", jobs=len(jobs), seconds=round(time.perf_counter() - started, 1))
     return out
-
-
-def value_at(result: RunResult, axis: str, budget: float) -> float:
-    """Loss of the global model at `budget` on `axis`, linear between evaluated versions; the
-    last loss when the run never spent the budget."""
-    xs = np.array([getattr(p, axis) for p in result.points], dtype=np.float64)
-    ys = np.array([p.loss for p in result.points], dtype=np.float64)
-    if budget >= xs[-1]:
-        return float(ys[-1])
-    return float(np.interp(budget, xs, ys))
 
 
 def budgets_from(results: Sequence[RunResult], token_budget: int) -> Budgets:

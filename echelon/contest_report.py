@@ -1,7 +1,7 @@
-"""The contest's outputs: the budget table (Markdown and CSV), the stress table, and the PNG
-plots of validation loss against tokens, bytes crossing boundaries and simulated wall-clock.
-
-Pure formatting of finished runs; the only side effects are the files `write_report` writes.
+"""The contest's outputs: the budget table (Markdown and CSV), the stress table, the checked
+aims, and `runs.json` (every trajectory, so the report can be rebuilt); plots are drawn by
+`echelon.contest_plots`. Pure formatting of finished runs; the only side effects are the files
+`write_report` writes.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from echelon.sim.config import SimConfig
-from echelon.sim.driver import Point, RunResult
+from echelon.sim.results import Point, RunResult, time_to_target, value_at
 
 AXIS_TITLES = {"tokens": "tokens", "bytes": "bytes", "wall_s": "wall-clock (s)", "syncs": "syncs"}
 
@@ -58,26 +58,7 @@ class ContestReport:
     grid: dict[str, Any]
 
 
-def _value_at(result: RunResult, axis: str, budget: float) -> float:
-    xs = np.array([getattr(p, axis) for p in result.points], dtype=np.float64)
-    ys = np.array([p.loss for p in result.points], dtype=np.float64)
-    return float(ys[-1]) if budget >= xs[-1] else float(np.interp(budget, xs, ys))
-
-
-def time_to_target(result: RunResult, target: float) -> float:
-    """First simulated time the global loss reaches `target` (linear between versions)."""
-    prev = result.points[0]
-    for p in result.points[1:]:
-        if p.loss <= target:
-            if prev.loss <= target or prev.loss == p.loss:
-                return p.wall_s
-            frac = (prev.loss - target) / (prev.loss - p.loss)
-            return prev.wall_s + frac * (p.wall_s - prev.wall_s)
-        prev = p
-    return math.inf
-
-
-def _runs(finals: Mapping[str, RunResult], row: str, label: str) -> list[RunResult]:
+def runs_of(finals: Mapping[str, RunResult], row: str, label: str) -> list[RunResult]:
     return [r for k, r in finals.items() if k.split("|")[1] == row and k.split("|")[2] == label]
 
 
@@ -93,19 +74,19 @@ def budget_cells(report: ContestReport) -> dict[str, dict[str, Cell]]:
     """rows (strategy, or strategy+frozen-A) -> axis -> mean/std over seeds."""
     rows: dict[str, dict[str, Cell]] = {}
     by = {(s.strategy, s.axis): s for s in report.selections}
-    names = sorted({k.split("|")[1] for k in report.finals}, key=_order(report))
+    names = sorted({k.split("|")[1] for k in report.finals}, key=row_order(report))
     for row in names:
         base = row.removesuffix("+frozen-A")
         rows[row] = {}
         for axis in AXIS_TITLES:
             sel = by[(base, "tokens" if row != base else axis)]
-            runs = _runs(report.finals, row, sel.label)
-            vals = tuple(_value_at(r, axis, report.budgets.get(axis)) for r in runs)
+            runs = runs_of(report.finals, row, sel.label)
+            vals = tuple(value_at(r, axis, report.budgets.get(axis)) for r in runs)
             rows[row][axis] = Cell(float(np.mean(vals)), float(np.std(vals)), vals, sel.label)
     return rows
 
 
-def _order(report: ContestReport) -> Any:
+def row_order(report: ContestReport) -> Any:
     first = [s.strategy for s in report.selections]
 
     def key(row: str) -> tuple[int, str]:
@@ -281,70 +262,6 @@ def markdown(report: ContestReport, stress: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _curves(report: ContestReport, axis: str, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    by = {(s.strategy, s.axis): s for s in report.selections}
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    rows = sorted({k.split("|")[1] for k in report.finals}, key=_order(report))
-    for row in rows:
-        base = row.removesuffix("+frozen-A")
-        runs = _runs(report.finals, row, by[(base, "tokens")].label)
-        top = min(float(getattr(r.points[-1], axis)) for r in runs)
-        grid = np.linspace(0.0, top, 60)
-        ys = np.array(
-            [
-                np.interp(
-                    grid, [float(getattr(p, axis)) for p in r.points], [p.loss for p in r.points]
-                )
-                for r in runs
-            ]
-        )
-        mean, std = ys.mean(axis=0), ys.std(axis=0)
-        style = "--" if row.endswith("frozen-A") else "-"
-        ax.plot(grid, mean, style, label=row, linewidth=1.6)
-        ax.fill_between(grid, mean - std, mean + std, alpha=0.15)
-    ax.set_xlabel(AXIS_TITLES[axis])
-    ax.set_ylabel("held-out loss")
-    if axis != "tokens":
-        ax.set_xscale("symlog", linthresh=max(1.0, report.budgets.get(axis) / 50))
-    ax.axvline(report.budgets.get(axis), color="grey", linewidth=0.8, linestyle=":")
-    ax.legend(fontsize=7, ncol=2)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def _stress_plot(stress: list[dict[str, Any]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    settings = list(dict.fromkeys(s["setting"] for s in stress))
-    names = list(dict.fromkeys(s["strategy"] for s in stress))
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
-    width = 0.8 / max(1, len(names))
-    for i, name in enumerate(names):
-        rows = {s["setting"]: s for s in stress if s["strategy"] == name}
-        x = np.arange(len(settings)) + i * width
-        ax1.bar(x, [rows[s]["degradation_pct"] for s in settings], width, label=name)
-        ax2.bar(x, [rows[s]["time_to_target_s"] for s in settings], width, label=name)
-    for ax, title in ((ax1, "loss vs ideal (%)"), (ax2, "time to target (s)")):
-        ax.set_xticks(np.arange(len(settings)) + 0.4 - width / 2)
-        ax.set_xticklabels(settings, rotation=30, ha="right", fontsize=7)
-        ax.set_title(title)
-        ax.grid(alpha=0.3, axis="y")
-    ax1.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 def write_csv(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
     if not rows:
         return
@@ -409,6 +326,8 @@ def load_runs(path: Path, sim: SimConfig) -> ContestReport:
 
 
 def write_report(report: ContestReport, out: Path) -> None:
+    from echelon.contest_plots import loss_curves, stress_bars
+
     """Writes contest.md, contest.csv, stress.csv, runs.json and the PNG plots into `out`."""
     out.mkdir(parents=True, exist_ok=True)
     save_runs(report, out / "runs.json")
@@ -433,7 +352,7 @@ def write_report(report: ContestReport, out: Path) -> None:
     )
     write_csv(out / "stress.csv", stress)
     for axis in ("tokens", "bytes", "wall_s"):
-        _curves(report, axis, out / f"loss_vs_{axis}.png")
+        loss_curves(report, axis, out / f"loss_vs_{axis}.png")
     if stress:
-        _stress_plot(stress, out / "stress.png")
+        stress_bars(stress, out / "stress.png")
     (out / "contest.md").write_text(markdown(report, stress), encoding="utf-8")

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import heapq
 import math
-from dataclasses import dataclass, field, replace
-from enum import Enum, auto
 
 import numpy as np
 import structlog
@@ -38,7 +36,9 @@ from echelon.sim.network import (
     reachable_at,
     vector_bytes,
 )
+from echelon.sim.results import Point, RunResult
 from echelon.sim.secure import SecureAggregation, plain_aggregate
+from echelon.sim.state import Kind, OpenWindow, Status, Track
 from echelon.staleness import contribution_weight
 from echelon.strategy import Strategy, SyncMode
 from echelon.training.adapter import flatten
@@ -53,68 +53,6 @@ from echelon.window import (
 )
 
 log = structlog.get_logger(__name__)
-
-
-@dataclass(frozen=True)
-class Point:
-    """The global model after one committed version (or one local round)."""
-
-    tokens: int
-    bytes: int
-    wall_s: float
-    syncs: int
-    loss: float
-    inner_steps: int
-    reason: str
-    comm_share: float
-    staleness: int = 0
-
-
-@dataclass(frozen=True)
-class RunResult:
-    strategy: str
-    seed: int
-    points: tuple[Point, ...]
-
-
-class Kind(Enum):
-    OPEN = auto()
-    READY = auto()
-    ARRIVE = auto()
-    DEADLINE = auto()
-    VERSION = auto()
-
-
-class Status(Enum):
-    TRAINING = auto()
-    HOLDING = auto()
-    SUBMITTED = auto()
-    IDLE = auto()
-
-
-@dataclass
-class Track:
-    """The coordinator-visible life of one boundary's contributions."""
-
-    status: Status = Status.TRAINING
-    held: Contribution | None = None
-    window: int = 0
-    wait_version: int | None = None
-    flight_start: float = 0.0
-
-
-@dataclass
-class OpenWindow:
-    id: int
-    version: int
-    opened: float
-    cohort: tuple[int, ...]
-    inner_steps: int
-    config: WindowConfig
-    key_ready: float
-    got: dict[int, tuple[Contribution, float]] = field(default_factory=dict)
-    failed: set[int] = field(default_factory=set)
-    closed: bool = False
 
 
 class Simulation:
@@ -347,14 +285,10 @@ class Simulation:
         if self.strategy.mode is SyncMode.BUFFERED:
             down = self.cfg.link.round_trip_s(CONTROL_BYTES, adapter_bytes(self.dim))
             self.bytes += CONTROL_BYTES + adapter_bytes(self.dim)
-            self._pending_restart(b, send + down)
+            self._start_cycle(b, send + down)  # FedBuff: fetch the newest version, train again
         elif self.strategy.delay_aware:
             self.bounds[b].begin_flight()
             track.flight_start = send
-
-    def _pending_restart(self, b: int, t: float) -> None:
-        # FedBuff: the boundary fetches the newest version and trains again at once.
-        self._start_cycle(b, t)
 
     def _arrive(self, t: float, b: int, w: int, contribution: Contribution) -> None:
         track, win = self.tracks[b], self.win
@@ -526,4 +460,4 @@ def simulate(world: World, cfg: SimConfig, strategy: Strategy) -> RunResult:
     return Simulation(world, cfg, strategy).run()
 
 
-__all__ = ["Point", "RunResult", "Simulation", "replace", "simulate"]
+__all__ = ["Point", "RunResult", "Simulation", "simulate"]

@@ -25,6 +25,7 @@ from echelon.tomlconfig import ConfigFileError, build
 from echelon.training.data import DataConfig
 from echelon.training.inner import InnerConfig
 from echelon.training.model import LoraConfig, ModelConfig
+from echelon.training.pool import DevicePool, PoolError
 from echelon.training.tokenizer import TokenizerConfig
 from echelon_proto.boundary.v1 import boundary_pb2_grpc
 from echelon_proto.coordinator.v1 import coordinator_pb2
@@ -38,7 +39,14 @@ from .coordinator_link import CoordinatorLink, RegistrationRefused
 from .runtime import BoundaryRuntime
 from .secure import SecureAggregationSession
 from .servicer import BoundaryAgentServicer
-from .training import DevicesConfig, PoolTrainer, TrainingSetup, model_facts, start_pool
+from .training import (
+    DevicesConfig,
+    PoolTrainer,
+    TrainingSetup,
+    device_security,
+    model_facts,
+    start_pool,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -116,23 +124,23 @@ def main(argv: list[str] | None = None) -> int:
     structlog.contextvars.bind_contextvars(boundary=agent.boundary)
     data_dir = common.data_dir
     facts = model_facts(setup, data_dir)
-    pool = start_pool(setup, facts, data_dir)
     identity = load_or_create_identity(agent.boundary, data_dir / "identity")
     # The gate's policy is tightened to the run's declared one after registration.
     audit, audit_channel = audited_peer(
         agent.boundary, Role.BOUNDARY, identity, Policy(k_min=export.k_min), common.audit
     )
+    trainer = PoolTrainer(setup.inner)
     runtime = BoundaryRuntime(
         boundary=agent.boundary,
         theta0=facts.theta0,
-        trainer=PoolTrainer(pool, setup.inner),
+        trainer=trainer,
         policy=export,
         staleness=StalenessConfig(),
     )
     secure = SecureAggregationSession(agent.boundary, identity.key)
     layout_digest = bytes.fromhex(facts.layout.digest())
     servicer = BoundaryAgentServicer(
-        runtime, audit, secure, layout_digest, workers_alive=pool.alive_workers
+        runtime, audit, secure, layout_digest, workers_alive=trainer.alive_workers
     )
     running = start_server(
         common.server,
@@ -140,14 +148,15 @@ def main(argv: list[str] | None = None) -> int:
         ["echelon.boundary.v1.BoundaryAgent"],
     )
     metrics_port = start_metrics(common.metrics_host, common.metrics_port)
-    write_port_file(args.port_file, grpc=running.port, metrics=metrics_port)
     link = CoordinatorLink(agent.coordinator, audit)
     stop = threading.Event()
+    pools: list[DevicePool] = []
 
     def shutdown() -> None:
         stop.set()
         link.close()
-        pool.close()
+        for pool in pools:
+            pool.close()
         audit_channel.close()
 
     try:
@@ -171,12 +180,22 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     runtime.set_run(staleness_from(info.declared), declared_policy(info.declared, export))
     audit.adopt(info.policy)
+    security = device_security(info.declared, export.k_min, setup.devices.workers)
+    try:
+        pools.append(start_pool(setup, facts, data_dir, security))
+    except PoolError as exc:
+        log.error("device_pool_failed", error=str(exc))
+        running.stop(0)
+        shutdown()
+        return 1
+    trainer.attach(pools[0])
+    write_port_file(args.port_file, grpc=running.port, metrics=metrics_port)
     log.info(
         "agent_ready",
         port=running.port,
         metrics_port=metrics_port,
         run_id=info.run_id,
-        workers=pool.alive_workers(),
+        workers=trainer.alive_workers(),
         dim=facts.layout.numel,
     )
     link.heartbeats(agent.boundary, lambda: runtime.held_version, agent.heartbeat_s, stop)

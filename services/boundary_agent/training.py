@@ -8,18 +8,23 @@ agrees on the adapter layout and on version 0 without exchanging any weights.
 from __future__ import annotations
 
 import dataclasses
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import structlog
 
+from echelon.controller import relative_drift
+from echelon.secagg import SecAggConfig
 from echelon.training.adapter import AdapterLayout, flatten
 from echelon.training.data import DataConfig
 from echelon.training.inner import InnerConfig
 from echelon.training.model import LoraConfig, ModelConfig, base_digest, build_model, lora_state
 from echelon.training.pool import DevicePool, PoolConfig
+from echelon.training.secure import device_secagg_config
 from echelon.training.tokenizer import TokenizerConfig, obtain_tokenizer, tokenizer_digest
 
 from . import metrics
@@ -83,7 +88,29 @@ def model_facts(setup: TrainingSetup, work_dir: Path) -> ModelFacts:
     )
 
 
-def start_pool(setup: TrainingSetup, facts: ModelFacts, work_dir: Path) -> DevicePool:
+@dataclass(frozen=True, kw_only=True)
+class DeviceSecurity:
+    """Level-1 secure aggregation as the run declares it (secure None: off, a baseline)."""
+
+    secure: SecAggConfig | None
+    k_min: int
+    graph_seed: bytes
+
+
+def device_security(declared: dict[str, Any], own_k_min: int, workers: int) -> DeviceSecurity:
+    """Level 1 from the run's declared configuration; k_min is the stricter of the two."""
+    sa = declared["secagg"]
+    k_min = max(int(declared["policy"]["k_min"]), own_k_min)
+    if not sa["level1"]:
+        return DeviceSecurity(secure=None, k_min=k_min, graph_seed=b"")
+    secure = device_secagg_config(max_devices=max(workers, 2), clip=float(sa["clip"]))
+    seed = f"{declared['run_id']}/level-1".encode()
+    return DeviceSecurity(secure=secure, k_min=k_min, graph_seed=seed)
+
+
+def start_pool(
+    setup: TrainingSetup, facts: ModelFacts, work_dir: Path, security: DeviceSecurity
+) -> DevicePool:
     dev = setup.devices
     pool = DevicePool(
         PoolConfig(
@@ -99,6 +126,9 @@ def start_pool(setup: TrainingSetup, facts: ModelFacts, work_dir: Path) -> Devic
             backend=dev.backend,  # type: ignore[arg-type]
             restart_dead_workers=dev.restart_dead_workers,
             eval_batches=dev.eval_batches,
+            secure=security.secure,
+            k_min=security.k_min,
+            graph_seed=security.graph_seed or b"echelon/secagg/level-1",
         )
     )
     pool.start()
@@ -107,17 +137,34 @@ def start_pool(setup: TrainingSetup, facts: ModelFacts, work_dir: Path) -> Devic
 
 
 class PoolTrainer:
-    """The runtime's Trainer over a DevicePool: H steps, then the token-weighted delta."""
+    """The runtime's Trainer over a DevicePool: H steps, then the token-weighted delta.
 
-    def __init__(self, pool: DevicePool, inner: InnerConfig) -> None:
-        self.pool = pool
+    The pool starts once the run's declared configuration is known (after registration);
+    a window that opens before then waits for it. A window whose device sum is refused
+    (`WindowRefused`: fewer than k_min devices, or too few to unmask) yields no delta.
+    """
+
+    def __init__(self, inner: InnerConfig, start_timeout_s: float = 600.0) -> None:
         self.inner = inner
+        self._pool: DevicePool | None = None
+        self._ready = threading.Event()
+        self._start_timeout_s = start_timeout_s
+
+    def attach(self, pool: DevicePool) -> None:
+        self._pool = pool
+        self._ready.set()
+
+    def alive_workers(self) -> int:
+        return 0 if self._pool is None else self._pool.alive_workers()
 
     def __call__(self, theta: np.ndarray, version: int, spec: WindowSpec) -> TrainedDelta:
+        if not self._ready.wait(self._start_timeout_s) or self._pool is None:
+            raise TimeoutError("the device pool did not start")
+        pool = self._pool
         inner = dataclasses.replace(self.inner, lr=spec.lr, mu=spec.mu)
         started = time.monotonic()
         metrics.INNER_STEPS.set(spec.inner_steps)
-        result = self.pool.run_window(
+        result = pool.run_window(
             window=spec.window,
             global_flat=theta,
             steps=spec.inner_steps,
@@ -125,7 +172,7 @@ class PoolTrainer:
             deadline_s=max(1.0, spec.deadline_unix_s - time.time()),
         )
         elapsed = time.monotonic() - started
-        metrics.WORKERS.set(self.pool.alive_workers())
+        metrics.WORKERS.set(pool.alive_workers())
         metrics.INNER_SECONDS.observe(elapsed)
         metrics.TOKENS_PER_S.set(result.tokens / max(elapsed, 1e-9))
         metrics.TRAIN_LOSS.set(result.train_loss)
@@ -133,8 +180,6 @@ class PoolTrainer:
         val = float("nan") if result.val_loss is None else float(result.val_loss)
         if result.val_loss is not None:
             metrics.VAL_LOSS.set(val)
-        norm_theta = float(np.linalg.norm(theta))
-        drift = float(np.linalg.norm(delta)) / norm_theta if norm_theta > 0 else 0.0
         return TrainedDelta(
             delta=delta,
             base_version=version,
@@ -142,5 +187,5 @@ class PoolTrainer:
             devices=result.devices,
             train_loss=result.train_loss,
             val_loss=val,
-            drift=drift,
+            drift=relative_drift(delta, theta),
         )
