@@ -37,7 +37,7 @@ log = structlog.get_logger(__name__)
 
 def load_config(tables: dict[str, Any], windows: int | None) -> CoordinatorConfig:
     body = dict(tables.get("coordinator", {}))
-    for name in ("inner", "window", "outer", "secagg", "staleness"):
+    for name in ("inner", "window", "outer", "secagg", "staleness", "controller"):
         if name in tables:
             body[name] = tables[name]
     if windows is not None:

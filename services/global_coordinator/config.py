@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, field
 from enum import Enum
 from typing import Any
 
+from echelon.controller import SyncControllerConfig
 from echelon.outer import OuterConfig
 from echelon.staleness import StalenessConfig
 from echelon.window import WindowConfig
@@ -64,6 +65,8 @@ class CoordinatorConfig:
     outer: OuterConfig = field(default_factory=OuterConfig)
     secagg: SecureAggregationConfig = field(default_factory=SecureAggregationConfig)
     staleness: StalenessConfig = field(default_factory=StalenessConfig)
+    adaptive_h: bool = False  # the drift-aware sync controller picks H (and mu) per window
+    controller: SyncControllerConfig = field(default_factory=SyncControllerConfig)
 
     def __post_init__(self) -> None:
         if self.windows < 0:
@@ -84,6 +87,8 @@ class CoordinatorConfig:
             "outer": asdict(self.outer),
             "secagg": asdict(self.secagg),
             "staleness": asdict(self.staleness),
+            "adaptive_h": self.adaptive_h,
+            "controller": asdict(self.controller),
             "token_unit": self.token_unit,
         }
         declared: dict[str, Any] = _ints_and_strings(body)

@@ -17,6 +17,7 @@ import numpy as np
 import structlog
 
 from echelon.aggregation import AggregationError, WindowSum
+from echelon.controller import SyncSignals, agreement_ratio, cosine, decide, initial_state
 from echelon.outer import OuterOptimizer
 from echelon.window import BoundarySeen, close_decision, select_cohort, unmask_decision
 from echelon_proto.boundary.v1 import boundary_pb2
@@ -61,6 +62,11 @@ class WindowDriver:
         self.audit = audit
         self.clock = clock
         self.inner_steps = config.window.inner_steps
+        self.mu = config.inner.mu
+        self._sync = initial_state(self.inner_steps, self.mu, config.controller)
+        if config.adaptive_h:
+            self.inner_steps = self._sync.inner_steps
+        self._previous_g: np.ndarray | None = None
         self.window_id = int(store.get_meta("window") or 0)
         self.completed = sum(1 for v in store.versions() if v.version > 0)
         self.aborted = 0
@@ -223,7 +229,7 @@ class WindowDriver:
             inner_steps=self.inner_steps,
             inner=boundary_pb2.InnerHyperparams(
                 lr=cfg.inner.lr,
-                mu=cfg.inner.mu,
+                mu=self.mu,
                 batch_size=cfg.inner.batch_size,
                 seq_len=cfg.inner.seq_len,
             ),
@@ -351,13 +357,7 @@ class WindowDriver:
         assert self._phi is not None and self._optimizer is not None
         g = total.pseudo_gradient()
         phi = self._optimizer.step(self._phi, g)
-        weighted_norms = sum(m.weight * m.delta_norm for b, m in collected.items() if b in names)
-        if weighted_norms > 0:
-            metrics.AGREEMENT.set(float(np.linalg.norm(total.weighted_sum)) / weighted_norms)
-        tokens = sum(m.tokens for b, m in collected.items() if b in names)
-        losses = [(m.train_loss, m.tokens) for b, m in collected.items() if b in names]
-        if tokens:
-            metrics.TRAIN_LOSS.set(sum(loss * t for loss, t in losses) / tokens)
+        self._control(window, g, total, [m for b, m in collected.items() if b in names])
         aggregate = np.append(total.weighted_sum, total.weight_sum).astype(np.float64)
         record = VersionRecord(
             version + 1,
@@ -372,6 +372,42 @@ class WindowDriver:
         self._phi = phi
         metrics.VERSION.set(version + 1)
         return version + 1
+
+    def _control(
+        self,
+        window: int,
+        g: np.ndarray,
+        total: WindowSum,
+        metadata: list[common_pb2.WindowMetadata],
+    ) -> None:
+        """Signals of the closed window; with `adaptive_h`, the next window's H and mu."""
+        tokens = sum(m.tokens for m in metadata)
+        signals = SyncSignals(
+            drift=max((m.drift for m in metadata), default=0.0),
+            agreement=agreement_ratio(
+                total.weighted_sum, sum(m.weight * m.delta_norm for m in metadata)
+            ),
+            cosine=cosine(self._previous_g, g),
+            loss=sum(m.train_loss * m.tokens for m in metadata) / max(tokens, 1),
+        )
+        self._previous_g = g
+        metrics.AGREEMENT.set(signals.agreement)
+        metrics.TRAIN_LOSS.set(signals.loss)
+        if not self.config.adaptive_h:
+            return
+        decision = decide(self._sync, signals, self.config.controller)
+        self._sync = decision.state
+        self.inner_steps, self.mu = decision.inner_steps, decision.mu
+        metrics.H_DECISIONS.labels(decision.reason.value).inc()
+        metrics.MU.set(self.mu)
+        log.info(
+            "sync_decision",
+            window=window,
+            inner_steps=self.inner_steps,
+            mu=self.mu,
+            reason=decision.reason.value,
+            detail=decision.detail,
+        )
 
     def _distribute(
         self,

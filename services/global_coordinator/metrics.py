@@ -27,3 +27,7 @@ TRAIN_LOSS = Gauge("echelon_coordinator_train_loss", "Token-weighted train loss 
 VAL_LOSS = Gauge("echelon_coordinator_val_loss", "Validation loss per boundary", ["boundary"])
 DRIFT = Gauge("echelon_coordinator_drift", "Relative drift per boundary", ["boundary"])
 AGREEMENT = Gauge("echelon_coordinator_agreement", "||sum w delta|| / sum w ||delta||")
+H_DECISIONS = Counter(
+    "echelon_coordinator_sync_decisions_total", "Sync-controller decisions by reason", ["reason"]
+)
+MU = Gauge("echelon_coordinator_mu", "Proximal weight mu sent with the window")

@@ -18,6 +18,7 @@ import grpc
 import numpy as np
 
 from echelon.audit.policy import Policy
+from echelon.controller import SyncControllerConfig
 from echelon.audit.record import Role
 from echelon.policy import ExportPolicy
 from echelon.staleness import StalenessConfig
@@ -59,9 +60,11 @@ class ScriptedTrainer:
     delay_s: float = 0.0
     hang: threading.Event | None = None
     calls: list[int] = field(default_factory=list)
+    steps: list[int] = field(default_factory=list)
 
     def __call__(self, theta: np.ndarray, version: int, spec: WindowSpec) -> TrainedDelta:
         self.calls.append(spec.window)
+        self.steps.append(spec.inner_steps)
         if self.hang is not None:
             self.hang.wait()
         time.sleep(self.delay_s)
@@ -104,6 +107,7 @@ class Sites:
         *,
         level2: bool = True,
         deadline_s: float = 20.0,
+        controller: SyncControllerConfig | None = None,
         servicer_class: Callable[..., BoundaryAgentServicer] = BoundaryAgentServicer,
     ) -> None:
         self.root = root
@@ -122,6 +126,8 @@ class Sites:
             abort_backoff_s=0.1,
             window=WindowConfig(inner_steps=2, deadline_s=deadline_s, min_cohort=2, m_min=2),
             secagg=SecureAggregationConfig(level2=level2),
+            adaptive_h=controller is not None,
+            controller=controller or SyncControllerConfig(),
         )
         ident = load_or_create_identity("coordinator", root / "coordinator" / "identity")
         self.coordinator_audit, channel = audited_peer(

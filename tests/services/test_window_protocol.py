@@ -15,6 +15,7 @@ import pytest
 from echelon.audit.cli import main as audit_cli
 from echelon.audit.record import AuditRecord, PayloadType
 from echelon.audit.store import SqliteLogStore
+from echelon.controller import SyncControllerConfig
 from echelon_proto.boundary.v1 import boundary_pb2
 from services.boundary_agent.servicer import BoundaryAgentServicer
 
@@ -164,3 +165,18 @@ def test_open_window_request_is_validated(sites: Sites) -> None:
         stub.OpenWindow(request, timeout=5)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "cohort" in (err.value.details() or "")
+
+
+def test_sync_controller_lengthens_h_while_boundaries_agree(tmp_path: Path) -> None:
+    controller = SyncControllerConfig(h_min=2, h_max=16, agreement_high=0.5, patience=1)
+    sites = Sites(tmp_path, ORGS, controller=controller)
+    try:
+        for _ in range(3):
+            sites.heartbeat_all()
+            assert sites.driver.step().committed  # type: ignore[union-attr]
+        # The same known deltas every window: agreement ~0.6 and cosine 1 are calm signals,
+        # so H grows by 1.5x each window from the configured 2 (rounded): 2, 3, 4.
+        assert sites.agents["org-a"].trainer.steps == [2, 3, 4]
+        assert sites.driver.inner_steps == 6
+    finally:
+        sites.close()
