@@ -4,7 +4,9 @@ A `Strategy` composes: how windows close (`SyncMode`, buffer K, deadline), how c
 are weighted (`StalenessConfig`), the outer optimizer (`OuterConfig`; FedAvg is lr 1 without
 momentum), the proximal weight mu, whether secure aggregation masks the boundary vectors,
 whether the drift-aware controller adapts H, whether boundaries keep training while a window's
-communication is in flight (delay-aware), and the frozen-A LoRA mode. `STRATEGIES` names the
+communication is in flight and re-base on arrival (delay-aware, with how much of the in-flight
+progress carries over), whether the next window's secure-aggregation key set-up overlaps this
+window's unmasking (pre-keying), and the frozen-A LoRA mode. `STRATEGIES` names the
 eight strategies of the contest; `strategy(name, **overrides)` derives a tuned variant.
 """
 
@@ -50,6 +52,8 @@ class Strategy:
     secure_aggregation: bool = False
     controller: SyncControllerConfig | None = None
     delay_aware: bool = False
+    rebase_carry: float = 1.0
+    prekey: bool = False
     frozen_a: bool = False
 
     def __post_init__(self) -> None:
@@ -78,6 +82,16 @@ class Strategy:
             raise ValueError(
                 f"Strategy {self.name}: mode 'local' exchanges nothing; want "
                 "secure_aggregation, controller and delay_aware off"
+            )
+        if not 0.0 < self.rebase_carry <= 1.0 or (self.rebase_carry != 1.0 and not self.delay_aware):
+            raise ValueError(
+                f"Strategy {self.name}.rebase_carry: got {self.rebase_carry}; want 0 < carry <= 1,"
+                " and 1 unless delay_aware"
+            )
+        if self.prekey and not self.secure_aggregation:
+            raise ValueError(
+                f"Strategy {self.name}.prekey: want secure_aggregation on (it pipelines the next "
+                "window's key set-up with this window's unmasking)"
             )
         if self.delay_aware and self.mode is SyncMode.BUFFERED:
             raise ValueError(
@@ -134,6 +148,7 @@ STRATEGIES: dict[str, Strategy] = {
             inner_steps=4,
             controller=_CONTROLLER,
             delay_aware=True,
+            prekey=True,
         ),
     )
 }

@@ -148,9 +148,12 @@ class SimBoundary:
             devices=len(present),
         )
 
-    def rebase(self, theta_new: np.ndarray, version: int, faults: FaultConfig) -> None:
-        """Delay-aware re-base: `theta <- theta_(v+1) + (theta_local - theta_submitted)` per
-        device; progress made since submission carries over into the new cycle."""
+    def rebase(
+        self, theta_new: np.ndarray, version: int, faults: FaultConfig, carry: float = 1.0
+    ) -> None:
+        """Delay-aware re-base: `theta <- theta_(v+1) + carry * (theta_local - theta_submitted)`
+        per device; progress made since submission carries over into the new cycle (`carry`
+        1 is the plain re-base, less damps progress made on the superseded version)."""
         carried = {
             k: dev.theta - dev.at_submit
             for k, dev in enumerate(self.devices)
@@ -161,7 +164,7 @@ class SimBoundary:
         self.start_cycle(theta_new, version, faults)
         for k, dev in enumerate(self.devices):
             if k in carried and dev.present:
-                dev.theta = (theta_new + carried[k]).astype(np.float32)
+                dev.theta = (theta_new + np.float32(carry) * carried[k]).astype(np.float32)
         self.steps_in_cycle, self.tokens_in_cycle = steps, tokens
         self.loss_sum, self.loss_steps = loss_sum, loss_steps
 

@@ -116,6 +116,7 @@ class Simulation:
         self.prev_g: np.ndarray | None = None
         self.last_commit = 0.0
         self.key_round_s = cfg.link.round_trip_s(1024, 4096) * 2 if self.sa else 0.0
+        self.keys_from = 0.0  # when the next window's key set-up may start
         self.points: list[Point] = []
         self.done = False
 
@@ -227,7 +228,9 @@ class Simulation:
             return
         cohort = tuple(sorted(int(m) for m in decision.members))
         cfg = self._window_config(len(cohort))
-        key_ready = t + (self.key_round_s if self.sa else 0.0)
+        # Key set-up starts at the open, or, pre-keyed, when the previous window closed.
+        keys_from = min(t, self.keys_from) if self.strategy.prekey else t
+        key_ready = max(t, keys_from + self.key_round_s) if self.sa else t
         self.win = OpenWindow(w, self.version, t, cohort, self.h, cfg, key_ready)
         self.bytes += CONTROL_BYTES * len(cohort)
         self._at(t + cfg.deadline_s, Kind.DEADLINE, w=w)
@@ -345,6 +348,7 @@ class Simulation:
             self._close(t, win, decision.detail)
 
     def _roll_over(self, t: float, win: OpenWindow) -> None:
+        self.keys_from = t
         for b, (c, _) in win.got.items():
             if self.sa is not None:
                 self.tracks[b].status, self.tracks[b].held = Status.HOLDING, c
@@ -381,6 +385,7 @@ class Simulation:
             worst = max(rounds, key=lambda r: r.setup_up + r.setup_down)
             self.key_round_s = link.round_trip_s(worst.setup_up // 2, worst.setup_down // 2) * 2
             fin = max(rounds, key=lambda r: r.finish_up + r.finish_down)
+            self.keys_from = t
             t += link.round_trip_s(64, fin.finish_down) + link.round_trip_s(fin.finish_up, 64)
         self._commit(t, win, outcome.total, detail)
 
@@ -443,7 +448,7 @@ class Simulation:
         step_s = bound.step_s(self.step_tokens)
         extra = min(self.h, int((t - track.flight_start) / step_s))
         bound.train(extra)
-        bound.rebase(self.versions[v], v, self.cfg.faults)
+        bound.rebase(self.versions[v], v, self.cfg.faults, self.strategy.rebase_carry)
         bound.set_mu(self.mu)
         remaining = self.h - bound.steps_in_cycle
         if remaining > 0:
