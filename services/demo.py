@@ -85,7 +85,13 @@ def _spec(args: argparse.Namespace, paths: dict[str, Path], base: Path) -> Deplo
     return DeploymentSpec(
         root=args.root,
         sites=tuple(
-            Site(boundary=org, data_files=(paths[org],), workers=args.workers) for org, _ in ORGS
+            Site(
+                boundary=org,
+                data_files=(paths[org],),
+                workers=args.workers,
+                wan_delay_s=args.wan_ms / 1000.0,
+            )
+            for org, _ in ORGS
         ),
         tokenizer_files=tuple(paths[d] for d in TOKENIZER_DOMAINS),
         coordinator_tables={
@@ -181,6 +187,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--max-tokens", type=int, default=400_000, help="tokens per org file")
     parser.add_argument("--no-secagg", action="store_true", help="baseline: level 2 off")
+    parser.add_argument("--wan-ms", type=float, default=0.0,
+                        help="one-way WAN delay between each organization and the global plane")
     parser.add_argument(
         "--pretrain-steps",
         type=int,

@@ -24,6 +24,7 @@ import grpc
 from echelon.tomlconfig import dumps
 from echelon_proto.coordinator.v1 import coordinator_pb2, coordinator_pb2_grpc
 from services.common.wire import new_ref
+from services.wan import ProxyHost, free_port
 
 
 class LaunchError(RuntimeError):
@@ -37,6 +38,8 @@ class Site:
     boundary: str
     data_files: tuple[Path, ...]
     workers: int = 2
+    wan_delay_s: float = 0.0  # one-way delay to and from the global plane (a delaying proxy)
+    bandwidth_mbps: float | None = None  # cap on that link, per direction
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -76,6 +79,7 @@ class Deployment:
         spec = dataclasses.replace(spec, root=spec.root.resolve())
         self.spec = spec
         self.services: dict[str, Service] = {}
+        self._wan: ProxyHost | None = None
         (spec.root / "logs").mkdir(parents=True, exist_ok=True)
         (spec.root / "config").mkdir(parents=True, exist_ok=True)
 
@@ -165,6 +169,7 @@ class Deployment:
             self._wait(coordinator, 60)
             agents = []
             for site in spec.sites:
+                link = self._wan_link(site, coordinator.ports["grpc"])
                 cfg = self._write(
                     site.boundary,
                     _merge(
@@ -176,10 +181,7 @@ class Deployment:
                                 "metrics_port": 0,
                                 "log_level": spec.log_level,
                             },
-                            "agent": {
-                                "boundary": site.boundary,
-                                "coordinator": coordinator.address,
-                            },
+                            "agent": {"boundary": site.boundary, **link},
                             "devices": {"workers": site.workers},
                             "data": {"files": [str(p.resolve()) for p in site.data_files]},
                             "tokenizer": {
@@ -197,6 +199,21 @@ class Deployment:
         except BaseException:
             self.stop()
             raise
+
+    def _wan_link(self, site: Site, coordinator_port: int) -> dict[str, Any]:
+        """The agent's [agent] addresses: direct, or through delaying proxies both ways."""
+        if site.wan_delay_s <= 0 and site.bandwidth_mbps is None:
+            return {"coordinator": f"127.0.0.1:{coordinator_port}"}
+        if self._wan is None:
+            self._wan = ProxyHost()
+        agent_port = free_port()
+        inbound = self._wan.proxy(agent_port, site.wan_delay_s, site.bandwidth_mbps)
+        outbound = self._wan.proxy(coordinator_port, site.wan_delay_s, site.bandwidth_mbps)
+        return {
+            "coordinator": f"127.0.0.1:{outbound}",
+            "advertise_address": f"127.0.0.1:{inbound}",
+            "listen_port": agent_port,
+        }
 
     def agent_config(self, boundary: str) -> Path:
         return self.spec.root / "config" / f"{boundary}.toml"
@@ -238,6 +255,9 @@ class Deployment:
         """SIGTERM to every service (agents first), then SIGKILL after `grace_s`."""
         order = [s for n, s in self.services.items() if n not in ("coordinator", "audit-log")]
         order += [self.services[n] for n in ("coordinator", "audit-log") if n in self.services]
+        if self._wan is not None:
+            self._wan.stop()
+            self._wan = None
         codes: dict[str, int | None] = {}
         for service in order:
             if service.process.poll() is None:

@@ -9,6 +9,7 @@ first (spawned, never forked after gRPC starts), then serves, then registers.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import threading
 from dataclasses import dataclass
@@ -56,6 +57,8 @@ class AgentConfig:
     boundary: str
     coordinator: str = "127.0.0.1:50060"
     advertise_host: str = "127.0.0.1"  # host the coordinator uses to reach this agent
+    advertise_address: str = ""  # host:port to register instead (e.g. a proxy in front)
+    listen_port: int = -1  # >= 0 overrides [server].port (a launcher that picked the port)
     heartbeat_s: float = 5.0
     register_retry_s: float = 120.0
 
@@ -142,8 +145,11 @@ def main(argv: list[str] | None = None) -> int:
     servicer = BoundaryAgentServicer(
         runtime, audit, secure, layout_digest, workers_alive=trainer.alive_workers
     )
+    server_config = common.server
+    if agent.listen_port >= 0:
+        server_config = dataclasses.replace(server_config, port=agent.listen_port)
     running = start_server(
-        common.server,
+        server_config,
         lambda server: boundary_pb2_grpc.add_BoundaryAgentServicer_to_server(servicer, server),
         ["echelon.boundary.v1.BoundaryAgent"],
     )
@@ -163,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         info = link.register(
             coordinator_pb2.RegisterRequest(
                 boundary=agent.boundary,
-                address=f"{agent.advertise_host}:{running.port}",
+                address=agent.advertise_address or f"{agent.advertise_host}:{running.port}",
                 identity_key=identity.public_key,
                 devices=setup.devices.workers,
                 layout_digest=layout_digest,

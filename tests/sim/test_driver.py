@@ -83,3 +83,13 @@ def test_buffered_and_local_strategies_run(world: World, sim: SimConfig) -> None
     assert fedbuff.points[-1].syncs >= 2
     assert local.points[-1].bytes == 0 and local.points[-1].syncs == 0
     assert local.points[-1].tokens >= sim.token_budget
+
+
+def test_prekeying_hides_the_next_windows_key_set_up(world: World, sim: SimConfig) -> None:
+    wan = replace(sim, link=LinkConfig(latency_s=0.2), token_budget=2048)
+    da = strategy("echelon-da", inner_steps=2, controller=None)
+
+    keyed_late = simulate(world, wan, replace(da, prekey=False))
+    pre_keyed = simulate(world, wan, da)
+
+    assert pre_keyed.points[-1].wall_s < keyed_late.points[-1].wall_s

@@ -40,3 +40,11 @@ def test_invalid_compositions_are_refused() -> None:
         strategy("fedbuff", delay_aware=True)
     with pytest.raises(ValueError, match="local"):
         strategy("local-only", secure_aggregation=True)
+
+
+def test_delay_aware_knobs_need_their_mechanisms() -> None:
+    assert strategy("echelon-da", rebase_carry=0.5).rebase_carry == 0.5
+    with pytest.raises(ValueError, match="rebase_carry"):
+        strategy("echelon", rebase_carry=0.5)
+    with pytest.raises(ValueError, match="prekey"):
+        strategy("diloco", prekey=True)
