@@ -187,8 +187,12 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--max-tokens", type=int, default=400_000, help="tokens per org file")
     parser.add_argument("--no-secagg", action="store_true", help="baseline: level 2 off")
-    parser.add_argument("--wan-ms", type=float, default=0.0,
-                        help="one-way WAN delay between each organization and the global plane")
+    parser.add_argument(
+        "--wan-ms",
+        type=float,
+        default=0.0,
+        help="one-way WAN delay between each organization and the global plane",
+    )
     parser.add_argument(
         "--pretrain-steps",
         type=int,

@@ -184,7 +184,11 @@ def main(argv: list[str] | None = None) -> int:
         running.stop(0)
         shutdown()
         return 1
-    runtime.set_run(staleness_from(info.declared), declared_policy(info.declared, export))
+    runtime.set_run(
+        staleness_from(info.declared),
+        declared_policy(info.declared, export),
+        delay_aware=bool(info.declared.get("delay_aware", False)),
+    )
     audit.adopt(info.policy)
     security = device_security(info.declared, export.k_min, setup.devices.workers)
     try:

@@ -6,10 +6,19 @@ resulting delta waits inside the boundary until a window collects it (with its
 staleness) and the coordinator confirms, by delivering a version that lists this
 boundary as a contributor, that it was aggregated. Until then it is never dropped,
 so an aborted or missed window loses nothing and nothing is counted twice.
+
+Delay-aware mode (Echelon-DA): once a delta has been collected, the boundary keeps
+training from the point it submitted (theta_submitted = theta_v - delta) while the
+window's communication is in flight. When version v+1 arrives, that progress is
+re-based: if v+1 includes the submitted delta, the local model becomes
+theta_(v+1) + (theta_local - theta_submitted), so the next contribution is the
+overlap's own delta with base v+1; if not, the two deltas merge into one delta on
+base v (theta_v - theta_local), which rolls over with its staleness.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -75,6 +84,31 @@ Trainer = Callable[[np.ndarray, int, WindowSpec], TrainedDelta]
 
 
 @dataclass
+class _Overlap:
+    """Training that continues after a submission (delay-aware mode)."""
+
+    submitted: TrainedDelta
+    result: TrainedDelta | None = None
+    included_in: int | None = None  # the version that included `submitted`
+    excluded: bool = False  # a version arrived without it
+
+
+def _merged(first: TrainedDelta, second: TrainedDelta) -> TrainedDelta:
+    """Two successive deltas from the same base as one: theta_v - theta_local."""
+    tokens = first.tokens + second.tokens
+    loss = (first.train_loss * first.tokens + second.train_loss * second.tokens) / max(tokens, 1)
+    return dataclasses.replace(
+        first,
+        delta=(first.delta + second.delta).astype(np.float32),
+        tokens=tokens,
+        devices=min(first.devices, second.devices),
+        train_loss=loss,
+        val_loss=second.val_loss,
+        drift=first.drift + second.drift,
+    )
+
+
+@dataclass
 class _State:
     held_version: int = -1
     phi: np.ndarray | None = None  # global adapter as an offset from the shared initial adapter
@@ -82,6 +116,8 @@ class _State:
     pending: TrainedDelta | None = None
     collected_in: set[int] = field(default_factory=set)
     training: threading.Thread | None = None
+    overlap: _Overlap | None = None
+    delay_aware: bool = False
     tokens_total: int = 0
     last_val_loss: float = float("nan")
 
@@ -107,11 +143,14 @@ class BoundaryRuntime:
         self._state = _State()
         self._lock = threading.Condition()
 
-    def set_run(self, staleness: StalenessConfig, policy: ExportPolicy) -> None:
-        """Adopts the run's declared staleness function and export policy."""
+    def set_run(
+        self, staleness: StalenessConfig, policy: ExportPolicy, delay_aware: bool = False
+    ) -> None:
+        """Adopts the run's declared staleness function, export policy and DA mode."""
         with self._lock:
             self._staleness = staleness
             self._policy = policy
+            self._state.delay_aware = delay_aware
 
     # -- global versions ---------------------------------------------------------------
     def install_global(self, version: int, phi: np.ndarray, contributors: list[str]) -> None:
@@ -128,10 +167,17 @@ class BoundaryRuntime:
                 )
             st.held_version = version
             st.phi = phi.astype(np.float32)
-            if st.pending is not None and self.boundary in contributors and st.collected_in:
+            submitted = bool(st.collected_in) and st.pending is not None
+            if submitted and self.boundary in contributors:
+                assert st.pending is not None
                 log.info("delta_consumed", version=version, base=st.pending.base_version)
                 st.pending = None
+                if st.overlap is not None:
+                    st.overlap.included_in = version
+            elif submitted and st.overlap is not None:
+                st.overlap.excluded = True
             st.collected_in.clear()
+            self._settle_overlap()
             if st.window is not None and st.window.version == version:
                 self._maybe_start_training(st.window)  # the window opened before its version came
             self._lock.notify_all()
@@ -170,16 +216,23 @@ class BoundaryRuntime:
         st.training = thread
         thread.start()
 
-    def _train(self, theta: np.ndarray, spec: WindowSpec) -> None:
+    def _train(self, theta: np.ndarray, spec: WindowSpec, overlap: bool = False) -> None:
         try:
             result = self._trainer(theta, spec.version, spec)
         except Exception:
             log.exception("training_failed", window=spec.window)
+            with self._lock:
+                self._state.overlap = None if overlap else self._state.overlap
             return
         with self._lock:
-            self._state.pending = result
-            self._state.tokens_total += result.tokens
-            self._state.last_val_loss = result.val_loss
+            st = self._state
+            st.tokens_total += result.tokens
+            st.last_val_loss = result.val_loss
+            if overlap and st.overlap is not None:
+                st.overlap.result = result
+                self._settle_overlap()
+            else:
+                st.pending = result
             self._lock.notify_all()
         log.info(
             "delta_ready",
@@ -189,6 +242,41 @@ class BoundaryRuntime:
             train_loss=round(result.train_loss, 4),
             val_loss=round(result.val_loss, 4),
         )
+
+    def _start_overlap(self, spec: WindowSpec, contribution: Contribution) -> None:
+        """Delay-aware: keep training from theta_submitted while the window is in flight."""
+        st = self._state
+        busy = st.training is not None and st.training.is_alive()
+        base = contribution.source.base_version
+        if not st.delay_aware or busy or st.overlap is not None or base != st.held_version:
+            return
+        submitted = dataclasses.replace(contribution.source, delta=contribution.delta)
+        st.pending = submitted  # what was sent (clipped) is what a version may include
+        st.overlap = _Overlap(submitted=submitted)
+        theta = self.theta0 + (st.phi if st.phi is not None else 0.0) - contribution.delta
+        thread = threading.Thread(
+            target=self._train,
+            args=(theta.astype(np.float32), spec, True),
+            name=f"overlap-w{spec.window}",
+            daemon=True,
+        )
+        st.training = thread
+        thread.start()
+
+    def _settle_overlap(self) -> None:
+        """Re-bases finished overlap progress once the submitted delta's fate is known."""
+        st = self._state
+        lap = st.overlap
+        if lap is None or lap.result is None or (lap.included_in is None and not lap.excluded):
+            return
+        if lap.included_in is not None:
+            st.pending = dataclasses.replace(lap.result, base_version=lap.included_in)
+            log.info("overlap_rebased", version=lap.included_in, tokens=lap.result.tokens)
+        else:
+            st.pending = _merged(lap.submitted, lap.result)
+            log.info("overlap_merged", base=lap.submitted.base_version)
+        st.overlap = None
+        self._lock.notify_all()
 
     def window(self, window: int) -> WindowSpec:
         """The open window; raises WindowStateError when `window` is not it."""
@@ -221,6 +309,7 @@ class BoundaryRuntime:
             return None
         with self._lock:
             st.collected_in.add(window)
+            self._start_overlap(spec, contribution)
         return contribution
 
     def _contribution(self, spec: WindowSpec, trained: TrainedDelta) -> Contribution | None:

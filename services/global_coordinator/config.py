@@ -65,6 +65,7 @@ class CoordinatorConfig:
     outer: OuterConfig = field(default_factory=OuterConfig)
     secagg: SecureAggregationConfig = field(default_factory=SecureAggregationConfig)
     staleness: StalenessConfig = field(default_factory=StalenessConfig)
+    delay_aware: bool = False  # Echelon-DA: boundaries keep training while a window is in flight
     adaptive_h: bool = False  # the drift-aware sync controller picks H (and mu) per window
     controller: SyncControllerConfig = field(default_factory=SyncControllerConfig)
 
@@ -88,6 +89,7 @@ class CoordinatorConfig:
             "secagg": asdict(self.secagg),
             "staleness": asdict(self.staleness),
             "adaptive_h": self.adaptive_h,
+            "delay_aware": self.delay_aware,
             "controller": asdict(self.controller),
             "token_unit": self.token_unit,
         }

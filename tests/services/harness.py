@@ -18,8 +18,8 @@ import grpc
 import numpy as np
 
 from echelon.audit.policy import Policy
-from echelon.controller import SyncControllerConfig
 from echelon.audit.record import Role
+from echelon.controller import SyncControllerConfig
 from echelon.policy import ExportPolicy
 from echelon.staleness import StalenessConfig
 from echelon.window import WindowConfig
@@ -60,10 +60,12 @@ class ScriptedTrainer:
     delay_s: float = 0.0
     hang: threading.Event | None = None
     calls: list[int] = field(default_factory=list)
+    thetas: list[np.ndarray] = field(default_factory=list)
     steps: list[int] = field(default_factory=list)
 
     def __call__(self, theta: np.ndarray, version: int, spec: WindowSpec) -> TrainedDelta:
         self.calls.append(spec.window)
+        self.thetas.append(theta.copy())
         self.steps.append(spec.inner_steps)
         if self.hang is not None:
             self.hang.wait()

@@ -5,6 +5,7 @@ when a boundary drops before or after masking, and the audit log records the rou
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,10 +17,12 @@ from echelon.audit.cli import main as audit_cli
 from echelon.audit.record import AuditRecord, PayloadType
 from echelon.audit.store import SqliteLogStore
 from echelon.controller import SyncControllerConfig
+from echelon.policy import ExportPolicy
+from echelon.staleness import StalenessConfig
 from echelon_proto.boundary.v1 import boundary_pb2
 from services.boundary_agent.servicer import BoundaryAgentServicer
 
-from .harness import Sites, expected_phi
+from .harness import Sites, expected_phi, known_delta
 
 ORGS = ["org-a", "org-b", "org-c"]
 # Fixed point with 16 fraction bits: each coordinate of a sum of n weighted values is off by
@@ -178,5 +181,34 @@ def test_sync_controller_lengthens_h_while_boundaries_agree(tmp_path: Path) -> N
         # so H grows by 1.5x each window from the configured 2 (rounded): 2, 3, 4.
         assert sites.agents["org-a"].trainer.steps == [2, 3, 4]
         assert sites.driver.inner_steps == 6
+    finally:
+        sites.close()
+
+
+def test_delay_aware_boundaries_train_while_the_window_is_in_flight(tmp_path: Path) -> None:
+    sites = Sites(tmp_path, ORGS)
+    for agent in sites.agents.values():
+        agent.runtime.set_run(
+            StalenessConfig(), ExportPolicy(k_min=2, clip_norm=10.0), delay_aware=True
+        )
+    try:
+        sites.heartbeat_all()
+        assert sites.driver.step().committed  # type: ignore[union-attr]
+        trainer = sites.agents["org-a"].trainer
+        # The overlap started from theta_submitted = theta_0 - delta while window 1 was open.
+        deadline = time.monotonic() + 10
+        while len(trainer.calls) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        np.testing.assert_allclose(trainer.thetas[1], -known_delta("org-a"), atol=1e-7)
+        # Its progress was re-based onto version 1 and is contributed at once, staleness 0.
+        sites.heartbeat_all()
+        second = sites.driver.step()
+        assert second is not None and second.committed
+        assert trainer.calls[:2] == [1, 1]
+        g = expected_phi(ORGS) / (-0.7 * 1.9)  # the same pseudo-gradient in both windows
+        m = 0.9 * g + g
+        np.testing.assert_allclose(
+            sites.store.load_adapter(2), expected_phi(ORGS) - 0.7 * (g + 0.9 * m), atol=2e-4
+        )
     finally:
         sites.close()
