@@ -62,6 +62,7 @@ DEFAULT_ALLOWED: Mapping[Role, frozenset[PayloadType]] = {
             P.WINDOW_METADATA,
             P.SURVIVOR_SIGNATURE,
             P.UNMASKING_SHARES,
+            P.CONTRIBUTION_DROPPED,  # a boundary's own statement, to the log: too stale to send
         }
     ),
     Role.COORDINATOR: frozenset(

@@ -7,6 +7,7 @@ Flags override the file. Example file::
     [audit_log]
     data_dir = "/var/lib/echelon/audit"
     origin = "echelon.audit/prod"
+    checkpoint_every = 64      # sign a tree head unasked after this many appends
     [metrics]
     port = 9300
     [logging]
@@ -23,6 +24,7 @@ from typing import Any
 
 import structlog
 
+from echelon.audit.log import DEFAULT_CHECKPOINT_EVERY
 from services.common.obs import configure_logging, start_metrics
 from services.common.portfile import write_port_file
 from services.common.server import ServerConfig, wait_for_signal
@@ -72,6 +74,7 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
         "listen": args.listen or server.get("listen", "127.0.0.1:7300"),
         "data_dir": Path(data_dir),
         "origin": args.origin or audit.get("origin", "echelon.audit/log"),
+        "checkpoint_every": int(audit.get("checkpoint_every", DEFAULT_CHECKPOINT_EVERY)),
         "metrics_port": args.metrics_port
         if args.metrics_port is not None
         else int(metrics.get("port", 9300)),
@@ -90,6 +93,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = AuditLogConfig(
         data_dir=settings["data_dir"],
         origin=settings["origin"],
+        checkpoint_every=settings["checkpoint_every"],
         server=ServerConfig(host=host, port=port, grace_s=settings["grace_s"]),
     )
     metrics_port = start_metrics(settings["metrics_host"], settings["metrics_port"])

@@ -15,6 +15,7 @@ import grpc
 import structlog
 
 from echelon.audit import LogSigner, SqliteLogStore, TransparencyLog
+from echelon.audit.log import DEFAULT_CHECKPOINT_EVERY
 from echelon_proto.audit.v1 import audit_pb2, audit_pb2_grpc
 from services.common.server import RunningServer, ServerConfig, start_server
 from services.common.validate import NonceGuard
@@ -35,6 +36,9 @@ class AuditLogConfig:
     origin: str = "echelon.audit/log"  # first line of every checkpoint
     key_name: str = "echelon-audit-log"  # the log key's name in signed notes
     nonce_capacity: int = 65536
+    # Appends after which the log signs a tree head unasked (GetTreeHead always signs one
+    # over every entry); 1 signs one per append, at about an Ed25519 signature each.
+    checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"[\x21-\x7e][\x20-\x7e]{0,254}", self.origin):
@@ -46,6 +50,10 @@ class AuditLogConfig:
         if self.nonce_capacity < 1024:
             raise ValueError(
                 f"AuditLogConfig.nonce_capacity: got {self.nonce_capacity}, want >= 1024"
+            )
+        if self.checkpoint_every < 1:
+            raise ValueError(
+                f"AuditLogConfig.checkpoint_every: got {self.checkpoint_every}, want >= 1"
             )
 
 
@@ -88,7 +96,9 @@ def create_server(config: AuditLogConfig) -> AuditLogServer:
     """
     signer = load_log_signer(config)
     transparency_log = TransparencyLog(
-        store=SqliteLogStore(config.data_dir / DB_FILE), signer=signer
+        store=SqliteLogStore(config.data_dir / DB_FILE),
+        signer=signer,
+        checkpoint_every=config.checkpoint_every,
     )
     servicer = AuditLogServicer(transparency_log, NonceGuard(config.nonce_capacity))
 

@@ -15,7 +15,7 @@ import structlog
 from prometheus_client import Counter, Gauge, Histogram
 
 from echelon.audit import (
-    AuditRecord,
+    AppendResult,
     CounterReplay,
     KeyConflict,
     LogRangeError,
@@ -45,7 +45,7 @@ REFUSED = Counter(
 TREE_SIZE = Gauge("echelon_audit_tree_size", "Entries in the audit log")
 APPEND_SECONDS = Histogram(
     "echelon_audit_append_seconds",
-    "Append latency (validate, verify, fsync, sign)",
+    "Append latency (validate, verify, fsync; a head signature every few appends)",
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
 )
 
@@ -118,31 +118,31 @@ class AuditLogServicer(audit_pb2_grpc.AuditLogServicer):
     def Append(
         self, request: audit_pb2.AppendRequest, context: grpc.ServicerContext
     ) -> audit_pb2.AppendResponse:
+        """`tree_head` is the latest signed head, which covers the record only when its
+        size exceeds `index` (heads are signed lazily); GetTreeHead returns one that does."""
         started = time.perf_counter()
 
-        def append() -> audit_pb2.AppendResponse:
+        def append() -> AppendResult:
             self._ref("AppendRequest", request.ref, request.HasField("ref"))
             validate_append(request)
-            result = self._log.append(bytes(request.record), bytes(request.signature))
-            return audit_pb2.AppendResponse(
-                index=result.index,
-                leaf_hash=result.leaf_hash,
-                tree_head=_tree_head(result.tree_head),
-            )
+            return self._log.append(bytes(request.record), bytes(request.signature))
 
-        response = self._serve(context, "AppendRequest", append)
-        self._observe(request.record, response, time.perf_counter() - started)
-        return response
+        result = self._serve(context, "AppendRequest", append)
+        self._observe(result, time.perf_counter() - started)
+        return audit_pb2.AppendResponse(
+            index=result.index, leaf_hash=result.leaf_hash, tree_head=_tree_head(result.tree_head)
+        )
 
-    def _observe(self, data: bytes, response: audit_pb2.AppendResponse, seconds: float) -> None:
-        record = AuditRecord.decode(data)
+    def _observe(self, result: AppendResult, seconds: float) -> None:
+        record = result.record
+        assert record is not None, "TransparencyLog.append returns the decoded record"
         verdict = "accepted" if record.verdict.accepted else "refused"
         APPENDS.labels(payload_type=record.payload_type.name, verdict=verdict).inc()
         APPEND_SECONDS.observe(seconds)
-        TREE_SIZE.set(response.tree_head.tree_size)
+        TREE_SIZE.set(self._log.size)
         log.info(
             "record_appended",
-            index=response.index,
+            index=result.index,
             signer=record.signer,
             payload_type=record.payload_type.name,
             window=record.window,

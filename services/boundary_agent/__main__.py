@@ -139,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         trainer=trainer,
         policy=export,
         staleness=StalenessConfig(),
+        on_dropped=audit.dropped,
     )
     secure = SecureAggregationSession(agent.boundary, identity.key)
     layout_digest = bytes.fromhex(facts.layout.digest())

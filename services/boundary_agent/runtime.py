@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import structlog
 
-from echelon.policy import ExportPolicy, apply_export_policy
+from echelon.policy import ExportPolicy, ExportRefused, apply_export_policy
 from echelon.staleness import StalenessConfig, contribution_weight
 
 log = structlog.get_logger(__name__)
@@ -133,6 +133,7 @@ class BoundaryRuntime:
         trainer: Trainer,
         policy: ExportPolicy,
         staleness: StalenessConfig,
+        on_dropped: Callable[[int, int], None] = lambda window, staleness: None,
     ) -> None:
         self.boundary = boundary
         self.theta0 = theta0.astype(np.float32)
@@ -140,6 +141,7 @@ class BoundaryRuntime:
         self._trainer = trainer
         self._policy = policy
         self._staleness = staleness
+        self._on_dropped = on_dropped
         self._state = _State()
         self._lock = threading.Condition()
 
@@ -305,24 +307,33 @@ class BoundaryRuntime:
                 self._lock.wait(timeout=min(remaining, 1.0))
             trained = st.pending
         contribution = self._contribution(spec, trained)
-        if contribution is None:
-            return None
         with self._lock:
             st.collected_in.add(window)
             self._start_overlap(spec, contribution)
         return contribution
 
-    def _contribution(self, spec: WindowSpec, trained: TrainedDelta) -> Contribution | None:
+    def _contribution(self, spec: WindowSpec, trained: TrainedDelta) -> Contribution:
+        """The policy-checked, weighted contribution. Raises ExportRefused when the policy
+        refuses the delta or it is too stale (then it is dropped, and the drop audited)."""
         decision = apply_export_policy(
             trained.delta, devices=trained.devices, dim=self.dim, policy=self._policy
         )
         staleness = spec.version - trained.base_version
         weight = contribution_weight(trained.tokens, staleness, self._staleness, spec.token_unit)
         if weight is None:
-            log.warning("contribution_too_stale", window=spec.window, staleness=staleness)
+            log.warning(
+                "contribution_dropped",
+                window=spec.window,
+                staleness=staleness,
+                tau_max=self._staleness.tau_max,
+            )
+            self._on_dropped(spec.window, staleness)
             with self._lock:
                 self._state.pending = None
-            return None
+                self._state.overlap = None
+            raise ExportRefused(
+                f"staleness {staleness} > tau_max {self._staleness.tau_max}: delta dropped"
+            )
         return Contribution(
             window=spec.window,
             delta=decision.delta,

@@ -15,7 +15,14 @@ import numpy as np
 
 from echelon.audit.gate import EgressGate
 from echelon.audit.policy import Policy
-from echelon.audit.record import Attributes, DeltaAttributes, MetadataAttributes, PayloadType
+from echelon.audit.record import (
+    LOG_PARTY,
+    Attributes,
+    DeltaAttributes,
+    DroppedAttributes,
+    MetadataAttributes,
+    PayloadType,
+)
 from echelon_proto.boundary.v1 import boundary_pb2
 
 T = TypeVar("T")
@@ -100,6 +107,17 @@ class AuditedPeer:
     ) -> None:
         self.gate.received(
             PayloadType(payload_type), sender, window, vector_bytes(vector), attributes
+        )
+
+    def dropped(self, window: int, staleness: int) -> None:
+        """Records that a contribution was dropped as too stale (nothing crosses)."""
+        self.gate.send(
+            PayloadType.CONTRIBUTION_DROPPED,
+            LOG_PARTY,
+            window,
+            str(staleness).encode(),
+            DroppedAttributes(staleness=staleness),
+            lambda: None,
         )
 
     def sent_delta(

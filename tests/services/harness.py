@@ -110,6 +110,7 @@ class Sites:
         level2: bool = True,
         deadline_s: float = 20.0,
         controller: SyncControllerConfig | None = None,
+        buffer_k: int = 0,
         servicer_class: Callable[..., BoundaryAgentServicer] = BoundaryAgentServicer,
     ) -> None:
         self.root = root
@@ -126,7 +127,9 @@ class Sites:
             run_id="test",
             token_unit=TOKEN_UNIT,
             abort_backoff_s=0.1,
-            window=WindowConfig(inner_steps=2, deadline_s=deadline_s, min_cohort=2, m_min=2),
+            window=WindowConfig(
+                inner_steps=2, deadline_s=deadline_s, min_cohort=2, m_min=2, buffer_k=buffer_k
+            ),
             secagg=SecureAggregationConfig(level2=level2),
             adaptive_h=controller is not None,
             controller=controller or SyncControllerConfig(),
@@ -170,6 +173,7 @@ class Sites:
             trainer=trainer,
             policy=ExportPolicy(k_min=2, clip_norm=10.0),
             staleness=StalenessConfig(),
+            on_dropped=audit.dropped,
         )
         secure = SecureAggregationSession(boundary, ident.key)
         servicer = servicer_class(runtime, audit, secure, b"\x01" * 32)

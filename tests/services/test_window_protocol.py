@@ -22,7 +22,7 @@ from echelon.staleness import StalenessConfig
 from echelon_proto.boundary.v1 import boundary_pb2
 from services.boundary_agent.servicer import BoundaryAgentServicer
 
-from .harness import Sites, expected_phi, known_delta
+from .harness import TOKEN_UNIT, Sites, expected_phi, known_delta, known_tokens
 
 ORGS = ["org-a", "org-b", "org-c"]
 # Fixed point with 16 fraction bits: each coordinate of a sum of n weighted values is off by
@@ -210,5 +210,58 @@ def test_delay_aware_boundaries_train_while_the_window_is_in_flight(tmp_path: Pa
         np.testing.assert_allclose(
             sites.store.load_adapter(2), expected_phi(ORGS) - 0.7 * (g + 0.9 * m), atol=2e-4
         )
+    finally:
+        sites.close()
+
+
+def test_buffered_window_does_not_wait_and_the_late_delta_counts_with_its_staleness(
+    tmp_path: Path,
+) -> None:
+    sites = Sites(tmp_path, ORGS, buffer_k=2)
+    sites.agents["org-c"].trainer.delay_s = 1.5
+    try:
+        sites.heartbeat_all()
+        first = sites.driver.step()
+        assert first is not None and first.contributors == ("org-a", "org-b")  # K = 2: no wait
+        time.sleep(2.0)  # org-c's delta (base version 0) is ready by now
+        sites.agents["org-a"].trainer.delay_s = 0.5  # fresh deltas now come after org-c's
+        sites.agents["org-b"].trainer.delay_s = 3.0
+        sites.heartbeat_all()
+        second = sites.driver.step()
+        assert second is not None and second.contributors == ("org-a", "org-c")
+        # org-c contributes its version-0 delta one version late: weight tokens/unit * 2**-0.5.
+        weights = {b: known_tokens(b) / TOKEN_UNIT for b in ORGS}
+        weights["org-c"] *= 2**-0.5
+        g1 = sum(known_tokens(b) * known_delta(b).astype(np.float64) for b in ("org-a", "org-b"))
+        g1 /= sum(known_tokens(b) for b in ("org-a", "org-b"))
+        contributors = second.contributors
+        g2 = sum(weights[b] * known_delta(b).astype(np.float64) for b in contributors)
+        g2 /= sum(weights[b] for b in contributors)
+        phi1 = -0.7 * 1.9 * g1
+        phi2 = phi1 - 0.7 * (g2 + 0.9 * (0.9 * g1 + g2))
+        np.testing.assert_allclose(sites.store.load_adapter(2), phi2, atol=2e-4)
+    finally:
+        sites.close()
+
+
+def test_a_delta_beyond_tau_max_is_dropped_and_audited(tmp_path: Path) -> None:
+    sites = Sites(tmp_path, ORGS, buffer_k=2)
+    late = sites.agents["org-c"]
+    late.runtime.set_run(StalenessConfig(tau_max=0), ExportPolicy(k_min=2, clip_norm=10.0))
+    late.trainer.delay_s = 1.5
+    try:
+        sites.heartbeat_all()
+        assert sites.driver.step().contributors == ("org-a", "org-b")  # type: ignore[union-attr]
+        time.sleep(2.0)
+        sites.agents["org-a"].trainer.delay_s = 0.5
+        sites.agents["org-b"].trainer.delay_s = 0.5
+        sites.heartbeat_all()
+        second = sites.driver.step()
+        assert second is not None and second.contributors == ("org-a", "org-b")
+        dropped = [r for r in _records(sites) if r.payload_type == PayloadType.CONTRIBUTION_DROPPED]
+        assert [(r.sender, r.window, r.attributes.staleness) for r in dropped] == [  # type: ignore[union-attr]
+            ("org-c", 2, 1)
+        ]
+        assert late.runtime.status()["has_pending"] == 0.0  # nothing kept, nothing counted
     finally:
         sites.close()
