@@ -99,7 +99,7 @@ def _spec(args: argparse.Namespace, paths: dict[str, Path], base: Path) -> Deplo
             "window": {"inner_steps": args.steps, "deadline_s": 300.0},
             "inner": {"lr": args.lr, "batch_size": args.batch_size, "seq_len": seq},
             "outer": {"lr": 0.7, "momentum": 0.9},
-            "secagg": {"level1": False, "level2": not args.no_secagg},
+            "secagg": {"level1": not args.no_secagg, "level2": not args.no_secagg},
         },
         agent_tables={
             "data": {"seq_len": seq, "max_tokens_per_file": args.max_tokens},
@@ -186,7 +186,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--max-tokens", type=int, default=400_000, help="tokens per org file")
-    parser.add_argument("--no-secagg", action="store_true", help="baseline: level 2 off")
+    parser.add_argument("--no-secagg", action="store_true", help="baseline: both levels off")
     parser.add_argument(
         "--wan-ms",
         type=float,
