@@ -148,7 +148,7 @@ class Progress:
             st = _agent_status(self.deployment.services[org].address)
             if st is not None:
                 tokens += st.tokens_total
-                parts.append(f"{org} val {st.val_loss:6.3f}")
+                parts.append(f"{org} local val {st.val_loss:6.3f}")
         print(
             f"\r  [{elapsed:5.0f}s] windows {status.windows_completed:>2} | version "
             f"{status.version:>2} | H {status.inner_steps} | live {len(status.live)} | "

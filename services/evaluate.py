@@ -4,6 +4,7 @@ global adapter, and a few tokens generated from the exported peft adapter."""
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -72,7 +73,9 @@ def generate_sample(deployment: Deployment, org: str, out_dir: Path, tokens: int
     base_dir = exported.base_dir or exported.base_source
     tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
     base = AutoModelForCausalLM.from_pretrained(str(base_dir))
-    model = PeftModel.from_pretrained(base, str(exported.adapter_dir))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")  # peft's
+        model = PeftModel.from_pretrained(base, str(exported.adapter_dir))
     prompt = "In the beginning"
     ids = tokenizer(prompt, return_tensors="pt").input_ids
     torch.manual_seed(0)
