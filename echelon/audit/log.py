@@ -4,7 +4,8 @@
 simulator run in-process (`LocalSink`). It refuses a record that does not parse,
 whose signature does not verify against its signer's registered key (a party's
 first record is its self-signed KEY_REGISTRATION), or whose counter does not
-exceed the signer's last one.
+exceed the signer's last one. Tree heads are signed lazily (docs/audit.md section 4):
+when asked for, every `checkpoint_every` entries, on open and on close.
 """
 
 from __future__ import annotations
@@ -17,21 +18,32 @@ import structlog
 
 from .checkpoint import LogSigner, SignedTreeHead
 from .errors import CounterReplay, KeyConflict, RecordError, StoreCorrupted, UnknownSigner
-from .merkle import MerkleTree, leaf_hash
+from .merkle import EMPTY_ROOT, MerkleTree, leaf_hash
 from .record import SIGNATURE_BYTES, AuditRecord, Direction, KeyRegistration, leaf_data
 from .signing import verify_signature
 from .store import LogEntry, LogStore, StoredEntry
 
 log = structlog.get_logger(__name__)
 
+# Entries a log appends before it signs a tree head unasked. Asking (`tree_head`) always
+# signs one that covers every entry, so this bounds only what a crash can leave uncovered.
+DEFAULT_CHECKPOINT_EVERY = 64
+
 
 @dataclass(frozen=True, kw_only=True)
 class AppendResult:
-    """Where a record landed: its index, its leaf hash and the tree head that includes it."""
+    """Where a record landed: its index, its leaf hash and the latest signed tree head.
+
+    Heads are signed lazily, so `tree_head` covers the record only when
+    `tree_head.size > index`; `TransparencyLog.tree_head()` (the service's
+    GetTreeHead) returns one that does. `record` is the decoded record when the log
+    itself produced the result (None when it came over the wire).
+    """
 
     index: int
     leaf_hash: bytes
     tree_head: SignedTreeHead
+    record: AuditRecord | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -110,11 +122,26 @@ class Registry:
 
 
 class TransparencyLog:
-    """An append-only Merkle log over a `LogStore`, signing a tree head per append. Thread-safe."""
+    """An append-only Merkle log over a `LogStore`, signing tree heads lazily. Thread-safe.
 
-    def __init__(self, *, store: LogStore, signer: LogSigner) -> None:
+    A head is signed and stored when `tree_head()` is asked while entries are
+    uncovered, in the transaction that brings the uncovered entries to
+    `checkpoint_every` (1: a head per append), on open over entries a crash left
+    uncovered (after replaying and verifying them), and on close.
+    """
+
+    def __init__(
+        self,
+        *,
+        store: LogStore,
+        signer: LogSigner,
+        checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY,
+    ) -> None:
+        if checkpoint_every < 1:
+            raise ValueError(f"TransparencyLog.checkpoint_every: got {checkpoint_every}, want >= 1")
         self._store = store
         self._signer = signer
+        self._checkpoint_every = checkpoint_every
         self._lock = threading.Lock()
         self._registry = Registry()
         self._tree = MerkleTree()
@@ -125,15 +152,15 @@ class TransparencyLog:
         heads = store.tree_heads()
         if heads:
             latest = heads[-1]
-            if latest.size != size or self._tree.root(latest.size) != latest.root_hash:
+            if latest.size > size or self._tree.root(latest.size) != latest.root_hash:
                 raise StoreCorrupted(
                     "stored log does not match its latest signed tree head",
                     expected=(latest.size, latest.root_hash.hex()),
-                    found=(size, self._tree.root().hex()),
+                    found=(size, self._tree.root(min(size, latest.size)).hex()),
                 )
-        elif size:
-            raise StoreCorrupted("entries without a signed tree head", expected=0, found=size)
-        self._head = heads[-1] if heads else signer.sign(0, self._tree.root())
+        self._head = heads[-1] if heads else signer.sign(0, EMPTY_ROOT)
+        if self._head.size < size:  # a crash between checkpoints; every entry was replayed
+            self._checkpoint_locked()
         log.info("audit_log_opened", tree_size=size, origin=signer.origin)
 
     def _replay(self, stored: StoredEntry) -> None:
@@ -163,33 +190,57 @@ class TransparencyLog:
         return self.append_many([(record, signature)])[0]
 
     def append_many(self, items: Sequence[tuple[bytes, bytes]]) -> list[AppendResult]:
-        """Checks and appends records in one transaction: all are appended or none."""
+        """Checks and appends records in one transaction: all are appended or none.
+
+        Raises what `Registry.check` raises (for the first record refused).
+        """
         with self._lock:
-            staged = Registry()
-            staged.keys, staged.counters = dict(self._registry.keys), dict(self._registry.counters)
-            accepted = []
-            for record, signature in items:
-                one = staged.check(record, signature)
-                staged.add(one)
-                accepted.append(one)
+            if len(items) == 1:  # the common case: check against the registry, commit after
+                staged = self._registry
+                accepted = [staged.check(*items[0])]
+            else:
+                staged = Registry()
+                staged.keys = dict(self._registry.keys)
+                staged.counters = dict(self._registry.counters)
+                accepted = []
+                for record, signature in items:
+                    one = staged.check(record, signature)
+                    staged.add(one)
+                    accepted.append(one)
             first = self._tree.size
             for one in accepted:
                 self._tree.append(one.entry.leaf_hash)
-            head = self._signer.sign(self._tree.size, self._tree.root())
+            head = None
+            if self._tree.size - self._head.size >= self._checkpoint_every:
+                head = self._signer.sign(self._tree.size, self._tree.root())
             try:
                 self._store.append([a.entry for a in accepted], head)
             except BaseException:
                 self._tree.truncate(first)
                 raise
-            self._registry, self._head = staged, head
+            if staged is self._registry:
+                staged.add(accepted[0])
+            self._registry = staged
+            self._head = head if head is not None else self._head
+            latest = self._head
         return [
-            AppendResult(index=first + i, leaf_hash=a.entry.leaf_hash, tree_head=head)
+            AppendResult(
+                index=first + i, leaf_hash=a.entry.leaf_hash, tree_head=latest, record=a.record
+            )
             for i, a in enumerate(accepted)
         ]
 
     def tree_head(self) -> SignedTreeHead:
+        """A signed head of the whole log: signed and stored now if entries are uncovered."""
         with self._lock:
-            return self._head
+            return self._checkpoint_locked()
+
+    def _checkpoint_locked(self) -> SignedTreeHead:
+        if self._head.size < self._tree.size:
+            head = self._signer.sign(self._tree.size, self._tree.root())
+            self._store.add_tree_head(head)
+            self._head = head
+        return self._head
 
     def inclusion_proof(self, index: int, size: int) -> list[bytes]:
         """Raises LogRangeError when index >= size or size exceeds the log."""
@@ -206,7 +257,12 @@ class TransparencyLog:
         return self._store.get(start, end)
 
     def close(self) -> None:
-        self._store.close()
+        """Signs a head over uncovered entries, then closes the store."""
+        with self._lock:
+            try:
+                self._checkpoint_locked()
+            finally:
+                self._store.close()
 
 
 class LocalSink:

@@ -1,7 +1,7 @@
 """Durable, append-only storage of log entries and issued tree heads, behind `LogStore`.
 
-Two backends share one contract (tests/audit/test_store.py): `MemoryLogStore` for
-tests and the simulator, `SqliteLogStore` for the service (WAL, synchronous=FULL,
+Two backends share one contract (tests/audit/test_audit_store.py): `MemoryLogStore`
+for tests and the simulator, `SqliteLogStore` for the service (WAL, synchronous=FULL,
 triggers that abort UPDATE and DELETE, the index assigned inside the insert's
 own transaction).
 """
@@ -41,12 +41,21 @@ class StoredEntry:
 
 
 class LogStore(Protocol):
-    """Append-only storage. `append` writes entries and the tree head they produce atomically."""
+    """Append-only storage of entries and the tree heads the log signed over them."""
 
-    def append(self, entries: Sequence[LogEntry], head: SignedTreeHead) -> int:
-        """Appends entries at the end (all or none) with `head` of size size()+len(entries).
+    def append(self, entries: Sequence[LogEntry], head: SignedTreeHead | None = None) -> int:
+        """Appends entries at the end, and `head` (of size size()+len(entries)) if given,
+        in one transaction: all or none.
 
-        Returns the first new index. Raises StoreCorrupted when `head.size` does not fit.
+        Returns the first new index. Raises StoreCorrupted when `head.size` does not fit,
+        ValueError when `entries` is empty.
+        """
+        ...
+
+    def add_tree_head(self, head: SignedTreeHead) -> None:
+        """Stores a head of the current size, larger than every stored head.
+
+        Raises StoreCorrupted otherwise.
         """
         ...
 
@@ -73,13 +82,19 @@ class MemoryLogStore:
         self._heads: list[SignedTreeHead] = []
         self._lock = threading.Lock()
 
-    def append(self, entries: Sequence[LogEntry], head: SignedTreeHead) -> int:
+    def append(self, entries: Sequence[LogEntry], head: SignedTreeHead | None = None) -> int:
         with self._lock:
             first = len(self._entries)
-            _check_head(first, entries, head)
+            _check_entries(first, entries, head)
             self._entries.extend(entries)
-            self._heads.append(head)
+            if head is not None:
+                self._heads.append(head)
             return first
+
+    def add_tree_head(self, head: SignedTreeHead) -> None:
+        with self._lock:
+            _check_new_head(len(self._entries), self._heads[-1].size if self._heads else -1, head)
+            self._heads.append(head)
 
     def get(self, start: int, end: int) -> list[StoredEntry]:
         with self._lock:
@@ -108,13 +123,22 @@ def _stored(index: int, entry: LogEntry) -> StoredEntry:
     )
 
 
-def _check_head(first: int, entries: Sequence[LogEntry], head: SignedTreeHead) -> None:
+def _check_entries(first: int, entries: Sequence[LogEntry], head: SignedTreeHead | None) -> None:
     if not entries:
         raise ValueError("append: got no entries, want at least one")
-    if head.size != first + len(entries):
+    if head is not None and head.size != first + len(entries):
         raise StoreCorrupted(
             "tree head size does not follow the appended entries",
             expected=first + len(entries),
+            found=head.size,
+        )
+
+
+def _check_new_head(size: int, last: int, head: SignedTreeHead) -> None:
+    if head.size != size or head.size <= last:
+        raise StoreCorrupted(
+            "tree head size: a new head covers the whole log and is larger than the last",
+            expected=f"{size}, with {size} > {last}",
             found=head.size,
         )
 
@@ -155,11 +179,14 @@ APPEND_ONLY_TRIGGERS = frozenset(
     {"entries_no_update", "entries_no_delete", "tree_heads_no_update", "tree_heads_no_delete"}
 )
 
-# The index is computed by the INSERT itself, inside the BEGIN IMMEDIATE transaction.
+# The first index is read inside the BEGIN IMMEDIATE transaction that inserts, so no
+# other writer can interleave; the primary key refuses an index taken twice.
+_SIZE = "SELECT COALESCE(MAX(idx), -1) + 1 FROM entries"
 _INSERT = (
     "INSERT INTO entries (idx, party, counter, record, signature, leaf_hash) "
-    "SELECT COALESCE(MAX(idx), -1) + 1, ?, ?, ?, ?, ? FROM entries"
+    "VALUES (?, ?, ?, ?, ?, ?)"
 )
+_INSERT_HEAD = "INSERT INTO tree_heads (tree_size, root_hash, checkpoint) VALUES (?, ?, ?)"
 
 
 class SqliteLogStore:
@@ -177,33 +204,47 @@ class SqliteLogStore:
             self._db.executescript(_SCHEMA)
         self._lock = threading.Lock()
 
-    def append(self, entries: Sequence[LogEntry], head: SignedTreeHead) -> int:
-        rows = [(e.party, e.counter, e.record, e.signature, e.leaf_hash) for e in entries]
+    def append(self, entries: Sequence[LogEntry], head: SignedTreeHead | None = None) -> int:
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 first = self._size_locked()
-                _check_head(first, entries, head)
-                self._db.executemany(_INSERT, rows)
-                self._db.execute(
-                    "INSERT INTO tree_heads (tree_size, root_hash, checkpoint) VALUES (?, ?, ?)",
-                    (head.size, head.root_hash, head.checkpoint),
-                )
-                if self._size_locked() != head.size:
-                    raise StoreCorrupted(
-                        "entries table is not contiguous",
-                        expected=head.size,
-                        found=self._size_locked(),
+                _check_entries(first, entries, head)
+                if len(entries) == 1:
+                    e = entries[0]
+                    self._db.execute(
+                        _INSERT, (first, e.party, e.counter, e.record, e.signature, e.leaf_hash)
                     )
+                else:
+                    self._db.executemany(
+                        _INSERT,
+                        [
+                            (i, e.party, e.counter, e.record, e.signature, e.leaf_hash)
+                            for i, e in enumerate(entries, first)
+                        ],
+                    )
+                if head is not None:
+                    self._db.execute(_INSERT_HEAD, (head.size, head.root_hash, head.checkpoint))
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
             return first
 
+    def add_tree_head(self, head: SignedTreeHead) -> None:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                row = self._db.execute("SELECT COALESCE(MAX(tree_size), -1) FROM tree_heads")
+                _check_new_head(self._size_locked(), int(row.fetchone()[0]), head)
+                self._db.execute(_INSERT_HEAD, (head.size, head.root_hash, head.checkpoint))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
     def _size_locked(self) -> int:
-        row = self._db.execute("SELECT COALESCE(MAX(idx), -1) + 1 FROM entries").fetchone()
-        return int(row[0])
+        return int(self._db.execute(_SIZE).fetchone()[0])
 
     def get(self, start: int, end: int) -> list[StoredEntry]:
         with self._lock:

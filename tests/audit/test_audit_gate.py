@@ -110,7 +110,7 @@ def test_append_many_is_all_or_nothing() -> None:
         log.append_many([(reg, signer.sign(reg)), (ok, signer.sign(ok)), (bad, signer.sign(bad))])
     assert log.size == 0
     results = log.append_many([(reg, signer.sign(reg)), (ok, signer.sign(ok))])
-    assert [r.index for r in results] == [0, 1] and results[1].tree_head.size == 2
+    assert [r.index for r in results] == [0, 1] and log.tree_head().size == 2
 
 
 def _gates(policy: Policy | None = None) -> tuple[EgressGate, EgressGate, LocalSink]:

@@ -67,6 +67,24 @@ def test_signed_records_append_and_their_proofs_verify(service: LogService) -> N
     verify_consistency(7, head.size, root7, head.root_hash, proof)
 
 
+def test_append_answers_the_latest_signed_head_and_get_tree_head_covers_the_record(
+    service: LogService,
+) -> None:
+    client, signer = service.client, Signer.generate("org-a")
+    assert client is not None
+    registration, status = _registration(signer, 1), _status(signer, 2)
+    client.append(registration, signer.sign(registration))
+    first_head = client.tree_head()
+
+    result = client.append(status, signer.sign(status))
+    head = client.tree_head()
+
+    assert result.index == 1 and result.tree_head == first_head  # signed lazily: size 1
+    assert head.size == 2
+    proof = client.inclusion_proof(result.index, head.size)
+    verify_inclusion(result.index, head.size, result.leaf_hash, proof, head.root_hash)
+
+
 def _root_at(service: LogService, size: int) -> bytes:
     assert service.server is not None and service.server.log is not None
     return service.server.log._tree.root(size)

@@ -90,6 +90,24 @@ class LogStoreContract:
         with pytest.raises(ValueError):
             store.append([], _head(0))
 
+    def test_entries_append_without_a_head_and_a_head_is_added_later(self, store: LogStore) -> None:
+        assert store.append([_entry(0)]) == 0
+        assert store.append([_entry(1), _entry(2)]) == 1
+        assert store.tree_heads() == []
+        store.add_tree_head(_head(3))
+        assert store.size() == 3 and store.tree_heads() == [_head(3)]
+
+    def test_an_added_head_must_cover_the_whole_log_and_grow(self, store: LogStore) -> None:
+        store.append([_entry(0), _entry(1)], _head(2))
+        with pytest.raises(StoreCorrupted):
+            store.add_tree_head(_head(2))  # not larger than the last stored head
+        with pytest.raises(StoreCorrupted):
+            store.add_tree_head(_head(1))  # not the whole log
+        store.append([_entry(2)])
+        with pytest.raises(StoreCorrupted):
+            store.add_tree_head(_head(4))  # beyond the log
+        assert store.tree_heads() == [_head(2)]
+
 
 class TestMemoryLogStore(LogStoreContract):
     def make_store(self, tmp_path: Path) -> LogStore:
@@ -161,6 +179,7 @@ def test_a_log_killed_mid_append_reopens_whole_and_verifies(tmp_path: Path) -> N
     store = SqliteLogStore(db, readonly=True)
     entries = store.get(0, store.size())
     assert MerkleTree(e.leaf_hash for e in entries).root() == log.tree_head().root_hash
+    assert store.tree_heads()[-1].size == len(entries)  # reopening covered any uncovered tail
     report = verify_log(entries, store.tree_heads(), verifier=None)
     structural = {
         "index",
