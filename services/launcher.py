@@ -156,6 +156,7 @@ class Deployment:
                         "service": {
                             "data_dir": str(spec.root / "coordinator"),
                             "audit": audit.address,
+                            "audit_key": str(spec.root / "audit-log" / "log.vkey"),
                             "metrics_port": 0,
                             "log_level": spec.log_level,
                         },
@@ -178,6 +179,7 @@ class Deployment:
                             "service": {
                                 "data_dir": str(spec.root / site.boundary),
                                 "audit": audit.address,
+                                "audit_key": str(spec.root / "audit-log" / "log.vkey"),
                                 "metrics_port": 0,
                                 "log_level": spec.log_level,
                             },

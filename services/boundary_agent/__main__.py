@@ -30,7 +30,13 @@ from echelon.training.pool import DevicePool, PoolError
 from echelon.training.tokenizer import TokenizerConfig
 from echelon_proto.boundary.v1 import boundary_pb2_grpc
 from echelon_proto.coordinator.v1 import coordinator_pb2
-from services.common.bootstrap import audited_peer, common_arguments, common_config, load_tables
+from services.common.bootstrap import (
+    audited_peer,
+    common_arguments,
+    common_config,
+    load_tables,
+    watch_audit_log,
+)
 from services.common.identity import load_or_create_identity
 from services.common.obs import configure_logging, start_metrics
 from services.common.portfile import write_port_file
@@ -210,6 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         dim=facts.layout.numel,
     )
     link.heartbeats(agent.boundary, lambda: runtime.held_version, agent.heartbeat_s, stop)
+    watch_audit_log(common, audit, audit_channel, stop)
     wait_for_signal(running, shutdown, common.server.grace_s)
     return 0
 

@@ -13,6 +13,7 @@ from typing import Protocol, TypeVar
 
 import numpy as np
 
+from echelon.audit.errors import AuditError
 from echelon.audit.gate import EgressGate
 from echelon.audit.policy import Policy
 from echelon.audit.record import (
@@ -26,6 +27,10 @@ from echelon.audit.record import (
 from echelon_proto.boundary.v1 import boundary_pb2
 
 T = TypeVar("T")
+
+
+class EgressHalted(AuditError):
+    """The party stopped all egress; the message says why."""
 
 
 class _Message(Protocol):
@@ -50,13 +55,25 @@ class AuditedPeer:
     """One party's audited view of the wire; every method records before or on crossing."""
 
     def __init__(self, gate: EgressGate, rebuild: Callable[[Policy], EgressGate]) -> None:
-        self.gate = gate
+        self._gate = gate
         self.party = gate.party
         self._rebuild = rebuild
+        self._halted: str | None = None
+
+    @property
+    def gate(self) -> EgressGate:
+        """The gate; raises EgressHalted once the party stopped all egress."""
+        if self._halted is not None:
+            raise EgressHalted(self._halted)
+        return self._gate
+
+    def halt(self, reason: str) -> None:
+        """Stops every further crossing (fail closed), e.g. when the audit log forked."""
+        self._halted = reason
 
     def adopt(self, policy: Policy) -> None:
         """Switches to the run's declared policy (learned at registration)."""
-        self.gate = self._rebuild(policy)
+        self._gate = self._rebuild(policy)
 
     def sent(self, payload_type: int, receiver: str, window: int, message: _Message) -> None:
         self.gate.send(

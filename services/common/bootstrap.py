@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import grpc
+import structlog
 
 from echelon.audit.gate import EgressGate, wall_clock_ms
 from echelon.audit.policy import Policy
@@ -17,6 +19,8 @@ from echelon.tomlconfig import build, load_toml
 from .audited import AuditedPeer
 from .identity import Identity
 from .server import ServerConfig
+
+log = structlog.get_logger(__name__)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -29,6 +33,8 @@ class CommonConfig:
     log_level: str = "info"
     data_dir: Path = Path("var")
     audit: str = "127.0.0.1:50070"  # host:port of the audit log service
+    audit_key: str = ""  # the log's verifier key (file or text); "" = do not witness
+    witness_s: float = 10.0  # how often to check the log's signed tree head
 
 
 def common_arguments(parser: argparse.ArgumentParser) -> None:
@@ -38,6 +44,7 @@ def common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--metrics-port", type=int, help="Prometheus port; 0 = ephemeral, -1 = off")
     parser.add_argument("--data-dir", type=Path, help="durable state directory")
     parser.add_argument("--audit", help="host:port of the audit log service")
+    parser.add_argument("--audit-key", help="the audit log's verifier key (file or text)")
     parser.add_argument("--log-level", help="debug, info, warning or error")
     parser.add_argument("--port-file", type=Path, help="write the bound ports here as JSON")
 
@@ -54,7 +61,7 @@ def common_config(tables: dict[str, Any], args: argparse.Namespace) -> CommonCon
     if args.port is not None:
         server["port"] = args.port
     service = dict(tables.get("service", {}))
-    for key in ("metrics_port", "data_dir", "audit", "log_level"):
+    for key in ("metrics_port", "data_dir", "audit", "log_level", "audit_key"):
         value = getattr(args, key)
         if value is not None:
             service[key] = str(value) if isinstance(value, Path) else value
@@ -93,3 +100,21 @@ def audited_peer(
         lambda: None,
     )
     return AuditedPeer(gate, make_gate), channel
+
+
+def watch_audit_log(
+    common: CommonConfig, peer: AuditedPeer, channel: grpc.Channel, stop: threading.Event
+) -> None:
+    """Starts witnessing the log's tree heads when the log's key is configured."""
+    from .witnessing import LogWatch, load_verifier
+
+    if not common.audit_key:
+        log.warning("audit_log_not_witnessed", reason="no [service].audit_key configured")
+        return
+    watch = LogWatch(
+        peer=peer,
+        verifier=load_verifier(common.audit_key),
+        state_file=common.data_dir / "identity" / "witness.json",
+        channel=channel,
+    )
+    watch.start(common.witness_s, stop)

@@ -18,7 +18,13 @@ from echelon.audit.policy import Policy
 from echelon.audit.record import Role
 from echelon.tomlconfig import ConfigFileError, build
 from echelon_proto.coordinator.v1 import coordinator_pb2_grpc
-from services.common.bootstrap import audited_peer, common_arguments, common_config, load_tables
+from services.common.bootstrap import (
+    audited_peer,
+    common_arguments,
+    common_config,
+    load_tables,
+    watch_audit_log,
+)
 from services.common.identity import load_or_create_identity
 from services.common.obs import configure_logging, start_metrics
 from services.common.portfile import write_port_file
@@ -92,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     stop = threading.Event()
     loop = threading.Thread(target=driver.run, args=(stop,), name="windows", daemon=True)
     loop.start()
+    watch_audit_log(common, audit, audit_channel, stop)
 
     def shutdown() -> None:
         stop.set()

@@ -91,7 +91,11 @@ class AppendResponse(_message.Message):
     index: _builtins.int
     leaf_hash: _builtins.bytes
     @_builtins.property
-    def tree_head(self) -> Global___SignedTreeHead: ...
+    def tree_head(self) -> Global___SignedTreeHead:
+        """The latest signed tree head; it covers this record only when tree_size > index
+        (heads are signed every few appends). GetTreeHead signs one that covers it.
+        """
+
     def __init__(
         self,
         *,
