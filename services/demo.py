@@ -76,8 +76,16 @@ def _base_model(args: argparse.Namespace, paths: dict[str, Path]) -> Path:
         TokenizerConfig(files=files, vocab_size=4096),
         PretrainConfig(steps=args.pretrain_steps, seq_len=args.seq_len),
     )
-    print(f"  {out} ({time.monotonic() - started:.0f}s; cached for the next run)")
+    print(f"  {_shown(out)} ({time.monotonic() - started:.0f}s; cached for the next run)")
     return out
+
+
+def _shown(path: Path) -> str:
+    """A path as a person would type it here: relative to the working directory if inside."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
 
 
 def _spec(args: argparse.Namespace, paths: dict[str, Path], base: Path) -> DeploymentSpec:
@@ -260,7 +268,7 @@ def _finish(
         capture_output=True,
         text=True,
     )
-    print("\n$ echelon audit verify --db", db)
+    print("\n$ echelon audit verify --db", _shown(db))
     print(verify.stdout.rstrip())
     report = json.loads(report_path.read_text()) if report_path.exists() else {}
     bytes_by_type, entries = _audit_bytes(db)
