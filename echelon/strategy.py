@@ -83,7 +83,8 @@ class Strategy:
                 f"Strategy {self.name}: mode 'local' exchanges nothing; want "
                 "secure_aggregation, controller and delay_aware off"
             )
-        if not 0.0 < self.rebase_carry <= 1.0 or (self.rebase_carry != 1.0 and not self.delay_aware):
+        carry = self.rebase_carry
+        if not 0.0 < carry <= 1.0 or (carry != 1.0 and not self.delay_aware):
             raise ValueError(
                 f"Strategy {self.name}.rebase_carry: got {self.rebase_carry}; want 0 < carry <= 1,"
                 " and 1 unless delay_aware"

@@ -11,6 +11,7 @@ commands:
   export   write a global adapter version as a peft adapter directory
   audit    verify or show an audit log (echelon audit verify --help)
   replay   rebuild global versions from stored aggregates and check them against the log
+  contest  the budget-matched strategy contest in the simulator (echelon contest --help)
 """
 
 
@@ -24,6 +25,8 @@ def main(argv: list[str] | None = None) -> int:
         from services.demo import main as run
     elif command == "export":
         from services.export import main as run
+    elif command == "contest":
+        from echelon.contest import main as run
     elif command == "replay":
         from services.global_coordinator.replay import main as run
     elif command == "audit":

@@ -22,8 +22,15 @@ def _boundary(world: World, devices: int = 2) -> tuple[SimBoundary, np.ndarray]:
     shards = partition(world.corpus.train, 2, devices, PartitionConfig(skew=Skew.IID), 0)
     inner = InnerConfig(lr=1e-2, warmup_steps=0, total_steps=100, batch_size=2, seq_len=32)
     bound = SimBoundary(
-        index=0, model=model, layout=layout, shards=shards[0], inner=inner,
-        speed_tokens_s=1000.0, link=LinkConfig(), seed=0, theta0=theta0,
+        index=0,
+        model=model,
+        layout=layout,
+        shards=shards[0],
+        inner=inner,
+        speed_tokens_s=1000.0,
+        link=LinkConfig(),
+        seed=0,
+        theta0=theta0,
     )
     return bound, theta0
 

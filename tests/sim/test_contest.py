@@ -18,9 +18,7 @@ def test_grid_points_expand_outer_pairs() -> None:
     ]
 
 
-def test_reduced_contest_writes_its_results(
-    tmp_path: Path, world_root: Path, world: World
-) -> None:
+def test_reduced_contest_writes_its_results(tmp_path: Path, world_root: Path, world: World) -> None:
     # The smoke config's corpus and base are the tiny world's: its caches are reused.
     corpus = tiny_corpus(world_root)
     smoke = Path("configs/contest/smoke.toml").read_text(encoding="utf-8")
