@@ -49,6 +49,7 @@ class WorkerSpec:
     eval_batches: int
     eval_batch_size: int
     record_updates: bool = False
+    log_json: bool = False  # the agent logs JSON lines: its workers do too
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -277,6 +277,7 @@ class DevicePool:
             eval_batches=self.cfg.eval_batches,
             eval_batch_size=self.cfg.eval_batch_size,
             record_updates=self.cfg.record_updates,
+            log_json=_logs_json(),
         )
 
     def _aggregation(
@@ -350,3 +351,9 @@ class DevicePool:
         except PoolError as exc:
             log.warning("pool_eval_failed", window=window, error=str(exc))
             return None
+
+
+def _logs_json() -> bool:
+    """Whether this process renders structlog as JSON (its spawned workers then follow)."""
+    processors = structlog.get_config().get("processors", [])
+    return any(isinstance(p, structlog.processors.JSONRenderer) for p in processors)

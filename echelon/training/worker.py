@@ -6,6 +6,7 @@ generates at spawn."""
 
 from __future__ import annotations
 
+import sys
 import time
 from datetime import timedelta
 from multiprocessing.connection import Connection
@@ -189,6 +190,21 @@ class DeviceWorker:
         return EvalResult(loss=evaluate(self.model, batches, self.device))
 
 
+def _log_json_lines() -> None:
+    """A spawned worker is a process entry point: it renders its logs as its agent does."""
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            structlog.processors.JSONRenderer(),
+        ],
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        cache_logger_on_first_use=True,
+    )
+
+
 def worker_main(spec: WorkerSpec, conn: Connection) -> None:
     """Entry point of a spawned worker process: serve control messages until Stop or EOF.
 
@@ -198,6 +214,9 @@ def worker_main(spec: WorkerSpec, conn: Connection) -> None:
     reported.
     """
     torch.set_num_threads(spec.threads)
+    if spec.log_json:
+        _log_json_lines()
+    structlog.contextvars.bind_contextvars(shard=spec.shard)
     try:
         worker = DeviceWorker(spec)
         conn.send(
