@@ -82,7 +82,7 @@ def pretrain_base(
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
         optimizer.step()
         if step % 50 == 0 or step == config.steps - 1:
-            log.info("pretrain_step", step=step, loss=round(float(loss), 4))
+            log.info("pretrain_step", step=step, loss=round(loss.item(), 4))
     net.save_pretrained(str(out_dir))
     export_hf_tokenizer(tok_dir, out_dir)
     marker.write_text(json.dumps({"files": [str(f) for f in files], **asdict(config)}))
