@@ -11,41 +11,30 @@ import numpy as np
 import torch
 
 from echelon.tomlconfig import load_toml
-from echelon.training.adapter import flatten, unflatten
+from echelon.training.adapter import unflatten
 from echelon.training.data import fixed_batches, load_blocks, split_train_val
 from echelon.training.inner import evaluate
-from echelon.training.model import build_model, load_lora_state, lora_state
+from echelon.training.model import load_lora_state
 from echelon.training.tokenizer import load_tokenizer
 
 from .boundary_agent.__main__ import load_setup
+from .boundary_agent.training import initial_model
 from .export import export_version
-from .global_coordinator.store import CoordinatorStore
+from .global_coordinator.store import stored_adapter
 from .launcher import Deployment
-
-
-def _latest_phi(state: Path) -> np.ndarray:
-    store = CoordinatorStore(state)
-    try:
-        latest = store.latest_version()
-        if latest is None:
-            raise KeyError("no global version stored")
-        return store.load_adapter(latest.version)
-    finally:
-        store.close()
 
 
 def heldout_losses(
     deployment: Deployment, orgs: list[str], max_batches: int = 16
 ) -> dict[str, tuple[float, float]]:
     """Validation loss per organization under the initial and the latest global adapter."""
-    phi = _latest_phi(deployment.coordinator_state)
+    _, phi = stored_adapter(deployment.coordinator_state)
     out: dict[str, tuple[float, float]] = {}
     for org in orgs:
         config = deployment.agent_config(org)
         setup = load_setup(load_toml(config), config.parent)
         tokenizer = load_tokenizer(deployment.spec.root / org / "tokenizer")
-        model, layout = build_model(setup.model, setup.lora, tokenizer.vocab_size)
-        theta0 = flatten(lora_state(model, layout), layout)
+        model, layout, theta0 = initial_model(setup, tokenizer.vocab_size)
         blocks = load_blocks(setup.data, tokenizer)
         _, val = split_train_val(blocks, setup.data.val_fraction, setup.data.seed)
         batches = fixed_batches(val, 8, max_batches)

@@ -14,12 +14,12 @@ from pathlib import Path
 import numpy as np
 
 from echelon.tomlconfig import load_toml
-from echelon.training.adapter import flatten
-from echelon.training.model import build_model, lora_state, save_peft_adapter
+from echelon.training.model import save_peft_adapter
 from echelon.training.tokenizer import obtain_tokenizer
 
 from .boundary_agent.__main__ import load_setup
-from .global_coordinator.store import CoordinatorStore
+from .boundary_agent.training import initial_model
+from .global_coordinator.store import stored_adapter
 
 
 @dataclass(frozen=True)
@@ -34,23 +34,14 @@ def export_version(
     *, coordinator_state: Path, agent_config: Path, out_dir: Path, version: int | None = None
 ) -> Exported:
     """Writes `version` (default: the latest) under `out_dir`. Raises KeyError if absent."""
-    store = CoordinatorStore(coordinator_state)
-    try:
-        latest = store.latest_version()
-        if latest is None:
-            raise KeyError("the coordinator has stored no version yet")
-        chosen = latest.version if version is None else version
-        phi = store.load_adapter(chosen)
-    finally:
-        store.close()
+    chosen, phi = stored_adapter(coordinator_state, version)
     tables = load_toml(agent_config)
     setup = load_setup(tables, agent_config.parent)
     work = Path(tables.get("service", {}).get("data_dir", out_dir / "work"))
     if not work.is_absolute():
         work = agent_config.parent / work
     tokenizer = obtain_tokenizer(setup.tokenizer, work / "tokenizer")
-    model, layout = build_model(setup.model, setup.lora, tokenizer.vocab_size)
-    theta0 = flatten(lora_state(model, layout), layout)
+    _, _, theta0 = initial_model(setup, tokenizer.vocab_size)
     if phi.shape != theta0.shape:
         raise ValueError(f"stored version {chosen}: {phi.size} values, model has {theta0.size}")
     saved = save_peft_adapter(

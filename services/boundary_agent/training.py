@@ -72,13 +72,18 @@ class ModelFacts:
     tokenizer_dir: Path
 
 
+def initial_model(setup: TrainingSetup, vocab_size: int) -> tuple[Any, AdapterLayout, np.ndarray]:
+    """The peft model, its travelling layout and the shared initial adapter theta_0."""
+    model, layout = build_model(setup.model, setup.lora, vocab_size)
+    return model, layout, flatten(lora_state(model, layout), layout)
+
+
 def model_facts(setup: TrainingSetup, work_dir: Path) -> ModelFacts:
     tokenizer_dir = work_dir / "tokenizer"
     tokenizer = obtain_tokenizer(setup.tokenizer, tokenizer_dir)
     if not (tokenizer_dir / "tokenizer.json").exists():
         tokenizer.save(tokenizer_dir)  # the model directory's own: workers load this copy
-    model, layout = build_model(setup.model, setup.lora, tokenizer.vocab_size)
-    theta0 = flatten(lora_state(model, layout), layout)
+    model, layout, theta0 = initial_model(setup, tokenizer.vocab_size)
     return ModelFacts(
         theta0=theta0,
         layout=layout,

@@ -26,6 +26,8 @@ from echelon.audit.record import (
 )
 from echelon_proto.boundary.v1 import boundary_pb2
 
+from .wire import le_bytes
+
 T = TypeVar("T")
 
 
@@ -39,11 +41,6 @@ class _Message(Protocol):
 
 def message_bytes(message: _Message) -> bytes:
     return message.SerializeToString(deterministic=True)
-
-
-def vector_bytes(vector: np.ndarray) -> bytes:
-    little = np.ascontiguousarray(vector, dtype=vector.dtype.newbyteorder("<"))
-    return little.tobytes()
 
 
 def _metadata_fields(header: boundary_pb2.DeltaHeader) -> MetadataAttributes:
@@ -109,7 +106,7 @@ class AuditedPeer:
             PayloadType(payload_type),
             receiver,
             window,
-            vector_bytes(vector),
+            bytes(le_bytes(vector)),
             attributes,
             lambda: None,
         )
@@ -123,7 +120,7 @@ class AuditedPeer:
         attributes: DeltaAttributes | None = None,
     ) -> None:
         self.gate.received(
-            PayloadType(payload_type), sender, window, vector_bytes(vector), attributes
+            PayloadType(payload_type), sender, window, bytes(le_bytes(vector)), attributes
         )
 
     def dropped(self, window: int, staleness: int) -> None:

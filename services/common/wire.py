@@ -32,6 +32,11 @@ def new_ref(window: int) -> common_pb2.WindowRef:
     return common_pb2.WindowRef(window=window, nonce=os.urandom(16))
 
 
+def vector_sha256(vector: np.ndarray) -> bytes:
+    """SHA-256 of the vector's little-endian bytes (what the stream header carries)."""
+    return hashlib.sha256(le_bytes(vector)).digest()
+
+
 def vector_header(vector: np.ndarray, layout_digest: bytes = b"") -> common_pb2.VectorHeader:
     """Describes `vector` (float32 or uint32) for streaming."""
     encoding = {
@@ -40,7 +45,7 @@ def vector_header(vector: np.ndarray, layout_digest: bytes = b"") -> common_pb2.
     }.get(vector.dtype)
     if encoding is None:
         raise TypeError(f"vector dtype: got {vector.dtype}, want float32 or uint32")
-    data = _le_bytes(vector)
+    data = le_bytes(vector)
     return common_pb2.VectorHeader(
         encoding=encoding,
         length=vector.size,
@@ -50,14 +55,15 @@ def vector_header(vector: np.ndarray, layout_digest: bytes = b"") -> common_pb2.
     )
 
 
-def _le_bytes(vector: np.ndarray) -> memoryview:
+def le_bytes(vector: np.ndarray) -> memoryview:
+    """The vector's little-endian bytes: what streams, what is hashed and audited."""
     little = np.ascontiguousarray(vector, dtype=vector.dtype.newbyteorder("<"))
     return little.data.cast("B")
 
 
 def iter_chunks(vector: np.ndarray) -> Iterator[common_pb2.VectorChunk]:
     """Yields the vector's bytes as chunks of at most CHUNK_BYTES."""
-    data = _le_bytes(vector)
+    data = le_bytes(vector)
     for offset in range(0, len(data), CHUNK_BYTES):
         yield common_pb2.VectorChunk(offset=offset, data=bytes(data[offset : offset + CHUNK_BYTES]))
 

@@ -23,14 +23,14 @@ from echelon.window import BoundarySeen, close_decision, select_cohort, unmask_d
 from echelon_proto.boundary.v1 import boundary_pb2
 from echelon_proto.common.v1 import common_pb2
 from services.common.audited import AuditedPeer
-from services.common.wire import new_ref
+from services.common.wire import new_ref, vector_sha256
 
 from . import metrics
 from .agents import AgentCallError, AgentClient
 from .config import CoordinatorConfig
 from .registry import Registry
 from .secure import RoundAborted, WindowAggregation, make_aggregation
-from .store import CoordinatorStore, Registration, VersionRecord, vector_sha256
+from .store import CoordinatorStore, Registration, VersionRecord
 
 log = structlog.get_logger(__name__)
 

@@ -18,8 +18,9 @@ from echelon.aggregation import WindowSum
 from echelon.audit.record import AuditRecord, PayloadType, RunConfig
 from echelon.audit.store import SqliteLogStore
 from echelon.outer import OuterConfig, OuterOptimizer
+from services.common.wire import vector_sha256
 
-from .store import CoordinatorStore, vector_sha256
+from .store import CoordinatorStore
 
 
 class ReplayMismatch(Exception):

@@ -9,7 +9,6 @@ and replay.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import sqlite3
@@ -70,12 +69,6 @@ def _atomic_save(path: Path, array: np.ndarray) -> None:
         fh.flush()
         os.fsync(fh.fileno())
     tmp.replace(path)
-
-
-def vector_sha256(vector: np.ndarray) -> bytes:
-    """SHA-256 of a vector's little-endian bytes (what the wire header carries)."""
-    little = np.ascontiguousarray(vector, dtype=vector.dtype.newbyteorder("<"))
-    return hashlib.sha256(little.data.cast("B")).digest()
 
 
 class CoordinatorStore:
@@ -154,10 +147,14 @@ class CoordinatorStore:
             )
 
     def versions(self) -> list[VersionRecord]:
+        """Every stored version, oldest first."""
+        return self._select(" ORDER BY version")
+
+    def _select(self, order: str) -> list[VersionRecord]:
         with self._lock:
             rows = self._db.execute(
                 "SELECT version, window, sha256, contributors, weight_sum, created_ms, "
-                "aggregate_sha256 FROM versions ORDER BY version"
+                "aggregate_sha256 FROM versions" + order
             ).fetchall()
         return [
             VersionRecord(
@@ -173,8 +170,8 @@ class CoordinatorStore:
         ]
 
     def latest_version(self) -> VersionRecord | None:
-        versions = self.versions()
-        return versions[-1] if versions else None
+        versions = self._select(" ORDER BY version DESC LIMIT 1")
+        return versions[0] if versions else None
 
     def load_adapter(self, version: int) -> np.ndarray:
         """The global adapter of `version` (offset from the initial adapter); KeyError if absent."""
@@ -193,3 +190,19 @@ class CoordinatorStore:
             self.root / "aggregates" / f"w{window:06d}.npy", allow_pickle=False
         )
         return loaded
+
+
+def stored_adapter(root: Path, version: int | None = None) -> tuple[int, np.ndarray]:
+    """(version, adapter) from a coordinator's state directory; default the latest.
+
+    Raises KeyError when nothing (or not that version) is stored.
+    """
+    store = CoordinatorStore(root)
+    try:
+        latest = store.latest_version()
+        if latest is None:
+            raise KeyError("the coordinator has stored no version yet")
+        chosen = latest.version if version is None else version
+        return chosen, store.load_adapter(chosen)
+    finally:
+        store.close()
