@@ -5,6 +5,8 @@ optionally, the proximal weight mu) from O(1) signals of the window that just cl
 over windows and log and export each decision's reason. Signals (all scalars):
 
 - relative drift `max_b ||theta_b - theta_v|| / max(||theta_v||, floor)` over contributors,
+  judged per inner step against the run's first window (the reference: what drift is normal
+  for this model, data and learning rate is not known in advance),
 - agreement ratio `||sum_b w_b delta_b|| / sum_b w_b ||delta_b||` in [0, 1] (1: all agree),
 - cosine between this window's global pseudo-gradient and the previous one's,
 - the contributors' weighted mean training loss (its trend against an EMA).
@@ -45,7 +47,7 @@ class SyncControllerConfig:
     grow: float = 1.5
     shrink: float = 0.5
     patience: int = 2
-    drift_high: float = 0.5
+    drift_high: float = 2.0  # shrink when drift per step > drift_high x the first window's
     agreement_low: float = 0.3
     agreement_high: float = 0.6
     cosine_low: float = -0.2
@@ -81,7 +83,8 @@ class SyncControllerConfig:
             )
         if not self.drift_high > 0 or not 0.0 <= self.loss_beta < 1.0 or self.loss_rise < 0:
             raise ValueError(
-                "SyncControllerConfig: want drift_high > 0, 0 <= loss_beta < 1, loss_rise >= 0"
+                "SyncControllerConfig: want drift_high > 0 (a ratio), 0 <= loss_beta < 1, "
+                "loss_rise >= 0"
             )
         if not 0.0 < self.mu_min <= self.mu_max:
             raise ValueError(
@@ -98,8 +101,11 @@ class ControllerState:
     mu: float = 0.0
     loss_ema: float | None = None
     calm_streak: int = 0
+    drift_ref: float | None = None  # drift per inner step in the first window
 
     def __post_init__(self) -> None:
+        if self.drift_ref is not None and not self.drift_ref >= 0:
+            raise ValueError(f"ControllerState.drift_ref: got {self.drift_ref}, want >= 0")
         if self.inner_steps < 1 or self.mu < 0 or self.calm_streak < 0:
             raise ValueError(
                 f"ControllerState: got inner_steps={self.inner_steps}, mu={self.mu}, "
@@ -150,16 +156,18 @@ def decide(
     else:
         next_ema = cfg.loss_beta * ema + (1.0 - cfg.loss_beta) * signals.loss
     h, mu = state.inner_steps, state.mu
+    per_step = signals.drift / h
+    ref = state.drift_ref if state.drift_ref is not None else per_step
     shrink_reason: tuple[ControlReason, str] | None = None
     if ema is not None and signals.loss > ema * (1.0 + cfg.loss_rise):
         shrink_reason = (
             ControlReason.LOSS_RISING,
             f"loss {signals.loss:.4f} > ema {ema:.4f} x (1 + {cfg.loss_rise})",
         )
-    if shrink_reason is None and signals.drift > cfg.drift_high:
+    if shrink_reason is None and ref > 0 and per_step > cfg.drift_high * ref:
         shrink_reason = (
             ControlReason.DRIFT_HIGH,
-            f"drift {signals.drift:.3f} > {cfg.drift_high}",
+            f"drift per step {per_step:.4f} > {cfg.drift_high} x first window's {ref:.4f}",
         )
     if shrink_reason is None and signals.agreement < cfg.agreement_low:
         shrink_reason = (
@@ -176,25 +184,29 @@ def decide(
         new_h = _clamp_h(h * cfg.shrink, cfg)
         if cfg.adapt_mu:
             mu = min(cfg.mu_max, max(cfg.mu_min, mu * 2.0))
-        nxt = ControllerState(inner_steps=new_h, mu=mu, loss_ema=next_ema, calm_streak=0)
+        nxt = ControllerState(
+            inner_steps=new_h, mu=mu, loss_ema=next_ema, calm_streak=0, drift_ref=ref
+        )
         return ControlDecision(new_h, mu, reason, f"{detail}: H {h} -> {new_h}", nxt)
     calm = signals.agreement >= cfg.agreement_high and (
         signals.cosine is None or signals.cosine >= cfg.cosine_high
     )
     if not calm:
-        nxt = ControllerState(inner_steps=h, mu=mu, loss_ema=next_ema, calm_streak=0)
+        nxt = ControllerState(inner_steps=h, mu=mu, loss_ema=next_ema, calm_streak=0, drift_ref=ref)
         reason = ControlReason.FIRST if ema is None else ControlReason.HOLD
         return ControlDecision(h, mu, reason, f"agreement {signals.agreement:.3f}: hold H {h}", nxt)
     streak = state.calm_streak + 1
     if streak < cfg.patience:
-        nxt = ControllerState(inner_steps=h, mu=mu, loss_ema=next_ema, calm_streak=streak)
+        nxt = ControllerState(
+            inner_steps=h, mu=mu, loss_ema=next_ema, calm_streak=streak, drift_ref=ref
+        )
         return ControlDecision(
             h, mu, ControlReason.CALM_WAITING, f"calm {streak}/{cfg.patience}: hold H {h}", nxt
         )
     new_h = _clamp_h(h * cfg.grow, cfg)
     if cfg.adapt_mu:
         mu = mu / 2.0 if mu / 2.0 >= cfg.mu_min else 0.0
-    nxt = ControllerState(inner_steps=new_h, mu=mu, loss_ema=next_ema, calm_streak=0)
+    nxt = ControllerState(inner_steps=new_h, mu=mu, loss_ema=next_ema, calm_streak=0, drift_ref=ref)
     detail = f"agreement {signals.agreement:.3f} for {streak} windows: H {h} -> {new_h}"
     return ControlDecision(new_h, mu, ControlReason.AGREEMENT, detail, nxt)
 

@@ -1,4 +1,4 @@
-"""The `echelon` command: `demo`, `export`, `audit verify|show`."""
+"""The `echelon` command: `demo`, `export`, `audit`, `replay`, `contest`, `wan-check`."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ commands:
   audit    verify or show an audit log (echelon audit verify --help)
   replay   rebuild global versions from stored aggregates and check them against the log
   contest  the budget-matched strategy contest in the simulator (echelon contest --help)
+  wan-check  the services under WAN delay against the simulator's prediction
 """
 
 
@@ -27,6 +28,8 @@ def main(argv: list[str] | None = None) -> int:
         from services.export import main as run
     elif command == "contest":
         from echelon.contest import main as run
+    elif command == "wan-check":
+        from services.wancheck import main as run
     elif command == "replay":
         from services.global_coordinator.replay import main as run
     elif command == "audit":

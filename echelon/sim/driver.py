@@ -54,6 +54,10 @@ from echelon.window import (
 
 log = structlog.get_logger(__name__)
 
+#: Sequential key-agreement round trips of level-2 secure aggregation in the services
+#: (AdvertiseKeys, ShareKeys, DeliverShares); ConfirmSurvivors and Unmask follow the close.
+KEY_ROUNDS = 3
+
 
 class Simulation:
     """One run of one strategy in one setting; `run()` returns its trajectory."""
@@ -115,7 +119,7 @@ class Simulation:
         self.tokens = self.bytes = self.syncs = 0
         self.prev_g: np.ndarray | None = None
         self.last_commit = 0.0
-        self.key_round_s = cfg.link.round_trip_s(1024, 4096) * 2 if self.sa else 0.0
+        self.key_round_s = cfg.link.round_trip_s(1024, 4096) * KEY_ROUNDS if self.sa else 0.0
         self.keys_from = 0.0  # when the next window's key set-up may start
         self.points: list[Point] = []
         self.done = False
@@ -228,9 +232,16 @@ class Simulation:
             return
         cohort = tuple(sorted(int(m) for m in decision.members))
         cfg = self._window_config(len(cohort))
-        # Key set-up starts at the open, or, pre-keyed, when the previous window closed.
-        keys_from = min(t, self.keys_from) if self.strategy.prekey else t
-        key_ready = max(t, keys_from + self.key_round_s) if self.sa else t
+        # The services: an OpenWindow round trip, the key rounds, then CollectDelta reaches the
+        # boundary one way later; pre-keyed, the key rounds ran while the last window closed.
+        link = self.cfg.link
+        opened = t + link.round_trip_s(CONTROL_BYTES, CONTROL_BYTES)
+        keys_from = min(opened, self.keys_from) if self.strategy.prekey else opened
+        key_ready = (
+            max(opened, keys_from + self.key_round_s) + link.transfer_s(CONTROL_BYTES)
+            if self.sa
+            else t
+        )
         self.win = OpenWindow(w, self.version, t, cohort, self.h, cfg, key_ready)
         self.bytes += CONTROL_BYTES * len(cohort)
         self._at(t + cfg.deadline_s, Kind.DEADLINE, w=w)
@@ -383,7 +394,9 @@ class Simulation:
         link = self.cfg.link
         if self.sa is not None:
             worst = max(rounds, key=lambda r: r.setup_up + r.setup_down)
-            self.key_round_s = link.round_trip_s(worst.setup_up // 2, worst.setup_down // 2) * 2
+            self.key_round_s = KEY_ROUNDS * link.round_trip_s(
+                worst.setup_up // KEY_ROUNDS, worst.setup_down // KEY_ROUNDS
+            )
             fin = max(rounds, key=lambda r: r.finish_up + r.finish_down)
             self.keys_from = t
             t += link.round_trip_s(64, fin.finish_down) + link.round_trip_s(fin.finish_up, 64)
@@ -423,16 +436,26 @@ class Simulation:
         if self.tokens >= self.cfg.token_budget:
             self.done = True
             return
-        if self.strategy.mode is not SyncMode.BUFFERED:
-            for b in range(len(self.bounds)):
-                self.bytes += adapter_bytes(self.dim)
-                self._at(
-                    arrival_s(b, t, adapter_bytes(self.dim), self.cfg.link, self.cfg.faults),
-                    Kind.VERSION,
-                    b,
-                    self.version,
-                )
-        self._at(t, Kind.OPEN, w=win.id + 1)
+        if self.strategy.mode is SyncMode.BUFFERED:
+            self._at(t, Kind.OPEN, w=win.id + 1)
+            return
+        # The services deliver the version (a round trip) and then open the next window; a
+        # boundary starts training when that open arrives. Delay-aware ones re-base on arrival.
+        link = self.cfg.link
+        ack, start = link.transfer_s(CONTROL_BYTES), 0.0
+        if not self.strategy.delay_aware:
+            start = 2 * ack
+        for b in range(len(self.bounds)):
+            self.bytes += adapter_bytes(self.dim)
+            self._at(
+                arrival_s(b, t, adapter_bytes(self.dim), link, self.cfg.faults) + start,
+                Kind.VERSION,
+                b,
+                self.version,
+            )
+        self._at(
+            t + link.round_trip_s(adapter_bytes(self.dim), CONTROL_BYTES), Kind.OPEN, w=win.id + 1
+        )
 
     def _version(self, t: float, b: int, v: int) -> None:
         track, bound = self.tracks[b], self.bounds[b]

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -219,6 +220,7 @@ class BoundaryRuntime:
         thread.start()
 
     def _train(self, theta: np.ndarray, spec: WindowSpec, overlap: bool = False) -> None:
+        started = time.monotonic()
         try:
             result = self._trainer(theta, spec.version, spec)
         except Exception:
@@ -243,6 +245,7 @@ class BoundaryRuntime:
             tokens=result.tokens,
             train_loss=round(result.train_loss, 4),
             val_loss=round(result.val_loss, 4),
+            train_s=round(time.monotonic() - started, 3),
         )
 
     def _start_overlap(self, spec: WindowSpec, contribution: Contribution) -> None:

@@ -141,7 +141,8 @@ class WindowDriver:
                 window, decision.members, regs, identity.dim, identity.layout_digest
             )
         metrics.WINDOWS.labels("committed" if outcome.committed else "aborted").inc()
-        metrics.WINDOW_SECONDS.observe(self.clock() - started)
+        seconds = self.clock() - started
+        metrics.WINDOW_SECONDS.observe(seconds)
         if outcome.committed:
             self.completed += 1
         else:
@@ -153,6 +154,7 @@ class WindowDriver:
             reason=outcome.reason,
             version=outcome.version,
             contributors=list(outcome.contributors),
+            seconds=round(seconds, 3),
         )
         return outcome
 

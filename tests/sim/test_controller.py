@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -63,8 +65,26 @@ def test_rising_loss_wins_over_agreement() -> None:
     assert "5.3000 > ema 5.0000" in decision.detail
 
 
+def test_drift_is_judged_per_step_against_the_first_window() -> None:
+    # A large first-window drift is this run's normal: it sets the reference, H holds.
+    first = SyncSignals(drift=0.8, agreement=0.5, cosine=None, loss=5.0)
+    # Twice the steps, twice the drift: the same per step; then 3x the reference per step.
+    same = SyncSignals(drift=1.6, agreement=0.5, cosine=0.0, loss=4.99)
+    faster = SyncSignals(drift=4.8, agreement=0.5, cosine=0.0, loss=4.98)
+    state = initial_state(8, 0.0, CFG)
+
+    d1 = decide(state, first, CFG)
+    d2 = decide(replace(d1.state, inner_steps=16), same, CFG)
+    d3 = decide(d2.state, faster, CFG)
+
+    assert (d1.inner_steps, d1.reason, d1.state.drift_ref) == (8, ControlReason.FIRST, 0.1)
+    assert d2.reason is ControlReason.HOLD
+    assert (d3.inner_steps, d3.reason) == (8, ControlReason.DRIFT_HIGH)
+    assert "0.3000 > 2.0 x first window's 0.1000" in d3.detail
+
+
 def test_high_drift_and_direction_flip_shorten_h() -> None:
-    state = ControllerState(inner_steps=8, loss_ema=5.0)
+    state = ControllerState(inner_steps=8, loss_ema=5.0, drift_ref=0.01)
     drift = SyncSignals(drift=2.0, agreement=0.9, cosine=0.5, loss=4.9)
     flip = SyncSignals(drift=0.1, agreement=0.9, cosine=-0.8, loss=4.9)
 
