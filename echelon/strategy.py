@@ -156,7 +156,8 @@ STRATEGIES: dict[str, Strategy] = {
 
 
 def strategy(name: str, **overrides: Any) -> Strategy:
-    """The named strategy with fields replaced; `outer_lr`/`outer_momentum` set the outer step.
+    """The named strategy with fields replaced; `outer_lr`/`outer_momentum` set the outer step,
+    `grow_h=False` caps the controller at the first H (it may then only shorten H).
 
     Raises:
         KeyError: `name` is not in `STRATEGIES`.
@@ -174,4 +175,11 @@ def strategy(name: str, **overrides: Any) -> Strategy:
             momentum=momentum,
             nesterov=base.outer.nesterov and momentum > 0,
         )
+    grow_h = overrides.pop("grow_h", None)
+    if grow_h is not None and not grow_h:
+        if base.controller is None:
+            raise ValueError(f"Strategy {name}: grow_h=False needs a controller; it has none")
+        h = int(overrides.get("inner_steps", base.inner_steps))
+        ctl = base.controller
+        overrides["controller"] = replace(ctl, h_max=h, h_min=min(ctl.h_min, h))
     return replace(base, **overrides)

@@ -48,3 +48,14 @@ def test_delay_aware_knobs_need_their_mechanisms() -> None:
         strategy("echelon", rebase_carry=0.5)
     with pytest.raises(ValueError, match="prekey"):
         strategy("diloco", prekey=True)
+
+
+def test_grow_h_false_caps_the_controller_at_the_first_h() -> None:
+    capped = strategy("echelon", inner_steps=8, grow_h=False)
+    free = strategy("echelon", inner_steps=8, grow_h=True)
+
+    assert capped.controller is not None and free.controller is not None
+    assert (capped.controller.h_min, capped.controller.h_max) == (2, 8)
+    assert free.controller == STRATEGIES["echelon"].controller
+    with pytest.raises(ValueError, match="needs a controller"):
+        strategy("diloco-sa", grow_h=False)
