@@ -20,7 +20,7 @@ from .checkpoint import LogSigner, SignedTreeHead
 from .errors import CounterReplay, KeyConflict, RecordError, StoreCorrupted, UnknownSigner
 from .merkle import EMPTY_ROOT, MerkleTree, leaf_hash
 from .record import SIGNATURE_BYTES, AuditRecord, Direction, KeyRegistration, leaf_data
-from .signing import verify_signature
+from .signing import VerifyKey
 from .store import LogEntry, LogStore, StoredEntry
 
 log = structlog.get_logger(__name__)
@@ -52,6 +52,7 @@ class Accepted:
 
     record: AuditRecord
     entry: LogEntry
+    key: VerifyKey  # the signer's key, parsed (its registration's when it registers one)
 
 
 def registration_key(record: AuditRecord) -> bytes | None:
@@ -66,8 +67,15 @@ class Registry:
     """Signers' registered keys and last counters, replayed from the log in index order."""
 
     def __init__(self) -> None:
-        self.keys: dict[str, bytes] = {}
+        self.keys: dict[str, VerifyKey] = {}
         self.counters: dict[str, int] = {}
+
+    def copy(self) -> Registry:
+        """A registry to stage records on without touching this one."""
+        staged = Registry()
+        staged.keys = dict(self.keys)
+        staged.counters = dict(self.counters)
+        return staged
 
     def check(self, data: bytes, signature: bytes) -> Accepted:
         """Decodes and checks one record against the registry (without recording it).
@@ -80,15 +88,17 @@ class Registry:
             )
         record = AuditRecord.decode(data)
         party = record.signer
-        registered = self.keys.get(party)
+        key = self.keys.get(party)
         offered = registration_key(record)
-        if offered is not None and registered is not None and offered != registered:
-            raise KeyConflict(
-                f"party {party!r} already registered another signing key",
-                expected=registered.hex(),
-                found=offered.hex(),
-            )
-        key = registered if registered is not None else offered
+        if offered is not None:
+            if key is None:
+                key = VerifyKey(offered)
+            elif offered != key.raw:
+                raise KeyConflict(
+                    f"party {party!r} already registered another signing key",
+                    expected=key.raw.hex(),
+                    found=offered.hex(),
+                )
         if key is None:
             raise UnknownSigner(
                 f"party {party!r} has no registered key; its first record must be its "
@@ -96,7 +106,7 @@ class Registry:
                 expected="KEY_REGISTRATION",
                 found=record.payload_type.name,
             )
-        verify_signature(key, data, signature, what=f"record of {party}")
+        key.verify(data, signature, what=f"record of {party}")
         last = self.counters.get(party, 0)
         if record.counter <= last:
             raise CounterReplay(
@@ -111,14 +121,12 @@ class Registry:
             counter=record.counter,
             leaf_hash=leaf_hash(leaf_data(data, signature)),
         )
-        return Accepted(record=record, entry=entry)
+        return Accepted(record=record, entry=entry, key=key)
 
     def add(self, accepted: Accepted) -> None:
-        party = accepted.record.signer
-        key = registration_key(accepted.record)
-        if key is not None:
-            self.keys[party] = key
-        self.counters[party] = accepted.record.counter
+        party = accepted.entry.party
+        self.keys[party] = accepted.key
+        self.counters[party] = accepted.entry.counter
 
 
 class TransparencyLog:
@@ -187,7 +195,11 @@ class TransparencyLog:
 
     def append(self, record: bytes, signature: bytes) -> AppendResult:
         """Checks and appends one signed record. Raises what `Registry.check` raises."""
-        return self.append_many([(record, signature)])[0]
+        with self._lock:
+            accepted = self._registry.check(record, signature)
+            result = self._store_locked([accepted])[0]
+            self._registry.add(accepted)
+            return result
 
     def append_many(self, items: Sequence[tuple[bytes, bytes]]) -> list[AppendResult]:
         """Checks and appends records in one transaction: all are appended or none.
@@ -195,37 +207,37 @@ class TransparencyLog:
         Raises what `Registry.check` raises (for the first record refused).
         """
         with self._lock:
-            if len(items) == 1:  # the common case: check against the registry, commit after
-                staged = self._registry
-                accepted = [staged.check(*items[0])]
-            else:
-                staged = Registry()
-                staged.keys = dict(self._registry.keys)
-                staged.counters = dict(self._registry.counters)
-                accepted = []
-                for record, signature in items:
-                    one = staged.check(record, signature)
-                    staged.add(one)
-                    accepted.append(one)
-            first = self._tree.size
-            for one in accepted:
-                self._tree.append(one.entry.leaf_hash)
-            head = None
-            if self._tree.size - self._head.size >= self._checkpoint_every:
-                head = self._signer.sign(self._tree.size, self._tree.root())
-            try:
-                self._store.append([a.entry for a in accepted], head)
-            except BaseException:
-                self._tree.truncate(first)
-                raise
-            if staged is self._registry:
-                staged.add(accepted[0])
+            staged = self._registry.copy()
+            accepted = []
+            for record, signature in items:
+                one = staged.check(record, signature)
+                staged.add(one)
+                accepted.append(one)
+            results = self._store_locked(accepted)
             self._registry = staged
-            self._head = head if head is not None else self._head
-            latest = self._head
+            return results
+
+    def _store_locked(self, accepted: Sequence[Accepted]) -> list[AppendResult]:
+        """Adds checked records to the tree and stores them (with a head when one is due)."""
+        first = self._tree.size
+        for one in accepted:
+            self._tree.append(one.entry.leaf_hash)
+        head = None
+        if self._tree.size - self._head.size >= self._checkpoint_every:
+            head = self._signer.sign(self._tree.size, self._tree.root())
+        try:
+            stored = self._store.append([a.entry for a in accepted], head)
+        except BaseException:
+            self._tree.truncate(first)
+            raise
+        if stored != first:  # the store took another index: someone else writes to it
+            self._tree.truncate(first)
+            raise StoreCorrupted("store index of an append", expected=first, found=stored)
+        if head is not None:
+            self._head = head
         return [
             AppendResult(
-                index=first + i, leaf_hash=a.entry.leaf_hash, tree_head=latest, record=a.record
+                index=first + i, leaf_hash=a.entry.leaf_hash, tree_head=self._head, record=a.record
             )
             for i, a in enumerate(accepted)
         ]

@@ -11,6 +11,7 @@ import json
 import re
 from dataclasses import dataclass
 from enum import IntEnum, StrEnum
+from json.encoder import encode_basestring as _json_string
 from typing import Any, ClassVar, TypeAlias
 
 from .errors import RecordError
@@ -80,8 +81,8 @@ class Direction(StrEnum):
     RECEIVED = "received"
 
 
-_ROLES = frozenset(r.value for r in Role)
-_DIRECTIONS = frozenset(d.value for d in Direction)
+_ROLES = {r.value: r for r in Role}
+_DIRECTIONS = {d.value: d for d in Direction}
 _HEX_RE = re.compile(r"[0-9a-f]*")
 
 # --- typed attributes, one closed set per payload type ---------------------------------
@@ -89,14 +90,32 @@ _HEX_RE = re.compile(r"[0-9a-f]*")
 _Kind: TypeAlias = str  # "int", "bool", "hex", "text", "names", "role"
 
 
-def _encode_value(kind: _Kind, value: Any) -> Any:
-    if kind == "hex":
-        return bytes(value).hex()
-    if kind == "names":
-        return list(value)
-    if kind == "role":
+def _json_bool(field: str, value: object) -> str:
+    if value is True:
+        return "true"
+    if value is False:
+        return "false"
+    raise RecordError(field, expected="true or false", found=repr(value))
+
+
+def _json_value(field: str, kind: _Kind, value: Any) -> str:
+    """The canonical JSON text of one value of `kind`.
+
+    Raises RecordError where an int or bool field holds what decode would refuse.
+    """
+    if kind == "int":
+        if type(value) is not int or not 0 <= value <= MAX_INT:
+            raise RecordError(field, expected=f"an integer in 0..{MAX_INT}", found=repr(value))
         return str(value)
-    return value
+    if kind == "bool":
+        return _json_bool(field, value)
+    if kind == "hex":
+        return f'"{bytes(value).hex()}"'
+    if kind == "names":
+        return "[" + ",".join(_json_string(name) for name in value) + "]"
+    if kind in ("text", "role"):
+        return _json_string(str(value))
+    raise AssertionError(f"unknown attribute kind {kind}")
 
 
 def _decode_value(field: str, kind: _Kind, raw: Any) -> Any:
@@ -117,9 +136,10 @@ def _decode_value(field: str, kind: _Kind, raw: Any) -> Any:
             raise RecordError(field, expected="printable ASCII, at most 512", found=repr(raw)[:80])
         return raw
     if kind == "role":
-        if raw not in _ROLES:
-            raise RecordError(field, expected=sorted(r.value for r in Role), found=repr(raw))
-        return Role(raw)
+        role = _ROLES.get(raw) if type(raw) is str else None
+        if role is None:
+            raise RecordError(field, expected=sorted(_ROLES), found=repr(raw)[:80])
+        return role
     if kind == "names":
         if type(raw) is not list or not all(type(n) is str for n in raw):
             raise RecordError(field, expected="a list of names", found=repr(raw)[:80])
@@ -131,19 +151,30 @@ class _Attributes:
     """Shared (de)serialization of the attribute classes: `_KINDS` maps field to kind."""
 
     _KINDS: ClassVar[dict[str, _Kind]] = {}
+    # (name, error field, kind) in key order; set per class from _KINDS.
+    _FIELDS: ClassVar[tuple[tuple[str, str, _Kind], ...]] = ()
 
-    def to_json(self) -> dict[str, Any]:
-        return {
-            name: _encode_value(kind, getattr(self, name)) for name, kind in self._KINDS.items()
-        }
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls._FIELDS = tuple(
+            (name, f"record.attributes.{name}", kind) for name, kind in sorted(cls._KINDS.items())
+        )
+
+    def json_text(self) -> str:
+        """The canonical JSON object of these attributes."""
+        values = (
+            f'"{name}":{_json_value(field, kind, getattr(self, name))}'
+            for name, field, kind in self._FIELDS
+        )
+        return "{" + ",".join(values) + "}"
 
     @classmethod
-    def _decode_fields(cls, obj: Any, where: str) -> dict[str, Any]:
+    def _decode_fields(cls, obj: Any) -> dict[str, Any]:
         if type(obj) is not dict:
-            raise RecordError(where, expected="an object", found=type(obj).__name__)
-        if set(obj) != set(cls._KINDS):
-            raise RecordError(where, expected=sorted(cls._KINDS), found=sorted(obj))
-        return {k: _decode_value(f"{where}.{k}", kind, obj[k]) for k, kind in cls._KINDS.items()}
+            raise RecordError("record.attributes", expected="an object", found=type(obj).__name__)
+        if obj.keys() != cls._KINDS.keys():
+            raise RecordError("record.attributes", expected=sorted(cls._KINDS), found=sorted(obj))
+        return {name: _decode_value(field, kind, obj[name]) for name, field, kind in cls._FIELDS}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -343,65 +374,72 @@ class AuditRecord:
         """The party that logged and signed this record."""
         return self.sender if self.direction == Direction.SENT else self.receiver
 
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "attributes": self.attributes.to_json(),
-            "counter": self.counter,
-            "direction": self.direction.value,
-            "levels": {"level1": self.levels.level1, "level2": self.levels.level2},
-            "payload_sha256": self.payload_sha256.hex(),
-            "payload_size": self.payload_size,
-            "payload_type": int(self.payload_type),
-            "receiver": self.receiver,
-            "schema_version": self.schema_version,
-            "sender": self.sender,
-            "time_ms": self.time_ms,
-            "verdict": {"accepted": self.verdict.accepted, "reason": self.verdict.reason},
-            "version": RECORD_VERSION,
-            "window": self.window,
-        }
-
     def encode(self) -> bytes:
-        """The canonical encoding: what the signer signs and the log stores."""
-        # to_json holds only ints, bools and ASCII strings, so no float check is needed here.
-        return _dumps(self.to_json())
+        """The canonical encoding: what the signer signs and the log stores.
+
+        Written key by key in sorted order. The constructors checked the integers and
+        party ids, so only the reason needs JSON escaping; a test pins the result to
+        `canonical_json` of the same object.
+        """
+        levels, verdict = self.levels, self.verdict
+        return (
+            f'{{"attributes":{self.attributes.json_text()},"counter":{self.counter},'
+            f'"direction":"{self.direction.value}",'
+            f'"levels":{{"level1":{_json_bool("record.levels.level1", levels.level1)},'
+            f'"level2":{_json_bool("record.levels.level2", levels.level2)}}},'
+            f'"payload_sha256":"{self.payload_sha256.hex()}","payload_size":{self.payload_size},'
+            f'"payload_type":{int(self.payload_type)},"receiver":"{self.receiver}",'
+            f'"schema_version":{self.schema_version},"sender":"{self.sender}",'
+            f'"time_ms":{self.time_ms},'
+            f'"verdict":{{"accepted":{_json_bool("record.verdict.accepted", verdict.accepted)},'
+            f'"reason":{_json_string(verdict.reason)}}},'
+            f'"version":{RECORD_VERSION},"window":{self.window}}}'
+        ).encode()
 
     @classmethod
     def decode(cls, data: bytes) -> AuditRecord:
-        """Parses a canonical encoding. Raises RecordError naming the offending field."""
+        """Parses a canonical encoding. Raises RecordError naming the offending field.
+
+        Parses with the plain JSON decoder: bytes that re-encode to themselves hold no
+        duplicate key, float or NaN, so the strict decoder, which names those, runs only
+        to explain a refusal.
+        """
         if len(data) > MAX_RECORD_BYTES:
             raise RecordError("record", expected=f"<= {MAX_RECORD_BYTES} bytes", found=len(data))
-        obj = _strict_loads(data)
-        record = _from_json(obj)
-        canonical = record.encode()
-        if canonical != data:
-            at = next(
-                (i for i, (a, b) in enumerate(zip(canonical, data, strict=False)) if a != b),
-                min(len(canonical), len(data)),
-            )
-            raise RecordError(
-                "record",
-                expected=f"canonical encoding ({canonical[at : at + 16]!r} at byte {at})",
-                found=repr(bytes(data[at : at + 16])),
-            )
+        try:
+            record = _from_json(_loads(data, _DECODER))
+            canonical = record.encode()
+            if canonical != data:
+                raise _not_canonical(canonical, data)
+        except RecordError:
+            _loads(data, _STRICT_DECODER)  # raises first for duplicate keys and non-integers
+            raise
         return record
+
+
+def _not_canonical(canonical: bytes, data: bytes) -> RecordError:
+    at = next(
+        (i for i, (a, b) in enumerate(zip(canonical, data, strict=False)) if a != b),
+        min(len(canonical), len(data)),
+    )
+    return RecordError(
+        "record",
+        expected=f"canonical encoding ({canonical[at : at + 16]!r} at byte {at})",
+        found=repr(bytes(data[at : at + 16])),
+    )
 
 
 def canonical_json(obj: Any) -> bytes:
     """Sorted keys, no whitespace, UTF-8; refuses floats, NaN and non-string keys."""
     _refuse_floats(obj)
-    return _dumps(obj)
+    return _ENCODER.encode(obj).encode("utf-8")
 
 
-# One encoder and one decoder for the module: json.dumps/json.loads with options build a
-# new one per call, which cost about a quarter of decoding a record.
+# Encoder and decoders are built once: json.dumps/json.loads with options build a new one
+# per call, which cost about a quarter of decoding a record.
 _ENCODER = json.JSONEncoder(
     sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
 )
-
-
-def _dumps(obj: Any) -> bytes:
-    return _ENCODER.encode(obj).encode("utf-8")
 
 
 def _refuse_floats(obj: Any) -> None:
@@ -428,44 +466,60 @@ def _refuse_number(text: str) -> Any:
     raise RecordError("record", expected="integers only", found=text)
 
 
-_DECODER = json.JSONDecoder(
+# `decode` parses with the plain decoder and, to explain a refusal, with the strict one.
+_DECODER = json.JSONDecoder()
+_STRICT_DECODER = json.JSONDecoder(
     object_pairs_hook=_no_duplicates, parse_float=_refuse_number, parse_constant=_refuse_number
 )
 
 
-def _strict_loads(data: bytes) -> Any:
+def _loads(data: bytes, decoder: json.JSONDecoder) -> Any:
     try:
         text = bytes(data).decode("ascii")
     except UnicodeDecodeError as exc:
         raise RecordError("record", expected="ASCII bytes", found=f"byte {exc.start}") from None
     try:
-        return _DECODER.decode(text)
+        obj, end = decoder.raw_decode(text)  # no whitespace skipping: a record has none
     except json.JSONDecodeError as exc:
         raise RecordError("record", expected="JSON", found=f"{exc.msg} at {exc.pos}") from None
+    except ValueError as exc:  # an integer longer than Python converts (4300 digits)
+        raise RecordError("record", expected="JSON integers", found=str(exc)[:80]) from None
+    if end != len(text):
+        raise RecordError("record", expected="one JSON value", found=f"extra data at {end}")
+    return obj
 
 
-_TOP_KEYS = {
-    "attributes",
-    "counter",
-    "direction",
-    "levels",
-    "payload_sha256",
-    "payload_size",
-    "payload_type",
-    "receiver",
-    "schema_version",
-    "sender",
-    "time_ms",
-    "verdict",
-    "version",
-    "window",
-}
+_TOP_KEYS = frozenset(
+    {
+        "attributes",
+        "counter",
+        "direction",
+        "levels",
+        "payload_sha256",
+        "payload_size",
+        "payload_type",
+        "receiver",
+        "schema_version",
+        "sender",
+        "time_ms",
+        "verdict",
+        "version",
+        "window",
+    }
+)
+# Frozen values that most records share: decode reuses them instead of building new ones.
+_LEVELS = {(a, b): SecAggLevels(level1=a, level2=b) for a in (False, True) for b in (False, True)}
+_ACCEPTED = Verdict(accepted=True)
+_NO_ATTRIBUTES = NoAttributes()
+_LEVEL_KEYS = frozenset({"level1", "level2"})
+_VERDICT_KEYS = frozenset({"accepted", "reason"})
+_PAYLOAD_TYPES = {t.value: t for t in PayloadType}
 
 
-def _object(obj: Any, where: str, keys: set[str]) -> dict[str, Any]:
+def _object(obj: Any, where: str, keys: frozenset[str]) -> dict[str, Any]:
     if type(obj) is not dict:
         raise RecordError(where, expected="an object", found=type(obj).__name__)
-    if set(obj) != keys:
+    if obj.keys() != keys:
         unknown = sorted(set(obj) - keys)
         missing = sorted(keys - set(obj))
         raise RecordError(
@@ -480,38 +534,42 @@ def _from_json(obj: Any) -> AuditRecord:
     if version != RECORD_VERSION:
         raise RecordError("record.version", expected=RECORD_VERSION, found=version)
     raw_type = _decode_value("record.payload_type", "int", top["payload_type"])
-    if raw_type not in PayloadType._value2member_map_:
+    payload_type = _PAYLOAD_TYPES.get(raw_type)
+    if payload_type is None:
         raise RecordError("record.payload_type", expected="a PayloadType value", found=raw_type)
-    payload_type = PayloadType(raw_type)
-    if top["direction"] not in _DIRECTIONS:
-        raise RecordError("record.direction", expected="sent or received", found=top["direction"])
-    levels = _object(top["levels"], "record.levels", {"level1", "level2"})
-    verdict = _object(top["verdict"], "record.verdict", {"accepted", "reason"})
+    raw_direction = top["direction"]
+    direction = _DIRECTIONS.get(raw_direction) if type(raw_direction) is str else None
+    if direction is None:
+        raise RecordError(
+            "record.direction", expected="sent or received", found=repr(raw_direction)[:80]
+        )
+    raw_levels = _object(top["levels"], "record.levels", _LEVEL_KEYS)
+    levels = _LEVELS[
+        _decode_value("record.levels.level1", "bool", raw_levels["level1"]),
+        _decode_value("record.levels.level2", "bool", raw_levels["level2"]),
+    ]
+    raw_verdict = _object(top["verdict"], "record.verdict", _VERDICT_KEYS)
+    accepted = _decode_value("record.verdict.accepted", "bool", raw_verdict["accepted"])
+    reason = _decode_value("record.verdict.reason", "text", raw_verdict["reason"])
+    verdict = _ACCEPTED if accepted and not reason else Verdict(accepted=accepted, reason=reason)
     cls = attribute_class(payload_type)
-    attrs = cls._decode_fields(top["attributes"], "record.attributes")
-    ints = {
-        k: _decode_value(f"record.{k}", "int", top[k])
-        for k in ("counter", "time_ms", "window", "schema_version", "payload_size")
-    }
-    sender, receiver = (
-        _decode_value(f"record.{k}", "text", top[k]) for k in ("sender", "receiver")
-    )
+    fields = cls._decode_fields(top["attributes"])
+    attributes = _NO_ATTRIBUTES if cls is NoAttributes else cls(**fields)
+    # AuditRecord.__post_init__ checks the integers and the party ids.
     return AuditRecord(
-        **ints,
-        sender=sender,
-        receiver=receiver,
-        direction=Direction(top["direction"]),
+        counter=top["counter"],
+        time_ms=top["time_ms"],
+        window=top["window"],
+        schema_version=top["schema_version"],
+        payload_size=top["payload_size"],
+        sender=top["sender"],
+        receiver=top["receiver"],
+        direction=direction,
         payload_type=payload_type,
         payload_sha256=_decode_value("record.payload_sha256", "hex", top["payload_sha256"]),
-        verdict=Verdict(
-            accepted=_decode_value("record.verdict.accepted", "bool", verdict["accepted"]),
-            reason=_decode_value("record.verdict.reason", "text", verdict["reason"]),
-        ),
-        levels=SecAggLevels(
-            level1=_decode_value("record.levels.level1", "bool", levels["level1"]),
-            level2=_decode_value("record.levels.level2", "bool", levels["level2"]),
-        ),
-        attributes=cls(**attrs),
+        verdict=verdict,
+        levels=levels,
+        attributes=attributes,
     )
 
 

@@ -179,12 +179,20 @@ APPEND_ONLY_TRIGGERS = frozenset(
     {"entries_no_update", "entries_no_delete", "tree_heads_no_update", "tree_heads_no_delete"}
 )
 
-# The first index is read inside the BEGIN IMMEDIATE transaction that inserts, so no
-# other writer can interleave; the primary key refuses an index taken twice.
+# The first index is read inside the transaction that inserts (BEGIN IMMEDIATE, or the
+# one statement of `_INSERT_NEXT`), so no other writer can interleave; the primary key
+# refuses an index taken twice.
 _SIZE = "SELECT COALESCE(MAX(idx), -1) + 1 FROM entries"
 _INSERT = (
     "INSERT INTO entries (idx, party, counter, record, signature, leaf_hash) "
     "VALUES (?, ?, ?, ?, ?, ?)"
+)
+# One entry and no head: one statement that picks the index itself. Outside BEGIN it is
+# its own transaction, committed (and under synchronous=FULL synced) within the one
+# `execute` call; the index comes back as the row id (idx is the rowid).
+_INSERT_NEXT = (
+    "INSERT INTO entries (idx, party, counter, record, signature, leaf_hash) "
+    f"VALUES (({_SIZE}), ?, ?, ?, ?, ?)"
 )
 _INSERT_HEAD = "INSERT INTO tree_heads (tree_size, root_hash, checkpoint) VALUES (?, ?, ?)"
 
@@ -206,23 +214,26 @@ class SqliteLogStore:
 
     def append(self, entries: Sequence[LogEntry], head: SignedTreeHead | None = None) -> int:
         with self._lock:
+            # The common case, one record per commit. Outside a transaction only: inside
+            # one (a failed ROLLBACK) the insert would not commit, and BEGIN below raises.
+            if len(entries) == 1 and head is None and not self._db.in_transaction:
+                e = entries[0]
+                cursor = self._db.execute(
+                    _INSERT_NEXT, (e.party, e.counter, e.record, e.signature, e.leaf_hash)
+                )
+                assert cursor.lastrowid is not None  # set by every INSERT that succeeds
+                return cursor.lastrowid
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 first = self._size_locked()
                 _check_entries(first, entries, head)
-                if len(entries) == 1:
-                    e = entries[0]
-                    self._db.execute(
-                        _INSERT, (first, e.party, e.counter, e.record, e.signature, e.leaf_hash)
-                    )
-                else:
-                    self._db.executemany(
-                        _INSERT,
-                        [
-                            (i, e.party, e.counter, e.record, e.signature, e.leaf_hash)
-                            for i, e in enumerate(entries, first)
-                        ],
-                    )
+                self._db.executemany(
+                    _INSERT,
+                    [
+                        (i, e.party, e.counter, e.record, e.signature, e.leaf_hash)
+                        for i, e in enumerate(entries, first)
+                    ],
+                )
                 if head is not None:
                     self._db.execute(_INSERT_HEAD, (head.size, head.root_hash, head.checkpoint))
                 self._db.execute("COMMIT")

@@ -1,8 +1,10 @@
-"""Lazy tree heads: when the log signs and stores them, and what a crash between them leaves."""
+"""Lazy tree heads (when the log signs and stores them, what a crash between them leaves)
+and the sender state a reopened log rebuilds from its entries."""
 
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -11,13 +13,18 @@ from audit_helpers import COORDINATOR, log_signer
 from echelon.audit import (
     LOG_PARTY,
     AuditRecord,
+    CounterReplay,
     Direction,
     KeyRegistration,
+    LogEntry,
+    MemoryLogStore,
     NoAttributes,
     NoteVerifier,
     PayloadType,
     Role,
     SecAggLevels,
+    SignatureError,
+    SignedTreeHead,
     Signer,
     SqliteLogStore,
     StoreCorrupted,
@@ -149,3 +156,67 @@ def test_checkpoint_every_must_be_positive(tmp_path: Path) -> None:
         TransparencyLog(
             store=SqliteLogStore(tmp_path / "log.db"), signer=log_signer(), checkpoint_every=0
         )
+
+
+def test_a_reopened_log_still_refuses_replays_and_knows_registered_keys(tmp_path: Path) -> None:
+    signer = Signer.from_seed("org-a", b"\x07" * 32)
+    records = _signed(signer, 4)
+    log = TransparencyLog(store=SqliteLogStore(tmp_path / "log.db"), signer=log_signer())
+    for record in records[:3]:
+        log.append(*record)
+    log.close()
+
+    log = TransparencyLog(store=SqliteLogStore(tmp_path / "log.db"), signer=log_signer())
+    for record in records[1:3]:
+        with pytest.raises(CounterReplay):
+            log.append(*record)
+    forged = Signer.from_seed("org-a", b"\x08" * 32)  # same party, unregistered key
+    with pytest.raises(SignatureError):
+        log.append(records[3][0], forged.sign(records[3][0]))
+    assert log.append(*records[3]).index == 3
+    log.close()
+
+
+class _FailingOnce(MemoryLogStore):
+    """A store whose next append fails (a full disk, a lost lock) without writing."""
+
+    fail_next = False
+
+    def append(self, entries: Sequence[LogEntry], head: SignedTreeHead | None = None) -> int:
+        if self.fail_next:
+            self.fail_next = False
+            raise OSError("disk full")
+        return super().append(entries, head)
+
+
+def test_a_failed_store_write_leaves_the_log_as_it_was() -> None:
+    records = _signed(Signer.from_seed("org-a", b"\x07" * 32), 2)
+    store = _FailingOnce()
+    log = TransparencyLog(store=store, signer=log_signer(), checkpoint_every=2)
+    log.append(*records[0])
+    store.fail_next = True
+    with pytest.raises(OSError):
+        log.append(*records[1])  # would also have signed a head of size 2
+
+    assert log.size == 1 and store.tree_heads() == []
+    assert log.append(*records[1]).index == 1  # its counter was not taken by the failure
+    assert log.tree_head().size == 2 and [h.size for h in store.tree_heads()] == [2]
+
+
+def test_an_entry_written_behind_the_logs_back_is_refused_not_misindexed(tmp_path: Path) -> None:
+    records = _signed(Signer.from_seed("org-a", b"\x07" * 32), 3)
+    log = TransparencyLog(store=SqliteLogStore(tmp_path / "log.db"), signer=log_signer())
+    log.append(*records[0])
+    other = sqlite3.connect(tmp_path / "log.db")  # a second writer the log does not know
+    data, sig = records[1]
+    other.execute(
+        "INSERT INTO entries (idx, party, counter, record, signature, leaf_hash) "
+        "VALUES (1, 'org-a', 99, ?, ?, ?)",
+        (data, sig, bytes(32)),
+    )
+    other.commit()
+    other.close()
+
+    with pytest.raises(StoreCorrupted, match="store index of an append"):
+        log.append(*records[1])
+    assert log.size == 1

@@ -23,7 +23,7 @@ from echelon.audit import (
     SecAggLevels,
     Verdict,
 )
-from echelon.audit.record import METADATA_FIELDS, attribute_class
+from echelon.audit.record import METADATA_FIELDS, attribute_class, canonical_json
 from echelon_proto.common.v1 import common_pb2
 
 
@@ -67,6 +67,10 @@ def test_encoding_is_the_documented_canonical_json() -> None:
 
 EXAMPLES = [
     (PayloadType.KEY_REGISTRATION, KeyRegistration(role=Role.BOUNDARY, signing_key=b"k" * 32)),
+    (
+        PayloadType.KEY_REGISTRATION,
+        KeyRegistration(role=Role.COORDINATOR, signing_key=b"k" * 32, agreement_key=b"a" * 32),
+    ),
     (PayloadType.RUN_CONFIG, RunConfig(config=b'{"policy":{}}')),
     (PayloadType.PLAIN_DELTA, DeltaAttributes(cohort_size=2, devices=9)),
     (PayloadType.WINDOW_METADATA, MetadataAttributes(fields=("drift", "tokens"))),
@@ -79,6 +83,7 @@ EXAMPLES = [
 def test_every_attribute_class_round_trips(payload_type: PayloadType, attrs: object) -> None:
     record = _record(payload_type=payload_type, attributes=attrs)
     assert AuditRecord.decode(record.encode()) == record
+    assert record.encode() == canonical_json(json.loads(record.encode()))
 
 
 @settings(max_examples=60, deadline=None)
@@ -101,7 +106,23 @@ def test_round_trip_property(
         verdict=Verdict(accepted=accepted, reason="" if accepted else reason),
         levels=SecAggLevels(level1=level1, level2=level2),
     )
-    assert AuditRecord.decode(record.encode()) == record
+    data = record.encode()
+    assert AuditRecord.decode(data) == record
+    assert data == canonical_json(json.loads(data))  # encode writes exactly canonical JSON
+
+
+ENCODE_REFUSED: dict[str, dict[str, object]] = {
+    "int for a level": {"levels": SecAggLevels(level1=1, level2=True)},  # type: ignore[arg-type]
+    "bool for a count": {"attributes": DeltaAttributes(cohort_size=True, devices=4)},
+    "negative count": {"attributes": DeltaAttributes(cohort_size=-1, devices=4)},
+}
+
+
+@pytest.mark.parametrize("case", sorted(ENCODE_REFUSED))
+def test_encode_refuses_values_that_decode_would_refuse(case: str) -> None:
+    record = _record(**ENCODE_REFUSED[case])
+    with pytest.raises(RecordError):
+        record.encode()
 
 
 def _mutated(mutate: object) -> bytes:
@@ -147,6 +168,20 @@ HOSTILE = {
     "non-ascii": (_record().encode().replace(b"org-a", "org-\u00e4".encode()), "record"),
     "trailing garbage": (_record().encode() + b" ", "record"),
     "not json": (b"\x00\x01", "record"),
+    "list for direction": (_mutated(lambda o: o.update(direction=[])), "record.direction"),
+    "list for role": (
+        _mutated(
+            lambda o: o.update(
+                payload_type=int(PayloadType.KEY_REGISTRATION),
+                attributes={"role": [], "signing_key": "00" * 32, "agreement_key": ""},
+            )
+        ),
+        "record.attributes.role",
+    ),
+    "integer too long to convert": (
+        _record().encode().replace(b'"window":3', b'"window":' + b"9" * 5000),
+        "record",
+    ),
 }
 
 

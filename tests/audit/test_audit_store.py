@@ -97,6 +97,11 @@ class LogStoreContract:
         store.add_tree_head(_head(3))
         assert store.size() == 3 and store.tree_heads() == [_head(3)]
 
+    def test_single_appends_without_a_head_take_consecutive_indexes(self, store: LogStore) -> None:
+        assert [store.append([_entry(i)]) for i in range(3)] == [0, 1, 2]
+        assert [e.record for e in store.get(0, 3)] == [_entry(i).record for i in range(3)]
+        assert store.tree_heads() == []
+
     def test_an_added_head_must_cover_the_whole_log_and_grow(self, store: LogStore) -> None:
         store.append([_entry(0), _entry(1)], _head(2))
         with pytest.raises(StoreCorrupted):
@@ -125,6 +130,26 @@ def test_sqlite_refuses_a_duplicate_party_counter_atomically(tmp_path: Path) -> 
     with pytest.raises(sqlite3.IntegrityError):
         store.append([_entry(1), _entry(0)], _head(3))
     assert store.size() == 1 and len(store.tree_heads()) == 1
+    store.close()
+
+
+def test_sqlite_refuses_a_duplicate_party_counter_in_a_single_append(tmp_path: Path) -> None:
+    store = SqliteLogStore(tmp_path / "log.db")
+    store.append([_entry(0)])
+    with pytest.raises(sqlite3.IntegrityError):
+        store.append([_entry(0)])
+    assert store.append([_entry(1)]) == 1  # the refused statement left no transaction open
+    assert store.size() == 2
+    store.close()
+
+
+def test_sqlite_single_append_is_committed_when_it_returns(tmp_path: Path) -> None:
+    store = SqliteLogStore(tmp_path / "log.db")
+    other = sqlite3.connect(tmp_path / "log.db")  # sees committed rows only
+    for i in range(3):
+        store.append([_entry(i)])
+        assert other.execute("SELECT COUNT(*) FROM entries").fetchone()[0] == i + 1
+    other.close()
     store.close()
 
 
