@@ -144,11 +144,16 @@ def stress_rows(report: ContestReport) -> list[dict[str, Any]]:
     return out
 
 
+#: The rows the aims are checked for: Echelon, Echelon-DA as the services run it, and the
+#: simulator's pre-keyed Echelon-DA.
+ECHELONS = ("echelon", "echelon-da", "echelon-da-pk")
+
+
 def aims(report: ContestReport, stress: list[dict[str, Any]]) -> list[str]:
     """The issue's aims, checked against the numbers (whatever they say)."""
     lines: list[str] = []
     cells = budget_cells(report)
-    for name in ("echelon", "echelon-da"):
+    for name in ECHELONS:
         if name not in cells:
             continue
         verdicts = []
@@ -163,17 +168,20 @@ def aims(report: ContestReport, stress: list[dict[str, Any]]) -> list[str]:
         lines.append(f"- {name}: " + "; ".join(verdicts) + ".")
     rows = {(s["setting"], s["strategy"]): s for s in stress}
     for setting in ("latency 200 ms", "non-IID severe"):
-        for name in ("echelon", "echelon-da"):
+        for name in ECHELONS:
             row = rows.get((setting, name))
             if row is not None:
                 ok = "within" if row["degradation_pct"] <= 2.0 else "beyond"
                 pct = row["degradation_pct"]
                 lines.append(f"- {name} at {setting}: {pct:+.2f}% vs ideal ({ok} the 2% aim).")
-    da, sa = rows.get(("latency 200 ms", "echelon-da")), rows.get(("latency 200 ms", "diloco-sa"))
-    if da is not None and sa is not None and sa["time_to_target_s"] > 0:
+    sa = rows.get(("latency 200 ms", "diloco-sa"))
+    for name in ECHELONS[1:]:
+        da = rows.get(("latency 200 ms", name))
+        if da is None or sa is None or sa["time_to_target_s"] <= 0:
+            continue
         ratio = da["time_to_target_s"] / sa["time_to_target_s"]
         lines.append(
-            f"- Echelon-DA time-to-target at 200 ms: {da['time_to_target_s']:.2f} s vs DiLoCo+SA "
+            f"- {name} time-to-target at 200 ms: {da['time_to_target_s']:.2f} s vs DiLoCo+SA "
             f"{sa['time_to_target_s']:.2f} s = {ratio:.2f}x (aim <= 0.7x); communication is "
             f"{sa['comm_share']:.0%} of a DiLoCo+SA window there (aim >= 30%)."
         )

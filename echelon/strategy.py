@@ -149,6 +149,18 @@ STRATEGIES: dict[str, Strategy] = {
             inner_steps=4,
             controller=_CONTROLLER,
             delay_aware=True,
+        ),
+        # Simulator only, for now: the services do not pre-key (docs/contest.md, Limits).
+        Strategy(
+            name="echelon-da-pk",
+            mode=SyncMode.SEMI_ASYNC,
+            outer=DILOCO_OUTER,
+            staleness=_ECHELON_STALENESS,
+            deadline_factor=1.5,
+            secure_aggregation=True,
+            inner_steps=4,
+            controller=_CONTROLLER,
+            delay_aware=True,
             prekey=True,
         ),
     )

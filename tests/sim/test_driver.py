@@ -66,11 +66,12 @@ def test_churn_below_k_min_refuses_exports_but_the_run_goes_on(
 
 
 def test_delay_aware_overlaps_wan_latency(world: World, sim: SimConfig) -> None:
-    # Compute of one window (8 steps, 0.26 s) is about its communication: overlap pays most.
-    wan = replace(sim, link=LinkConfig(latency_s=0.05), token_budget=4096)
+    # Boundaries already train while the key rounds run (0.55 s from a commit at 50 ms), so
+    # overlap pays when compute is longer than that: 32 steps, 1.0 s.
+    wan = replace(sim, link=LinkConfig(latency_s=0.05), token_budget=32768)
 
-    plain = simulate(world, wan, strategy("echelon", inner_steps=8, controller=None))
-    overlapped = simulate(world, wan, strategy("echelon-da", inner_steps=8, controller=None))
+    plain = simulate(world, wan, strategy("echelon", inner_steps=32, controller=None))
+    overlapped = simulate(world, wan, strategy("echelon-da", inner_steps=32, controller=None))
 
     per_token = [r.points[-1].wall_s / r.points[-1].tokens for r in (plain, overlapped)]
     assert per_token[1] < 0.9 * per_token[0]
@@ -87,9 +88,7 @@ def test_buffered_and_local_strategies_run(world: World, sim: SimConfig) -> None
 
 def test_prekeying_hides_the_next_windows_key_set_up(world: World, sim: SimConfig) -> None:
     wan = replace(sim, link=LinkConfig(latency_s=0.2), token_budget=2048)
-    da = strategy("echelon-da", inner_steps=2, controller=None)
-
-    keyed_late = simulate(world, wan, replace(da, prekey=False))
-    pre_keyed = simulate(world, wan, da)
+    keyed_late = simulate(world, wan, strategy("echelon-da", inner_steps=2, controller=None))
+    pre_keyed = simulate(world, wan, strategy("echelon-da-pk", inner_steps=2, controller=None))
 
     assert pre_keyed.points[-1].wall_s < keyed_late.points[-1].wall_s

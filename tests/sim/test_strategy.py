@@ -7,7 +7,7 @@ import pytest
 from echelon.strategy import STRATEGIES, SyncMode, strategy
 
 
-def test_registry_names_the_eight_strategies() -> None:
+def test_registry_names_the_eight_strategies_and_the_pre_keyed_variant() -> None:
     assert list(STRATEGIES) == [
         "local-only",
         "fedavg",
@@ -17,6 +17,7 @@ def test_registry_names_the_eight_strategies() -> None:
         "diloco-sa",
         "echelon",
         "echelon-da",
+        "echelon-da-pk",
     ]
     assert STRATEGIES["fedavg"].outer.lr == 1.0 and STRATEGIES["fedavg"].outer.momentum == 0.0
     assert (
@@ -24,6 +25,8 @@ def test_registry_names_the_eight_strategies() -> None:
     )
     assert STRATEGIES["echelon-da"].delay_aware and STRATEGIES["echelon"].controller is not None
     assert STRATEGIES["fedbuff"].mode is SyncMode.BUFFERED
+    # Echelon-DA as the services run it; pre-keying is the simulator's proposal.
+    assert not STRATEGIES["echelon-da"].prekey and STRATEGIES["echelon-da-pk"].prekey
 
 
 def test_overrides_build_the_outer_optimizer() -> None:
