@@ -108,6 +108,18 @@ class Strategy:
 _ECHELON_STALENESS = StalenessConfig(kind=StalenessKind.POLYNOMIAL, a=0.5, tau_max=4)
 _CONTROLLER = SyncControllerConfig(h_min=2, h_max=16)
 
+_ECHELON = Strategy(
+    name="echelon",
+    mode=SyncMode.SEMI_ASYNC,
+    outer=DILOCO_OUTER,
+    staleness=_ECHELON_STALENESS,
+    deadline_factor=1.5,
+    secure_aggregation=True,
+    inner_steps=4,
+    controller=_CONTROLLER,
+)
+_ECHELON_DA = replace(_ECHELON, name="echelon-da", delay_aware=True)
+
 STRATEGIES: dict[str, Strategy] = {
     s.name: s
     for s in (
@@ -129,40 +141,10 @@ STRATEGIES: dict[str, Strategy] = {
             outer=DILOCO_OUTER,
             secure_aggregation=True,
         ),
-        Strategy(
-            name="echelon",
-            mode=SyncMode.SEMI_ASYNC,
-            outer=DILOCO_OUTER,
-            staleness=_ECHELON_STALENESS,
-            deadline_factor=1.5,
-            secure_aggregation=True,
-            inner_steps=4,
-            controller=_CONTROLLER,
-        ),
-        Strategy(
-            name="echelon-da",
-            mode=SyncMode.SEMI_ASYNC,
-            outer=DILOCO_OUTER,
-            staleness=_ECHELON_STALENESS,
-            deadline_factor=1.5,
-            secure_aggregation=True,
-            inner_steps=4,
-            controller=_CONTROLLER,
-            delay_aware=True,
-        ),
+        _ECHELON,
+        _ECHELON_DA,
         # Simulator only, for now: the services do not pre-key (docs/contest.md, Limits).
-        Strategy(
-            name="echelon-da-pk",
-            mode=SyncMode.SEMI_ASYNC,
-            outer=DILOCO_OUTER,
-            staleness=_ECHELON_STALENESS,
-            deadline_factor=1.5,
-            secure_aggregation=True,
-            inner_steps=4,
-            controller=_CONTROLLER,
-            delay_aware=True,
-            prekey=True,
-        ),
+        replace(_ECHELON_DA, name="echelon-da-pk", prekey=True),
     )
 }
 
