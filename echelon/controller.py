@@ -179,36 +179,36 @@ def decide(
             ControlReason.DIRECTION_FLIP,
             f"cosine {signals.cosine:.3f} < {cfg.cosine_low}",
         )
+
+    def decision(
+        new_h: int, new_mu: float, reason: ControlReason, detail: str, streak: int = 0
+    ) -> ControlDecision:
+        nxt = ControllerState(
+            inner_steps=new_h, mu=new_mu, loss_ema=next_ema, calm_streak=streak, drift_ref=ref
+        )
+        return ControlDecision(new_h, new_mu, reason, detail, nxt)
+
     if shrink_reason is not None:
         reason, detail = shrink_reason
         new_h = _clamp_h(h * cfg.shrink, cfg)
         if cfg.adapt_mu:
             mu = min(cfg.mu_max, max(cfg.mu_min, mu * 2.0))
-        nxt = ControllerState(
-            inner_steps=new_h, mu=mu, loss_ema=next_ema, calm_streak=0, drift_ref=ref
-        )
-        return ControlDecision(new_h, mu, reason, f"{detail}: H {h} -> {new_h}", nxt)
+        return decision(new_h, mu, reason, f"{detail}: H {h} -> {new_h}")
     calm = signals.agreement >= cfg.agreement_high and (
         signals.cosine is None or signals.cosine >= cfg.cosine_high
     )
     if not calm:
-        nxt = ControllerState(inner_steps=h, mu=mu, loss_ema=next_ema, calm_streak=0, drift_ref=ref)
         reason = ControlReason.FIRST if ema is None else ControlReason.HOLD
-        return ControlDecision(h, mu, reason, f"agreement {signals.agreement:.3f}: hold H {h}", nxt)
+        return decision(h, mu, reason, f"agreement {signals.agreement:.3f}: hold H {h}")
     streak = state.calm_streak + 1
     if streak < cfg.patience:
-        nxt = ControllerState(
-            inner_steps=h, mu=mu, loss_ema=next_ema, calm_streak=streak, drift_ref=ref
-        )
-        return ControlDecision(
-            h, mu, ControlReason.CALM_WAITING, f"calm {streak}/{cfg.patience}: hold H {h}", nxt
-        )
+        detail = f"calm {streak}/{cfg.patience}: hold H {h}"
+        return decision(h, mu, ControlReason.CALM_WAITING, detail, streak)
     new_h = _clamp_h(h * cfg.grow, cfg)
     if cfg.adapt_mu:
         mu = mu / 2.0 if mu / 2.0 >= cfg.mu_min else 0.0
-    nxt = ControllerState(inner_steps=new_h, mu=mu, loss_ema=next_ema, calm_streak=0, drift_ref=ref)
     detail = f"agreement {signals.agreement:.3f} for {streak} windows: H {h} -> {new_h}"
-    return ControlDecision(new_h, mu, ControlReason.AGREEMENT, detail, nxt)
+    return decision(new_h, mu, ControlReason.AGREEMENT, detail)
 
 
 def initial_state(inner_steps: int, mu: float, config: SyncControllerConfig) -> ControllerState:

@@ -442,9 +442,7 @@ class Simulation:
         # The services deliver the version (a round trip) and then open the next window; a
         # boundary starts training when that open arrives. Delay-aware ones re-base on arrival.
         link = self.cfg.link
-        ack, start = link.transfer_s(CONTROL_BYTES), 0.0
-        if not self.strategy.delay_aware:
-            start = 2 * ack
+        start = 0.0 if self.strategy.delay_aware else 2 * link.transfer_s(CONTROL_BYTES)
         for b in range(len(self.bounds)):
             self.bytes += adapter_bytes(self.dim)
             self._at(
