@@ -128,7 +128,8 @@ class InnerLoop:
         anchor = [p.detach().clone() for p in self.params] if self.cfg.mu > 0 else []
         self.model.train()
         tokens = 0
-        loss_sum = 0.0
+        # Summed on the device: reading each step's loss would wait for the GPU every step.
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         for _ in range(steps):
             batch = next(batches).to(self.device, non_blocking=True)
             for group in self.optimizer.param_groups:
@@ -148,8 +149,8 @@ class InnerLoop:
             self.optimizer.step()
             self.step += 1
             tokens += int(batch.numel())
-            loss_sum += float(ce.detach())
-        mean_loss = loss_sum / steps
+            loss_sum += ce.detach().double()
+        mean_loss = float(loss_sum) / steps
         log.debug("inner_steps_done", steps=steps, tokens=tokens, loss=mean_loss, step=self.step)
         return InnerResult(tokens=tokens, mean_loss=mean_loss, steps=steps)
 

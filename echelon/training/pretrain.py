@@ -59,7 +59,7 @@ def pretrain_base(
     torch.manual_seed(config.seed)
     torch.set_num_threads(config.threads)
     tok_dir = out_dir / "bpe"
-    tok = obtain_tokenizer(TokenizerConfig(files=files, vocab_size=tokenizer.vocab_size), tok_dir)
+    tok = obtain_tokenizer(tokenizer, tok_dir)
     blocks = load_blocks(DataConfig(files=files, seq_len=config.seq_len), tok)
     sampler = BatchSampler(blocks, config.batch_size, config.seed)
     net = build_base(model, tok.vocab_size)

@@ -49,14 +49,13 @@ from echelon.training.data import (
 from echelon.training.inner import InnerLoop, evaluate
 from echelon.training.masking import DeviceMasking
 from echelon.training.model import build_model
-from echelon.training.tokenizer import load_tokenizer
+from echelon.training.tokenizer import TextTokenizer, load_tokenizer
 
 log = structlog.get_logger(__name__)
 
 
-def shard_blocks(spec: WorkerSpec) -> tuple[TokenBlocks, TokenBlocks]:
+def shard_blocks(spec: WorkerSpec, tokenizer: TextTokenizer) -> tuple[TokenBlocks, TokenBlocks]:
     """This worker's training shard and the boundary's (shared) held-out blocks."""
-    tokenizer = load_tokenizer(spec.tokenizer_dir)
     blocks = load_blocks(spec.data, tokenizer, cache_dir=spec.work_dir / "cache")
     train, val = split_train_val(blocks, spec.data.val_fraction, spec.data.seed)
     if spec.partition == "iid":
@@ -76,9 +75,10 @@ class DeviceWorker:
         self.device = torch.device(spec.device)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
-        self.train, self.val = shard_blocks(spec)
-        vocab = load_tokenizer(spec.tokenizer_dir).vocab_size
-        model, self.layout = build_model(spec.model_cfg, spec.lora_cfg, vocab)
+        tokenizer = load_tokenizer(spec.tokenizer_dir)
+        self.train, val = shard_blocks(spec, tokenizer)
+        self.val_batches = fixed_batches(val, spec.eval_batch_size, spec.eval_batches)
+        model, self.layout = build_model(spec.model_cfg, spec.lora_cfg, tokenizer.vocab_size)
         self.model = model.to(self.device)
         self.loop = InnerLoop(self.model, self.layout, spec.inner_cfg, self.device)
         self.sampler = BatchSampler(
@@ -186,8 +186,7 @@ class DeviceWorker:
 
     def evaluate(self, msg: Evaluate) -> EvalResult:
         self.loop.set_adapter(np.asarray(msg.theta, dtype=np.float32))
-        batches = fixed_batches(self.val, self.spec.eval_batch_size, self.spec.eval_batches)
-        return EvalResult(loss=evaluate(self.model, batches, self.device))
+        return EvalResult(loss=evaluate(self.model, self.val_batches, self.device))
 
 
 def _log_json_lines() -> None:

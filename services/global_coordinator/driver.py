@@ -182,7 +182,7 @@ class WindowDriver:
             metrics.COHORT.set(len(live))
             if len(live) < cfg.window.min_cohort:
                 return self._abort(window, clients, live, version, f"{len(live)} opened")
-            aggregation = make_aggregation(cfg, window, {b: parties[b] for b in members}, regs, dim)
+            aggregation = make_aggregation(request.secagg, window, parties, regs, dim)
             live = aggregation.key_rounds({b: clients[b] for b in live}, pool)
             collected = self._collect(
                 pool, aggregation, {b: clients[b] for b in live}, window, dim, opened, deadline
@@ -237,6 +237,7 @@ class WindowDriver:
             ),
             secagg=boundary_pb2.SecAggParams(
                 levels=common_pb2.SecAggLevels(level1=sa.level1, level2=sa.level2),
+                threshold_fraction=sa.threshold_fraction,
                 neighbours=sa.neighbours,
                 frac_bits=sa.frac_bits,
                 clip=sa.clip,

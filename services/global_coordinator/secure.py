@@ -17,10 +17,16 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from echelon.aggregation import AggregationError, PlainAggregator, WindowSum
 from echelon.secagg import AbortedRound, Aggregator, SecAggConfig, SecAggError, UnmaskingShares
-from services.common.secagg_wire import ad_from_proto, ad_to_proto, share_from_proto, share_to_proto
+from echelon_proto.boundary.v1 import boundary_pb2
+from services.common.secagg_wire import (
+    ad_from_proto,
+    ad_to_proto,
+    config_from_params,
+    share_from_proto,
+    share_to_proto,
+)
 
 from .agents import AgentCallError, AgentClient
-from .config import CoordinatorConfig
 from .store import Registration
 
 log = structlog.get_logger(__name__)
@@ -165,24 +171,17 @@ class SecureWindow:
 
 
 def make_aggregation(
-    config: CoordinatorConfig,
+    params: boundary_pb2.SecAggParams,
     window: int,
     parties: dict[str, int],
     regs: dict[str, Registration],
     dim: int,
 ) -> WindowAggregation:
-    if not config.secagg.level2:
+    """The window's aggregation, from the same declared parameters the agents receive."""
+    if not params.levels.level2:
         return PlainWindow(parties, dim)
-    sa = config.secagg
     identities = {
         parties[b]: Ed25519PublicKey.from_public_bytes(regs[b].identity_key) for b in parties
     }
-    lib_config = SecAggConfig(
-        threshold_fraction=sa.threshold_fraction,
-        neighbours=sa.neighbours or None,
-        clip=sa.clip,
-        frac_bits=sa.frac_bits,
-        max_weight=sa.max_weight,
-    )
-    seed = f"{config.run_id}/{window}".encode()
-    return SecureWindow(window, parties, identities, lib_config, seed, dim)
+    config = config_from_params(params)
+    return SecureWindow(window, parties, identities, config, bytes(params.graph_seed), dim)
