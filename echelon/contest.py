@@ -157,15 +157,18 @@ def label(point: Mapping[str, Any]) -> str:
 
 # -- running --------------------------------------------------------------------------------
 _WORLD: World | None = None
+_WORLD_OF: tuple[CorpusConfig, BaseConfig] | None = None
 
 
 def _init_worker(corpus: CorpusConfig, base: BaseConfig) -> None:
-    global _WORLD
+    """Prepares this process's world once per (corpus, base): each stage reuses it."""
+    global _WORLD, _WORLD_OF
     import torch
 
     torch.set_num_threads(1)
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    _WORLD = prepare_world(corpus, base)
+    if _WORLD is None or (corpus, base) != _WORLD_OF:
+        _WORLD, _WORLD_OF = prepare_world(corpus, base), (corpus, base)
 
 
 def _run_job(job: Job) -> tuple[str, RunResult]:

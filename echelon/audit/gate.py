@@ -79,7 +79,7 @@ class EgressGate:
         payload_type: PayloadType,
         receiver: str,
         window: int,
-        payload: bytes,
+        payload: bytes | memoryview,  # a byte view: its length and SHA-256 are logged
         attributes: Attributes | None,
         send: Callable[[], T],
         *,
@@ -108,7 +108,7 @@ class EgressGate:
         payload_type: PayloadType,
         sender: str,
         window: int,
-        payload: bytes,
+        payload: bytes | memoryview,
         attributes: Attributes | None,
         *,
         schema_version: int = SCHEMA_VERSION,
@@ -135,7 +135,7 @@ class EgressGate:
         sender: str,
         receiver: str,
         window: int,
-        payload: bytes,
+        payload: bytes | memoryview,
         attributes: Attributes | None,
         schema_version: int,
     ) -> AppendResult:

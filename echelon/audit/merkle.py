@@ -65,9 +65,6 @@ class MerkleTree:
         for level, row in enumerate(self._levels):
             del row[size >> level :]
 
-    def leaf(self, index: int) -> bytes:
-        return self._levels[0][index]
-
     def _range(self, start: int, end: int) -> bytes:
         """MTH(D[start:end]) for the ranges RFC 6962's recursion produces."""
         n = end - start

@@ -98,7 +98,6 @@ class Simulation:
         self.step_tokens = cfg.batch_size * world.seq_len
         self.policy = ExportPolicy(k_min=min(cfg.k_min, cfg.devices), clip_norm=cfg.clip_norm)
         self.phi = theta0
-        self.versions: dict[int, np.ndarray] = {0: theta0}
         self.version = 0
         self.outer = OuterOptimizer(strategy.outer, self.dim)
         ctl = strategy.controller
@@ -147,7 +146,7 @@ class Simulation:
 
     def _start_cycle(self, b: int, t: float) -> None:
         bound = self.bounds[b]
-        bound.start_cycle(self.versions[self.version], self.version, self.cfg.faults)
+        bound.start_cycle(self.phi, self.version, self.cfg.faults)
         bound.set_mu(self.mu)
         bound.train(self.h)
         self.tracks[b].status = Status.TRAINING
@@ -408,8 +407,6 @@ class Simulation:
         self.phi = self.outer.step(self.phi, g)
         self.version += 1
         self.syncs += 1
-        self.versions[self.version] = self.phi
-        self.versions.pop(self.version - 8, None)
         got = win.got
         norms = sum(w * float(np.linalg.norm(c.delta)) for c, w in got.values())
         signals = SyncSignals(
@@ -469,7 +466,7 @@ class Simulation:
         step_s = bound.step_s(self.step_tokens)
         extra = min(self.h, int((t - track.flight_start) / step_s))
         bound.train(extra)
-        bound.rebase(self.versions[v], v, self.cfg.faults, self.strategy.rebase_carry)
+        bound.rebase(self.phi, v, self.cfg.faults, self.strategy.rebase_carry)
         bound.set_mu(self.mu)
         remaining = self.h - bound.steps_in_cycle
         if remaining > 0:

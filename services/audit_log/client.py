@@ -28,7 +28,6 @@ from echelon_proto.audit.v1 import audit_pb2, audit_pb2_grpc
 from services.common.wire import new_ref
 
 T = TypeVar("T")
-PAGE = 1000  # GetEntries serves at most this many per call
 
 
 class AuditServiceError(AuditError):

@@ -106,7 +106,7 @@ class AuditedPeer:
             PayloadType(payload_type),
             receiver,
             window,
-            bytes(le_bytes(vector)),
+            le_bytes(vector),
             attributes,
             lambda: None,
         )
@@ -119,9 +119,7 @@ class AuditedPeer:
         vector: np.ndarray,
         attributes: DeltaAttributes | None = None,
     ) -> None:
-        self.gate.received(
-            PayloadType(payload_type), sender, window, bytes(le_bytes(vector)), attributes
-        )
+        self.gate.received(PayloadType(payload_type), sender, window, le_bytes(vector), attributes)
 
     def dropped(self, window: int, staleness: int) -> None:
         """Records that a contribution was dropped as too stale (nothing crosses)."""

@@ -135,7 +135,7 @@ class VectorReceiver:
                 f"{self._what}: SHA-256 of received bytes {self._hash.hexdigest()[:16]}... "
                 f"does not match the header's {self._header.sha256.hex()[:16]}...",
             )
-        little = np.frombuffer(bytes(self._buffer), dtype=self._dtype)
+        little = np.frombuffer(self._buffer, dtype=self._dtype)
         return little.astype(self._dtype.newbyteorder("="), copy=True)
 
     @property

@@ -73,7 +73,6 @@ class WindowDriver:
         self._clients: dict[str, AgentClient] = {}
         self._phi: np.ndarray | None = None
         self._optimizer: OuterOptimizer | None = None
-        self._lock = threading.Lock()
 
     # -- state -----------------------------------------------------------------------------
     @property
