@@ -23,14 +23,6 @@ from echelon.secagg.errors import InvalidContribution, LengthMismatch
 _CHUNK = 1 << 15
 
 
-def _stochastic_round(values: NDArray[np.float64], rng: np.random.Generator) -> NDArray[np.int32]:
-    """Round to floor or ceil with probability given by the fractional part (unbiased)."""
-    floor = np.floor(values)
-    frac = values - floor
-    floor += rng.random(values.shape[0]) < frac
-    return floor.astype(np.int32)
-
-
 def _encode_into(
     out: NDArray[np.int32],
     values: NDArray[np.floating] | NDArray[np.integer],
@@ -89,7 +81,8 @@ def encode(
     encoded = np.empty(array.shape[0] + 1, dtype=np.uint32)
     signed = encoded.view(np.int32)
     _encode_into(signed[:-1], array, clip=config.clip, factor=weight * config.scale, rng=rng)
-    signed[-1:] = _stochastic_round(np.array([weight * config.scale]), rng)
+    # The weight, rounded the same way, unclipped (it was checked against max_weight).
+    _encode_into(signed[-1:], np.array([weight]), clip=math.inf, factor=config.scale, rng=rng)
     return encoded
 
 

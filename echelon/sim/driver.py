@@ -37,7 +37,7 @@ from echelon.sim.network import (
     vector_bytes,
 )
 from echelon.sim.results import Point, RunResult
-from echelon.sim.secure import SecureAggregation, plain_aggregate
+from echelon.sim.secure import SIM_SECAGG, SecureAggregation, plain_aggregate
 from echelon.sim.state import Kind, OpenWindow, Status, Track
 from echelon.staleness import contribution_weight
 from echelon.strategy import Strategy, SyncMode
@@ -340,7 +340,7 @@ class Simulation:
             return
         if b not in win.cohort:
             win.cohort = tuple(sorted((*win.cohort, b)))
-        win.got[b] = (c, min(weight, 16.0))
+        win.got[b] = (c, min(weight, SIM_SECAGG.max_weight))
 
     def _check_close(self, t: float, w: int) -> None:
         win = self.win

@@ -109,15 +109,17 @@ class SecureAggregation:
                 agg.add_survivor_signature(b, sig)
             signatures = agg.survivor_signatures()
             for b in survivors:
-                fin_down[b] += 64 * len(signatures)
+                fin_down[b] += sum(map(len, signatures.values()))
                 shares_out = parts[b].unmask(survivors, signatures)
                 fin_up[b] += len(shares_out.to_bytes())
                 agg.add_unmasking_shares(b, shares_out)
             result = agg.finalize()
+            aborted = None
         except SecAggError as exc:
-            rounds = {b: KeyRoundBytes(up[b], down[b], fin_up[b], fin_down[b]) for b in cohort}
-            return AggregateOutcome(None, rounds, f"secure aggregation aborted: {exc}")
+            aborted = f"secure aggregation aborted: {exc}"
         rounds = {b: KeyRoundBytes(up[b], down[b], fin_up[b], fin_down[b]) for b in cohort}
+        if aborted is not None:
+            return AggregateOutcome(None, rounds, aborted)
         total = WindowSum(
             weighted_sum=result.weighted_sum,
             weight_sum=result.weight_sum,
