@@ -21,8 +21,10 @@ from typing import Any
 
 import grpc
 
+from echelon.audit.checkpoint import VERIFIER_KEY_FILE
 from echelon.tomlconfig import dumps
 from echelon_proto.coordinator.v1 import coordinator_pb2, coordinator_pb2_grpc
+from services.audit_log.server import DB_FILE
 from services.common.wire import new_ref
 from services.wan import ProxyHost, free_port
 
@@ -153,13 +155,7 @@ class Deployment:
                 _merge(
                     {
                         "server": {"host": "127.0.0.1", "port": 0},
-                        "service": {
-                            "data_dir": str(spec.root / "coordinator"),
-                            "audit": audit.address,
-                            "audit_key": str(spec.root / "audit-log" / "log.vkey"),
-                            "metrics_port": 0,
-                            "log_level": spec.log_level,
-                        },
+                        "service": self._service_table("coordinator", audit.address),
                     },
                     spec.coordinator_tables,
                 ),
@@ -176,13 +172,7 @@ class Deployment:
                     _merge(
                         {
                             "server": {"host": "127.0.0.1", "port": 0},
-                            "service": {
-                                "data_dir": str(spec.root / site.boundary),
-                                "audit": audit.address,
-                                "audit_key": str(spec.root / "audit-log" / "log.vkey"),
-                                "metrics_port": 0,
-                                "log_level": spec.log_level,
-                            },
+                            "service": self._service_table(site.boundary, audit.address),
                             "agent": {"boundary": site.boundary, **link},
                             "devices": {"workers": site.workers},
                             "data": {"files": [str(p.resolve()) for p in site.data_files]},
@@ -226,7 +216,17 @@ class Deployment:
 
     @property
     def audit_db(self) -> Path:
-        return self.spec.root / "audit-log" / "log.db"
+        return self.spec.root / "audit-log" / DB_FILE
+
+    def _service_table(self, name: str, audit_address: str) -> dict[str, Any]:
+        """A service's [service] table: its state directory, the audit log and its key."""
+        return {
+            "data_dir": str(self.spec.root / name),
+            "audit": audit_address,
+            "audit_key": str(self.spec.root / "audit-log" / VERIFIER_KEY_FILE),
+            "metrics_port": 0,
+            "log_level": self.spec.log_level,
+        }
 
     def coordinator_status(self, timeout_s: float = 5.0) -> coordinator_pb2.CoordinatorStatus:
         with grpc.insecure_channel(self.services["coordinator"].address) as channel:

@@ -21,6 +21,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from .errors import CheckpointError, ConfigError
 
+#: The file the audit log service writes its verifier key to, next to its database.
+VERIFIER_KEY_FILE = "log.vkey"
+
 _ED25519 = b"\x01"
 _DASH = "\u2014"
 _NAME_RE = re.compile(r"[^\s+]{1,128}")

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
-from .checkpoint import NoteVerifier
+from .checkpoint import VERIFIER_KEY_FILE, NoteVerifier
 from .errors import AuditError, ConfigError, RecordError
 from .record import (
     AuditRecord,
@@ -26,8 +26,6 @@ from .record import (
 )
 from .store import SqliteLogStore, StoredEntry
 from .verify import verify_log
-
-VERIFIER_KEY_FILE = "log.vkey"  # written by the audit log service next to its database
 
 
 def _parser() -> argparse.ArgumentParser:

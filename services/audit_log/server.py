@@ -15,6 +15,7 @@ import grpc
 import structlog
 
 from echelon.audit import LogSigner, SqliteLogStore, TransparencyLog
+from echelon.audit.checkpoint import VERIFIER_KEY_FILE
 from echelon.audit.log import DEFAULT_CHECKPOINT_EVERY
 from echelon_proto.audit.v1 import audit_pb2, audit_pb2_grpc
 from services.common.server import RunningServer, ServerConfig, start_server
@@ -24,7 +25,7 @@ from .servicer import AuditLogServicer
 
 log = structlog.get_logger(__name__)
 SERVICE_NAME = audit_pb2.DESCRIPTOR.services_by_name["AuditLog"].full_name
-DB_FILE, KEY_FILE, VKEY_FILE = "log.db", "log.key", "log.vkey"
+DB_FILE, KEY_FILE = "log.db", "log.key"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -71,7 +72,7 @@ def load_log_signer(config: AuditLogConfig) -> LogSigner:
     signer = LogSigner.from_seed(
         name=config.key_name, origin=config.origin, seed=key_path.read_bytes()
     )
-    (config.data_dir / VKEY_FILE).write_text(signer.verifier_key() + "\n")
+    (config.data_dir / VERIFIER_KEY_FILE).write_text(signer.verifier_key() + "\n")
     return signer
 
 
