@@ -115,10 +115,7 @@ def load_plan(path: Path) -> Plan:
     unknown = sorted(set(raw) - known)
     if unknown:
         raise ConfigFileError(f"{path}: unknown tables {unknown}; known: {sorted(known)}")
-    sim_raw = dict(raw.get("sim", {}))
-    faults = dict(sim_raw.pop("faults", {}))
-    sim = build(SimConfig, sim_raw, "sim")
-    sim = replace(sim, faults=build(FaultConfig, faults, "sim.faults"))
+    sim = build(SimConfig, raw.get("sim"), "sim")
     grid: dict[str, dict[str, list[Any]]] = {}
     for name, table in dict(raw.get("grid", {})).items():
         if name not in STRATEGIES:

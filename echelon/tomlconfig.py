@@ -73,7 +73,7 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
     if dataclasses.is_dataclass(hint) and isinstance(hint, type):
         if not isinstance(value, dict):
             raise ConfigFileError(f"{where}: got {value!r}, want a table")
-        return build(hint, value, where.strip("[]"))
+        return build(hint, value, where.lstrip("[").replace("]", "", 1))  # "[a].b" -> "a.b"
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if hint in (int, float, str, bool) and not isinstance(value, hint):

@@ -14,6 +14,7 @@ import binascii
 import hashlib
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
@@ -173,3 +174,10 @@ def _parse_body(body: str) -> TreeHead:
             "checkpoint root", expected="base64 of 32 bytes", found=root_text[:60]
         )
     return TreeHead(origin=origin, size=int(size_text), root_hash=root)
+
+
+def load_verifier(key: str) -> NoteVerifier:
+    """The log's note verifier from a key file's path or the key text itself."""
+    path = Path(key)
+    text = path.read_text().strip() if path.is_file() else key.strip()
+    return NoteVerifier(text)

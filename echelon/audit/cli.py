@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
-from .checkpoint import VERIFIER_KEY_FILE, NoteVerifier
+from .checkpoint import VERIFIER_KEY_FILE, NoteVerifier, load_verifier
 from .errors import AuditError, ConfigError, RecordError
 from .record import (
     AuditRecord,
@@ -26,6 +26,7 @@ from .record import (
 )
 from .store import SqliteLogStore, StoredEntry
 from .verify import verify_log
+from .witness import read_checkpoint
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -89,16 +90,14 @@ def _load_key(args: argparse.Namespace) -> NoteVerifier | None:
         if not default.is_file():
             return None
         text = str(default)
-    if Path(text).is_file():
-        text = Path(text).read_text().strip()
-    return NoteVerifier(text)
+    return load_verifier(text)
 
 
 def _verify(args: argparse.Namespace) -> int:
     store = _open(args.db)
     try:
         verifier = _load_key(args)
-        witnessed = [json.loads(p.read_text())["checkpoint"].encode() for p in args.witness]
+        witnessed = [read_checkpoint(p) for p in args.witness]
         report = verify_log(
             _all_entries(store),
             store.tree_heads(),

@@ -285,7 +285,6 @@ def _check_policy(report: Report, records: Sequence[tuple[int, AuditRecord]]) ->
         attrs = record.attributes
         if isinstance(attrs, KeyRegistration) and record.direction == Direction.SENT:
             roles[record.sender] = attrs.role
-            report.parties[record.sender] = attrs.role.value
         column = record.direction.value if record.verdict.accepted else "refused"
         report.counts[(record.payload_type.name, column)] += 1
         if isinstance(attrs, RunConfig) and record.verdict.accepted:
@@ -334,6 +333,7 @@ def _check_policy(report: Report, records: Sequence[tuple[int, AuditRecord]]) ->
                 f"{record.direction.value} {record.payload_type.name} "
                 f"{record.sender}->{record.receiver} in window {record.window}: {reason}",
             )
+    report.parties = {party: role.value for party, role in roles.items()}
 
 
 def _reconcile(report: Report, records: Sequence[tuple[int, AuditRecord]]) -> None:

@@ -23,6 +23,11 @@ from .merkle import verify_consistency
 log = structlog.get_logger(__name__)
 
 
+def read_checkpoint(path: Path) -> bytes:
+    """The signed checkpoint a witness file holds (what `Witness` saves)."""
+    return str(json.loads(path.read_text())["checkpoint"]).encode()
+
+
 class ConsistencySource(Protocol):
     """Serves consistency proofs: the audit log client, or an in-process log."""
 
@@ -40,8 +45,7 @@ class Witness:
         self._latest: TreeHead | None = None
         self._checkpoint = b""
         if self._path.exists():
-            saved = json.loads(self._path.read_text())
-            checkpoint = str(saved["checkpoint"]).encode()
+            checkpoint = read_checkpoint(self._path)
             self._latest = verifier.verify(checkpoint)
             self._checkpoint = checkpoint
 

@@ -17,7 +17,6 @@ Flags override the file. Example file::
 from __future__ import annotations
 
 import argparse
-import tomllib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from typing import Any
 import structlog
 
 from echelon.audit.log import DEFAULT_CHECKPOINT_EVERY
+from echelon.tomlconfig import ConfigFileError, load_toml
 from services.common.obs import configure_logging, start_metrics
 from services.common.portfile import write_port_file
 from services.common.server import ServerConfig, wait_for_signal
@@ -61,7 +61,10 @@ def _arguments(argv: Sequence[str] | None) -> argparse.Namespace:
 def _settings(args: argparse.Namespace) -> dict[str, Any]:
     file: dict[str, Any] = {}
     if args.config is not None:
-        file = tomllib.loads(args.config.read_text())
+        try:
+            file = load_toml(args.config)
+        except ConfigFileError as exc:
+            raise SystemExit(f"--config: {exc}") from None
     server, audit, metrics, logging = (
         dict(file.get(n, {})) for n in ("server", "audit_log", "metrics", "logging")
     )

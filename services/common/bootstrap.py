@@ -106,7 +106,9 @@ def watch_audit_log(
     common: CommonConfig, peer: AuditedPeer, channel: grpc.Channel, stop: threading.Event
 ) -> None:
     """Starts witnessing the log's tree heads when the log's key is configured."""
-    from .witnessing import LogWatch, load_verifier
+    from echelon.audit.checkpoint import load_verifier
+
+    from .witnessing import LogWatch
 
     if not common.audit_key:
         log.warning("audit_log_not_witnessed", reason="no [service].audit_key configured")

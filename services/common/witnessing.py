@@ -23,13 +23,6 @@ from .audited import AuditedPeer
 log = structlog.get_logger(__name__)
 
 
-def load_verifier(key: str) -> NoteVerifier:
-    """The log's note verifier from a key file's path or the key text itself."""
-    path = Path(key)
-    text = path.read_text().strip() if path.is_file() else key.strip()
-    return NoteVerifier(text)
-
-
 class LogWatch:
     """Periodically witnesses the audit log's tree head for one party."""
 

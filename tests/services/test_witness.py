@@ -9,10 +9,11 @@ from pathlib import Path
 import grpc
 import pytest
 
+from echelon.audit.checkpoint import load_verifier
 from echelon.audit.record import PayloadType
 from services.audit_log.server import AuditLogConfig, create_server
 from services.common.audited import EgressHalted
-from services.common.witnessing import LogWatch, load_verifier
+from services.common.witnessing import LogWatch
 
 from .harness import Sites
 
