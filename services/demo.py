@@ -22,8 +22,8 @@ from pathlib import Path
 
 import grpc
 
-from echelon.audit.record import AuditRecord, Direction
-from echelon.audit.store import SqliteLogStore
+from echelon.audit.record import Direction
+from echelon.audit.store import read_records
 from echelon_proto.boundary.v1 import boundary_pb2, boundary_pb2_grpc
 from echelon_proto.coordinator.v1 import coordinator_pb2
 from services.audit_log.client import AuditClient
@@ -166,21 +166,16 @@ class Progress:
 
 
 def _audit_bytes(db: Path) -> tuple[dict[str, int], int]:
-    store = SqliteLogStore(db, readonly=True)
-    try:
-        entries = store.get(0, store.size())
-    finally:
-        store.close()
+    records = read_records(db)
     sent: Counter[str] = Counter()
-    for entry in entries:
-        record = AuditRecord.decode(entry.record)
+    for record in records:
         if (
             record.direction == Direction.SENT
             and record.verdict.accepted
             and record.receiver != "audit-log"
         ):
             sent[record.payload_type.name] += record.payload_size
-    return dict(sent), len(entries)
+    return dict(sent), len(records)
 
 
 def main(argv: list[str]) -> int:

@@ -17,6 +17,7 @@ from typing import Protocol
 
 from .checkpoint import SignedTreeHead
 from .errors import LogRangeError, StoreCorrupted
+from .record import AuditRecord
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -297,3 +298,12 @@ class SqliteLogStore:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+
+def read_records(db: Path) -> list[AuditRecord]:
+    """Every record of the SQLite log at `db`, decoded, in log order (read-only)."""
+    store = SqliteLogStore(db, readonly=True)
+    try:
+        return [AuditRecord.decode(e.record) for e in store.get(0, store.size())]
+    finally:
+        store.close()

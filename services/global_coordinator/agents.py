@@ -13,7 +13,7 @@ from echelon_proto.boundary.v1 import boundary_pb2, boundary_pb2_grpc
 from echelon_proto.common.v1 import common_pb2
 from services.common.audited import AuditedPeer, _Message
 from services.common.validate import RequestError
-from services.common.wire import VectorReceiver, iter_chunks, new_ref, vector_header
+from services.common.wire import VectorReceiver, iter_chunks, new_ref
 
 P = common_pb2
 
@@ -92,14 +92,12 @@ class AgentClient:
         window: int,
         version: int,
         phi: np.ndarray,
-        layout_digest: bytes,
+        described: common_pb2.VectorHeader,
         contributors: list[str],
     ) -> None:
+        """Streams version `phi`; `described` is its `vector_header`, built once per version."""
         header = boundary_pb2.GlobalHeader(
-            ref=new_ref(window),
-            version=version,
-            vector=vector_header(phi, layout_digest),
-            contributors=contributors,
+            ref=new_ref(window), version=version, vector=described, contributors=contributors
         )
 
         def stream() -> Iterator[boundary_pb2.DeliverGlobalRequest]:

@@ -23,7 +23,7 @@ from echelon.window import BoundarySeen, close_decision, select_cohort, unmask_d
 from echelon_proto.boundary.v1 import boundary_pb2
 from echelon_proto.common.v1 import common_pb2
 from services.common.audited import AuditedPeer
-from services.common.wire import new_ref, vector_sha256
+from services.common.wire import new_ref, vector_header, vector_sha256
 
 from . import metrics
 from .agents import AgentCallError, AgentClient
@@ -265,7 +265,8 @@ class WindowDriver:
             assert self._phi is not None
             latest = self.store.latest_version()
             names = list(latest.contributors) if latest else []
-            client.deliver_global(window, version, self._phi, layout_digest, names)
+            described = vector_header(self._phi, layout_digest)
+            client.deliver_global(window, version, self._phi, described, names)
 
     def _parallel(
         self,
@@ -423,9 +424,10 @@ class WindowDriver:
     ) -> None:
         assert self._phi is not None
         phi = self._phi
+        described = vector_header(phi, layout_digest)  # one digest for every boundary
 
         def deliver(boundary: str, client: AgentClient) -> None:
-            client.deliver_global(window, version, phi, layout_digest, list(names))
+            client.deliver_global(window, version, phi, described, list(names))
 
         self._parallel(pool, {b: clients[b] for b in live}, deliver)
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from echelon.aggregation import WindowSum
 from echelon.audit.record import AuditRecord, PayloadType, RunConfig
-from echelon.audit.store import SqliteLogStore
+from echelon.audit.store import read_records
 from echelon.outer import OuterConfig, OuterOptimizer
 from services.common.wire import vector_sha256
 
@@ -52,11 +52,7 @@ def replay(
     coordinator_state: Path, audit_db: Path, upto: int | None = None
 ) -> list[ReplayedVersion]:
     """Rebuilds versions 1..upto (default: all); raises ReplayMismatch on any difference."""
-    log = SqliteLogStore(audit_db, readonly=True)
-    try:
-        records = [AuditRecord.decode(e.record) for e in log.get(0, log.size())]
-    finally:
-        log.close()
+    records = read_records(audit_db)
     store = CoordinatorStore(coordinator_state)
     try:
         versions = store.versions()

@@ -14,8 +14,8 @@ from pathlib import Path
 import grpc
 import pytest
 
-from echelon.audit.record import AuditRecord, PayloadType
-from echelon.audit.store import SqliteLogStore
+from echelon.audit.record import PayloadType
+from echelon.audit.store import read_records
 from echelon.training.corpus import fetch_domain
 from echelon_proto.coordinator.v1 import coordinator_pb2, coordinator_pb2_grpc
 from services.common.wire import new_ref
@@ -102,11 +102,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, object]]
         deployment.wait_windows(before + 1, timeout_s=300)  # versions count version 0
         versions = _versions(deployment)[full[0].version :]
         deployment.stop()
-    store = SqliteLogStore(deployment.audit_db, readonly=True)
-    try:
-        records = [AuditRecord.decode(e.record) for e in store.get(0, store.size())]
-    finally:
-        store.close()
+    records = read_records(deployment.audit_db)
     yield {"versions": versions, "records": records}
 
 

@@ -15,8 +15,8 @@ import grpc
 import pytest
 
 from echelon.audit.cli import main as audit_cli
-from echelon.audit.record import AuditRecord, Direction, PayloadType
-from echelon.audit.store import SqliteLogStore
+from echelon.audit.record import Direction, PayloadType
+from echelon.audit.store import read_records
 from echelon.training.corpus import fetch_domain
 from echelon_proto.coordinator.v1 import coordinator_pb2, coordinator_pb2_grpc
 from services.common.wire import new_ref
@@ -80,11 +80,7 @@ def test_audit_log_verifies_with_matching_digests(finished: tuple[Deployment, di
     deployment, facts = finished
     db = deployment.audit_db
     assert audit_cli(["verify", "--db", str(db)]) == 0
-    store = SqliteLogStore(db, readonly=True)
-    try:
-        records = [AuditRecord.decode(e.record) for e in store.get(0, store.size())]
-    finally:
-        store.close()
+    records = read_records(db)
     sent = {
         (r.payload_type, r.window, r.receiver, r.payload_sha256)
         for r in records

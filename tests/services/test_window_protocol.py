@@ -15,7 +15,7 @@ import pytest
 
 from echelon.audit.cli import main as audit_cli
 from echelon.audit.record import AuditRecord, PayloadType
-from echelon.audit.store import SqliteLogStore
+from echelon.audit.store import read_records
 from echelon.controller import SyncControllerConfig
 from echelon.policy import ExportPolicy
 from echelon.staleness import StalenessConfig
@@ -38,11 +38,7 @@ def sites(tmp_path: Path) -> Iterator[Sites]:
 
 
 def _records(sites: Sites) -> list[AuditRecord]:
-    store = SqliteLogStore(sites.root / "audit" / "log.db", readonly=True)
-    try:
-        return [AuditRecord.decode(e.record) for e in store.get(0, store.size())]
-    finally:
-        store.close()
+    return read_records(sites.root / "audit" / "log.db")
 
 
 def test_secure_window_yields_the_weighted_average(sites: Sites) -> None:
