@@ -281,6 +281,18 @@ class Aggregator:
         self._book = book
         return list(self._survivors)
 
+    @property
+    def secrets_due(self) -> frozenset[int]:
+        """After ``fix_survivors``: the owners whose secret unmasking must rebuild (survivors'
+        seeds, keys of dropped parties whose masks a survivor added)."""
+        if self._book is None:
+            raise StageError(
+                "secrets_due: the survivors are not fixed yet",
+                expected="after fix_survivors",
+                found=self._stage,
+            )
+        return self._book.secrets_due
+
     # -- consistency check and unmasking -----------------------------------------------------
 
     def add_survivor_signature(self, party: int, signature: bytes) -> None:

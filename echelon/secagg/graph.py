@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 
 from echelon.secagg.config import MAX_PARTY_ID, SecAggConfig
@@ -131,3 +132,14 @@ class NeighbourGraph:
         ``2 t > degree + 1``.
         """
         return math.floor(self.threshold_fraction * len(self.holders(party))) + 1
+
+    def short_of(
+        self, owners: Iterable[int], present: AbstractSet[int]
+    ) -> tuple[int, int, int] | None:
+        """The first owner (in order) whose secrets fewer than t holders in ``present`` hold,
+        as ``(owner, have, t)``; None when every owner's secrets can be rebuilt."""
+        for owner in sorted(owners):
+            have, want = len(self.holders(owner) & present), self.threshold(owner)
+            if have < want:
+                return owner, have, want
+        return None

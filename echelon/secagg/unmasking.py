@@ -46,26 +46,28 @@ class ShareBook:
         self._seed_shares: dict[int, dict[int, bytes]] = {p: {} for p in self.survivors}
         self._key_shares: dict[int, dict[int, bytes]] = {p: {} for p in self.keys_needed}
 
-    def _available(self, owner: int) -> int:
-        # Holders that can release: surviving neighbours, plus the owner itself when it
-        # survived (it holds b_{u,u}); a dropped owner is no survivor, so it never counts.
-        return len(self.graph.holders(owner) & self.sharers & self.survivors)
-
     def shortfall(self) -> AbortedRound | None:
         """The abort to raise when the survivors cannot release enough shares, else None."""
         if not self.survivors:
             return AbortedRound("no masked vector arrived", expected=">= 1 survivor", found=0)
-        for owner in sorted(self.survivors | self.keys_needed):
-            available, needed = self._available(owner), self.graph.threshold(owner)
-            if available < needed:
-                kind = "self-mask seed" if owner in self.survivors else "s key"
-                return AbortedRound(
-                    f"only {available} surviving holders (neighbours and the party itself) "
-                    f"hold shares of the {kind} of party {owner}, want t = {needed}",
-                    expected=needed,
-                    found=available,
-                )
-        return None
+        # Holders that can release: surviving neighbours, plus the owner itself when it
+        # survived (it holds b_{u,u}); a dropped owner is no survivor, so it never counts.
+        short = self.graph.short_of(self.secrets_due, self.sharers & self.survivors)
+        if short is None:
+            return None
+        owner, available, needed = short
+        kind = "self-mask seed" if owner in self.survivors else "s key"
+        return AbortedRound(
+            f"only {available} surviving holders (neighbours and the party itself) "
+            f"hold shares of the {kind} of party {owner}, want t = {needed}",
+            expected=needed,
+            found=available,
+        )
+
+    @property
+    def secrets_due(self) -> frozenset[int]:
+        """Owners whose secret must be rebuilt: survivors' seeds, needed dropped keys."""
+        return self.survivors | self.keys_needed
 
     def add(self, shares: UnmaskingShares) -> None:
         """Record one survivor's shares after checking each is due; all or nothing.

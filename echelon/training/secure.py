@@ -171,7 +171,6 @@ class SecureAggregation:
         self._timeout_s = timeout_s
         self._record = record
         self._done: set[int] = set()
-        self._sharers: frozenset[int] = frozenset()
 
     def start_info(self) -> SecureStart:
         return self._start
@@ -208,7 +207,6 @@ class SecureAggregation:
             except SecAggError as exc:
                 _fail(failed, h.shard, "shares", exc)
         routed = agg.route_shares()
-        self._sharers = frozenset(routed)
         self._check_graph(set(routed) - set(failed), "exchanged shares")
         for h in handles:
             if h.shard in routed and h.shard not in failed:
@@ -225,7 +223,7 @@ class SecureAggregation:
             raise self._refusal(str(exc), _as_int(exc.expected), _as_int(exc.found)) from exc
         surviving = [h for h in handles if h.shard in survivors and h.shard not in failed]
         signers = self._collect_signatures(surviving, survivors, failed)
-        self._check_release(set(survivors), {h.shard for h in signers})
+        self._check_release({h.shard for h in signers})
         signatures = self._aggregator.survivor_signatures()
         release = ReleaseShares(
             window=self.window, survivors=survivors, signatures=tuple(sorted(signatures.items()))
@@ -274,22 +272,20 @@ class SecureAggregation:
         signed_by = self._aggregator.survivor_signatures()
         return [h for h in surviving if h.shard in signed_by and h.shard not in failed]
 
-    def _check_release(self, survivors: set[int], signers: set[int]) -> None:
+    def _check_release(self, signers: set[int]) -> None:
         """Refuse before any share is released when the signers cannot complete the round:
         each signer needs t signatures among its holders (neighbours and itself: its own
         `unmask` rule), and each secret to rebuild (seeds of survivors, keys of dropped
         parties that masked with a survivor) needs t signing holders."""
         graph = self._aggregator.graph
-        dropped = self._sharers - survivors
-        owners = survivors | {p for p in dropped if graph.of(p) & survivors}
-        for party in sorted(signers):
-            have, want = len(graph.holders(party) & signers), graph.threshold(party)
-            if have < want:
-                raise self._refusal(f"party {party} sees {have} signatures, want t", want, have)
-        for owner in sorted(owners):
-            have, want = len(graph.holders(owner) & signers), graph.threshold(owner)
-            if have < want:
-                raise self._refusal(f"{have} signers hold shares of party {owner}", want, have)
+        short = graph.short_of(signers, signers)
+        if short is not None:
+            party, have, want = short
+            raise self._refusal(f"party {party} sees {have} signatures, want t", want, have)
+        short = graph.short_of(self._aggregator.secrets_due, signers)
+        if short is not None:
+            owner, have, want = short
+            raise self._refusal(f"{have} signers hold shares of party {owner}", want, have)
 
     def abort(self, handles: Sequence[WorkerHandle], reason: str) -> None:
         """Tell every worker still inside the window's protocol that its sum is refused."""
@@ -332,11 +328,10 @@ class SecureAggregation:
         """Refuse before any worker reaches `AbortedRound`: each remaining party needs t
         remaining holders of its shares, itself included (the library's own rule)."""
         self._require(len(parties), RefusalReason.TOO_FEW_DEVICES, stage)
-        graph = self._aggregator.graph
-        for party in sorted(parties):
-            have, want = len(graph.holders(party) & parties), graph.threshold(party)
-            if have < want:
-                raise self._refusal(f"{stage}: party {party} has {have} holders left", want, have)
+        short = self._aggregator.graph.short_of(parties, parties)
+        if short is not None:
+            party, have, want = short
+            raise self._refusal(f"{stage}: party {party} has {have} holders left", want, have)
 
     def _refusal(self, detail: str, expected: int, found: int) -> WindowRefused:
         """Too few parties remain to remove every mask (the threshold t of the library)."""
