@@ -38,6 +38,7 @@ from echelon.protocol.messages import (
     Declined,
     GlobalVersion,
     Joined,
+    KeySetup,
     KeysRelayed,
     OpenWindow,
     SharesRelayed,
@@ -99,6 +100,8 @@ class BoundaryCore:
         self.phi = np.zeros(self.dim, dtype=np.float32)
         self.window: OpenWindow | None = None
         self.rounds: PartyRounds | None = None
+        self.next_rounds: PartyRounds | None = None  # pre-keyed window, not open yet
+        self._next_cohort: tuple[str, ...] = ()
         self.pending: deque[TrainedDelta] = deque()
         self.submitted: _Submitted | None = None
         self.overlap: _Overlap | None = None
@@ -137,6 +140,8 @@ class BoundaryCore:
                 self._install(message, out)
             elif isinstance(message, OpenWindow):
                 self._open(message, out)
+            elif isinstance(message, KeySetup):
+                self._key_setup(message, out)
             elif isinstance(message, WindowAborted):
                 self._aborted(message, out)
             elif isinstance(message, KeysRelayed):
@@ -156,6 +161,9 @@ class BoundaryCore:
             out.append(Send(COORDINATOR, Declined(window=window, reason=reason)))
 
     def _rounds(self, window: int) -> PartyRounds:
+        nxt = self.next_rounds
+        if nxt is not None and nxt.window == window:
+            return nxt
         if self.rounds is None or self.window is None or self.window.window != window:
             open_ = None if self.window is None else self.window.window
             raise PartyRefused(f"window {window} is not the open window ({open_})")
@@ -230,36 +238,52 @@ class BoundaryCore:
         self._submit(out)
         self._maybe_train(out)
 
+    def _party_rounds(self, window: int, cohort: tuple[str, ...]) -> PartyRounds:
+        if window <= self.last_window:
+            raise PartyRefused(f"window {window}, want > {self.last_window}")
+        if self.boundary not in cohort:
+            raise PartyRefused(f"window {window}: not in the cohort {cohort}")
+        cfg = self.config
+        identities = {i: self.identities[b] for i, b in enumerate(cohort) if b in self.identities}
+        return PartyRounds(
+            party=cohort.index(self.boundary),
+            window=window,
+            cohort=range(len(cohort)),
+            config=cfg.secagg,
+            secure=cfg.level2,
+            identity=self.identity,
+            identities=identities,
+            graph_seed=cfg.graph_seed(window),
+        )
+
+    def _key_setup(self, message: KeySetup, out: list[Command]) -> None:
+        rounds = self._party_rounds(message.window, message.cohort)
+        self.next_rounds = rounds
+        self._next_cohort = message.cohort
+        ad = rounds.advertise()
+        if ad is not None:
+            out.append(Send(COORDINATOR, ad))
+
     def _open(self, message: OpenWindow, out: list[Command]) -> None:
-        if message.window <= self.last_window:
-            raise PartyRefused(f"window {message.window}, want > {self.last_window}")
-        if self.boundary not in message.cohort:
-            raise PartyRefused(f"window {message.window}: not in the cohort {message.cohort}")
+        nxt = self.next_rounds
+        pre_keyed = (
+            nxt is not None and nxt.window == message.window and self._next_cohort == message.cohort
+        )
+        rounds = nxt if pre_keyed and nxt is not None else None
+        if rounds is None:
+            rounds = self._party_rounds(message.window, message.cohort)
+        self.next_rounds = None
         if self.submitted is not None and self.submitted.window < message.window:
             # The submitted delta's window ended without a version naming it.
             self._settle_submitted(False, self.held_version, out)
         self.last_window = message.window
         self.window = message
         self.inner_steps, self.mu = message.inner_steps, message.mu
-        cfg = self.config
-        party = message.cohort.index(self.boundary)
-        cohort_ids = range(len(message.cohort))
-        identities = {
-            i: self.identities[b] for i, b in enumerate(message.cohort) if b in self.identities
-        }
-        self.rounds = PartyRounds(
-            party=party,
-            window=message.window,
-            cohort=cohort_ids,
-            config=cfg.secagg,
-            secure=cfg.level2,
-            identity=self.identity,
-            identities=identities,
-            graph_seed=cfg.graph_seed(message.window),
-        )
-        ad = self.rounds.advertise()
-        if ad is not None:
-            out.append(Send(COORDINATOR, ad))
+        self.rounds = rounds
+        if not pre_keyed:
+            ad = rounds.advertise()
+            if ad is not None:
+                out.append(Send(COORDINATOR, ad))
         self._maybe_train(out)
         self._submit(out)
 

@@ -39,6 +39,7 @@ class ProtocolConfig:
     mu: float = 0.0
     buffered: bool = False
     delay_aware: bool = False
+    prekey: bool = False  # the next window's key rounds overlap this one's unmasking
     rebase_carry: float = 1.0
     token_unit: float = 1.0
     round_timeout_s: float = 30.0
@@ -52,6 +53,8 @@ class ProtocolConfig:
                 "ProtocolConfig: buffered and delay_aware both on; want at most one (a buffered "
                 "boundary never waits for a window's result, so there is nothing to overlap)"
             )
+        if self.prekey and not self.level2:
+            raise ValueError("ProtocolConfig.prekey: want level2 on (it pipelines key rounds)")
         if not 0.0 < self.rebase_carry <= 1.0:
             raise ValueError(f"ProtocolConfig.rebase_carry: got {self.rebase_carry}, want (0, 1]")
         if not self.token_unit > 0:

@@ -44,6 +44,7 @@ from echelon.protocol.messages import (
     Declined,
     GlobalVersion,
     Joined,
+    KeySetup,
     OpenWindow,
     WindowAborted,
 )
@@ -123,6 +124,7 @@ class CoordinatorCore:
         self.mu = self.controller.mu if self.controller else config.mu
         self.peers: dict[str, Peer] = {}
         self.current: _Window | None = None
+        self.next: _Window | None = None  # pre-keyed: key rounds under way, not open yet
         self.previous_g: np.ndarray | None = None
         self.outcomes: list[WindowOutcome] = []
 
@@ -155,6 +157,14 @@ class CoordinatorCore:
             peer.held_version = message.held_version
             if self.current is None:  # after every join of this instant (and the grace)
                 out.append(SetTimer(OPEN_TIMER, now + self.config.join_grace_s))
+            return
+        nxt = self.next
+        if nxt is not None and message.window == nxt.id and sender in nxt.cohort:
+            if isinstance(message, PartyMessage):
+                sends = nxt.rounds.receive(nxt.cohort.index(sender), message)
+            else:
+                sends = nxt.rounds.fail(nxt.cohort.index(sender), "declined the key set-up")
+            self._route_next(nxt, sends, now, out)
             return
         win = self.current
         if win is None or message.window != win.id or sender not in win.cohort:
@@ -194,12 +204,20 @@ class CoordinatorCore:
         win = self.current
         if win is not None and party in win.cohort:
             self._route(win, win.rounds.fail(win.cohort.index(party), reason), now, out)
+        nxt = self.next
+        if nxt is not None and party in nxt.cohort:
+            self._route_next(nxt, nxt.rounds.fail(nxt.cohort.index(party), reason), now, out)
 
     def _timer(self, key: object, now: float, out: list[Command]) -> None:
         win = self.current
         if key == OPEN_TIMER:
             if win is None:
                 self._try_open(now, out)
+            return
+        nxt = self.next
+        if isinstance(key, tuple) and nxt is not None and key[1] == nxt.id:
+            if key[0] == "stage" and nxt.rounds.stage.name == key[2]:
+                self._route_next(nxt, nxt.rounds.expire(), now, out)
             return
         if not isinstance(key, tuple) or win is None or key[1] != win.id:
             return
@@ -221,19 +239,13 @@ class CoordinatorCore:
             log.debug("no_cohort", reason=decision.reason)
             out.append(SetTimer(OPEN_TIMER, now + cfg.retry_s))
             return
-        self.window_id += 1
-        w = self.window_id
-        cohort = decision.members
-        parties = range(len(cohort))
-        rounds = AggregatorRounds(
-            window=w,
-            cohort=parties,
-            length=self.dim + len(STATS),
-            config=cfg.secagg if cfg.level2 else None,
-            graph_seed=cfg.graph_seed(w),
-            identities={i: self.identities[b] for i, b in enumerate(cohort)},
-        )
-        self.current = _Window(w, self.version, now, cohort, rounds, self.inner_steps)
+        nxt, self.next = self.next, None
+        if nxt is not None and all(self.peers[b].live for b in nxt.cohort):
+            nxt.version, nxt.opened, nxt.inner_steps = self.version, now, self.inner_steps
+            self.current = nxt
+        else:
+            self.current = self._new_window(decision.members, now)
+        w, cohort = self.current.id, self.current.cohort
         opening = OpenWindow(
             window=w,
             version=self.version,
@@ -250,6 +262,47 @@ class CoordinatorCore:
             out.append(Send(b, opening))
         out.append(SetTimer(("deadline", w), now + cfg.window.deadline_s))
         self._stage_timer(self.current, now, out)
+
+    def _new_window(self, cohort: tuple[str, ...], now: float) -> _Window:
+        cfg = self.config
+        self.window_id += 1
+        w = self.window_id
+        rounds = AggregatorRounds(
+            window=w,
+            cohort=range(len(cohort)),
+            length=self.dim + len(STATS),
+            config=cfg.secagg if cfg.level2 else None,
+            graph_seed=cfg.graph_seed(w),
+            identities={i: self.identities[b] for i, b in enumerate(cohort)},
+        )
+        return _Window(w, self.version, now, cohort, rounds, self.inner_steps)
+
+    def _prekey(self, now: float, out: list[Command]) -> None:
+        """Starts the next window's key rounds while this one unmasks (its cohort: the live
+        boundaries now; one that joins later waits a window)."""
+        seen = [
+            BoundarySeen(b, p.last_seen if p.live else -math.inf) for b, p in self.peers.items()
+        ]
+        decision = select_cohort(now, seen, self.config.window)
+        last = bool(self.config.windows) and self.committed + 1 >= self.config.windows
+        if not decision.open_window or last:
+            return
+        nxt = self._new_window(decision.members, now)
+        self.next = nxt
+        for b in nxt.cohort:
+            out.append(Send(b, KeySetup(window=nxt.id, cohort=nxt.cohort)))
+        self._stage_timer(nxt, now, out)
+
+    def _route_next(
+        self, nxt: _Window, sends: list[Outbound], now: float, out: list[Command]
+    ) -> None:
+        for o in sends:
+            out.append(Send(nxt.cohort[o.party], o.message))
+        if nxt.rounds.stage is RoundStage.ABORTED:
+            log.info("prekey_aborted", window=nxt.id, reason=nxt.rounds.abort_reason)
+            self.next = None
+        elif self.next is nxt:
+            self._stage_timer(nxt, now, out)
 
     def _global(self, window: int) -> GlobalVersion:
         return GlobalVersion(
@@ -301,6 +354,8 @@ class CoordinatorCore:
         if not gate.unmask:
             self._abort(win, gate.reason, now, out)
             return
+        if self.config.prekey and self.next is None:
+            self._prekey(now, out)
         self._route(win, rounds.close_collection(), now, out)
 
     def _abort(self, win: _Window, reason: str, now: float, out: list[Command]) -> None:

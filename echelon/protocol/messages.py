@@ -31,6 +31,15 @@ class OpenWindow:
 
 
 @dataclass(frozen=True, kw_only=True)
+class KeySetup:
+    """Pre-keying: window `window`'s key rounds start while the window before it unmasks;
+    the boundary answers with its advertisement. `OpenWindow` follows with the version."""
+
+    window: int
+    cohort: tuple[str, ...]
+
+
+@dataclass(frozen=True, kw_only=True)
 class GlobalVersion:
     """Global adapter `version` (offset from the shared initial adapter) and who is in it."""
 
@@ -145,6 +154,7 @@ class Declined:
 
 ToBoundary = (
     OpenWindow
+    | KeySetup
     | GlobalVersion
     | KeysRelayed
     | SharesRelayed

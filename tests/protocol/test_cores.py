@@ -17,6 +17,7 @@ from echelon.protocol.messages import (
     ContributionSent,
     GlobalVersion,
     KeysAdvertised,
+    KeySetup,
     Message,
     SharesReleased,
     SharesSent,
@@ -256,3 +257,16 @@ def test_a_coordinator_resumes_from_its_state() -> None:
     np.testing.assert_array_equal(resumed.phi, world.coordinator.phi)
     np.testing.assert_array_equal(resumed.optimizer.momentum, world.coordinator.optimizer.momentum)
     assert resumed.contributors == world.coordinator.contributors
+
+
+def test_pre_keying_runs_the_next_key_rounds_during_unmasking() -> None:
+    keyed = make_world(latency_s=0.5)
+    pre_keyed = make_world(config=protocol_config(prekey=True), latency_s=0.5)
+    late, early = keyed.run(), pre_keyed.run()
+    assert [o.committed for o in early.outcomes] == [True, True, True]
+    setups = [m for _, _, _, m in early.messages if isinstance(m, KeySetup)]
+    assert {m.window for m in setups} == {2, 3}
+    # Same versions (the rounding seed is per run, window and party), sooner.
+    for a, b in zip(late.commits, early.commits, strict=True):
+        np.testing.assert_allclose(a.phi, b.phi, atol=TOL)
+    assert pre_keyed.executor.now < keyed.executor.now
