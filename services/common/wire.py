@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Iterator
+from typing import Any
 
 import grpc
 import numpy as np
@@ -21,9 +22,10 @@ from .validate import RequestError
 CHUNK_BYTES = 1 << 20
 MAX_VECTOR_ELEMENTS = 1 << 28  # 1 GiB of float32; a request bound, not a model limit
 
-_DTYPES = {
+_DTYPES: dict[int, np.dtype[Any]] = {
     common_pb2.ENCODING_FLOAT32_LE: np.dtype("<f4"),
     common_pb2.ENCODING_UINT32_LE: np.dtype("<u4"),
+    common_pb2.ENCODING_FLOAT64_LE: np.dtype("<f8"),
 }
 
 
@@ -38,13 +40,14 @@ def vector_sha256(vector: np.ndarray) -> bytes:
 
 
 def vector_header(vector: np.ndarray, layout_digest: bytes = b"") -> common_pb2.VectorHeader:
-    """Describes `vector` (float32 or uint32) for streaming."""
+    """Describes `vector` (float32, uint32 or float64) for streaming."""
     encoding = {
         np.dtype("float32"): common_pb2.ENCODING_FLOAT32_LE,
         np.dtype("uint32"): common_pb2.ENCODING_UINT32_LE,
+        np.dtype("float64"): common_pb2.ENCODING_FLOAT64_LE,
     }.get(vector.dtype)
     if encoding is None:
-        raise TypeError(f"vector dtype: got {vector.dtype}, want float32 or uint32")
+        raise TypeError(f"vector dtype: got {vector.dtype}, want float32, uint32 or float64")
     data = le_bytes(vector)
     return common_pb2.VectorHeader(
         encoding=encoding,
@@ -80,18 +83,22 @@ class VectorReceiver:
         if dtype is None:
             raise RequestError(
                 grpc.StatusCode.INVALID_ARGUMENT,
-                f"{what}.encoding: got {header.encoding}, want FLOAT32_LE or UINT32_LE",
+                f"{what}.encoding: got {header.encoding}, want FLOAT32_LE, UINT32_LE or FLOAT64_LE",
             )
         if want_length is not None and header.length != want_length:
             raise RequestError(
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"{what}.length: got {header.length}, want {want_length}",
             )
-        if not 0 < header.length <= MAX_VECTOR_ELEMENTS or header.total_bytes != 4 * header.length:
+        size = dtype.itemsize
+        if (
+            not 0 < header.length <= MAX_VECTOR_ELEMENTS
+            or header.total_bytes != size * header.length
+        ):
             raise RequestError(
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"{what}: got length {header.length} and {header.total_bytes} bytes, "
-                f"want 0 < length <= {MAX_VECTOR_ELEMENTS} and total_bytes = 4 * length",
+                f"want 0 < length <= {MAX_VECTOR_ELEMENTS} and total_bytes = {size} * length",
             )
         if len(header.sha256) != 32:
             raise RequestError(
@@ -137,6 +144,14 @@ class VectorReceiver:
             )
         little = np.frombuffer(self._buffer, dtype=self._dtype)
         return little.astype(self._dtype.newbyteorder("="), copy=True)
+
+    @property
+    def filled(self) -> int:
+        return self._filled
+
+    @property
+    def total(self) -> int:
+        return len(self._buffer)
 
     @property
     def sha256(self) -> bytes:

@@ -12,7 +12,7 @@ import structlog
 from echelon.audit.errors import AuditError, PolicyViolation
 from echelon.audit.record import KeyRegistration, PayloadType, Role, RunConfig
 from echelon_proto.common.v1 import common_pb2
-from echelon_proto.coordinator.v1 import coordinator_pb2, coordinator_pb2_grpc
+from echelon_proto.coordinator.v1 import coordinator_pb2, coordinator_pb2_grpc, session_pb2
 from services.common.audited import AuditedPeer, message_bytes
 from services.common.validate import NonceGuard, RequestError, abort
 from services.common.wire import iter_chunks, vector_header
@@ -40,6 +40,19 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         self.run_config = run_config
         self.clock = clock
         self.nonces = NonceGuard()
+
+    def Session(
+        self,
+        request_iterator: Iterator[session_pb2.AgentFrame],
+        context: grpc.ServicerContext,
+    ) -> Iterator[session_pb2.CoordinatorFrame]:
+        """This coordinator drives windows by calling the agents' BoundaryAgent service; the
+        dial-out window session is served by `services.global_coordinator.session`."""
+        context.abort(
+            grpc.StatusCode.UNIMPLEMENTED,
+            "Coordinator.Session: this coordinator calls its agents; run the session "
+            "coordinator for dial-out agents",
+        )
 
     def Register(
         self, request: coordinator_pb2.RegisterRequest, context: grpc.ServicerContext

@@ -119,6 +119,8 @@ class _EncodingEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Encoding.Val
     """little-endian IEEE float32"""
     ENCODING_UINT32_LE: _Encoding.ValueType  # 2
     """little-endian uint32 in Z_(2^32) (masked fixed point)"""
+    ENCODING_FLOAT64_LE: _Encoding.ValueType  # 3
+    """little-endian IEEE float64 (plain sums, level 2 off)"""
 
 class Encoding(_Encoding, metaclass=_EncodingEnumTypeWrapper):
     """Describes a streamed vector: its element type, length and a digest of the
@@ -130,6 +132,8 @@ ENCODING_FLOAT32_LE: Encoding.ValueType  # 1
 """little-endian IEEE float32"""
 ENCODING_UINT32_LE: Encoding.ValueType  # 2
 """little-endian uint32 in Z_(2^32) (masked fixed point)"""
+ENCODING_FLOAT64_LE: Encoding.ValueType  # 3
+"""little-endian IEEE float64 (plain sums, level 2 off)"""
 Global___Encoding: _TypeAlias = Encoding  # noqa: Y015
 
 @_typing.final

@@ -4,6 +4,7 @@ import grpc
 import warnings
 
 from echelon_proto.coordinator.v1 import coordinator_pb2 as echelon_dot_coordinator_dot_v1_dot_coordinator__pb2
+from echelon_proto.coordinator.v1 import session_pb2 as echelon_dot_coordinator_dot_v1_dot_session__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -34,6 +35,11 @@ class CoordinatorStub:
         Args:
             channel: A grpc.Channel.
         """
+        self.Session = channel.stream_stream(
+                '/echelon.coordinator.v1.Coordinator/Session',
+                request_serializer=echelon_dot_coordinator_dot_v1_dot_session__pb2.AgentFrame.SerializeToString,
+                response_deserializer=echelon_dot_coordinator_dot_v1_dot_session__pb2.CoordinatorFrame.FromString,
+                _registered_method=True)
         self.Register = channel.unary_unary(
                 '/echelon.coordinator.v1.Coordinator/Register',
                 request_serializer=echelon_dot_coordinator_dot_v1_dot_coordinator__pb2.RegisterRequest.SerializeToString,
@@ -63,6 +69,13 @@ class CoordinatorStub:
 
 class CoordinatorServicer:
     """Missing associated documentation comment in .proto file."""
+
+    def Session(self, request_iterator, context):
+        """The window session (session.proto): an agent's one long-lived stream.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
 
     def Register(self, request, context):
         """Registers a boundary (or re-registers it after a restart). INVALID_ARGUMENT
@@ -109,6 +122,11 @@ class CoordinatorServicer:
 
 def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
+            'Session': grpc.stream_stream_rpc_method_handler(
+                    servicer.Session,
+                    request_deserializer=echelon_dot_coordinator_dot_v1_dot_session__pb2.AgentFrame.FromString,
+                    response_serializer=echelon_dot_coordinator_dot_v1_dot_session__pb2.CoordinatorFrame.SerializeToString,
+            ),
             'Register': grpc.unary_unary_rpc_method_handler(
                     servicer.Register,
                     request_deserializer=echelon_dot_coordinator_dot_v1_dot_coordinator__pb2.RegisterRequest.FromString,
@@ -144,6 +162,33 @@ def add_CoordinatorServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class Coordinator:
     """Missing associated documentation comment in .proto file."""
+
+    @staticmethod
+    def Session(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/echelon.coordinator.v1.Coordinator/Session',
+            echelon_dot_coordinator_dot_v1_dot_session__pb2.AgentFrame.SerializeToString,
+            echelon_dot_coordinator_dot_v1_dot_session__pb2.CoordinatorFrame.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
 
     @staticmethod
     def Register(request,

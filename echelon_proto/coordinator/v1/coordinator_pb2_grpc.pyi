@@ -8,6 +8,7 @@ coordinator drives windows by calling the agents (see boundary.proto).
 
 from collections import abc as _abc
 from echelon_proto.coordinator.v1 import coordinator_pb2 as _coordinator_pb2
+from echelon_proto.coordinator.v1 import session_pb2 as _session_pb2
 from grpc import aio as _aio
 import abc as _abc_1
 import grpc as _grpc
@@ -34,6 +35,8 @@ class CoordinatorStub:
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> CoordinatorAsyncStub: ...
+    Session: _grpc.StreamStreamMultiCallable[_session_pb2.AgentFrame, _session_pb2.CoordinatorFrame]
+    """The window session (session.proto): an agent's one long-lived stream."""
     Register: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.RegisterRequest, _coordinator_pb2.RegisterResponse]
     """Registers a boundary (or re-registers it after a restart). INVALID_ARGUMENT
     when the boundary id is empty or malformed, the address is not host:port, or
@@ -58,6 +61,8 @@ class CoordinatorStub:
 @_typing.type_check_only
 class CoordinatorAsyncStub(CoordinatorStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
+    Session: _aio.StreamStreamMultiCallable[_session_pb2.AgentFrame, _session_pb2.CoordinatorFrame]  # type: ignore[assignment]
+    """The window session (session.proto): an agent's one long-lived stream."""
     Register: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.RegisterRequest, _coordinator_pb2.RegisterResponse]  # type: ignore[assignment]
     """Registers a boundary (or re-registers it after a restart). INVALID_ARGUMENT
     when the boundary id is empty or malformed, the address is not host:port, or
@@ -80,6 +85,14 @@ class CoordinatorAsyncStub(CoordinatorStub):
     """Stored global versions with their digests and contributors."""
 
 class CoordinatorServicer(metaclass=_abc_1.ABCMeta):
+    @_abc_1.abstractmethod
+    def Session(
+        self,
+        request_iterator: _MaybeAsyncIterator[_session_pb2.AgentFrame],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_session_pb2.CoordinatorFrame], _abc.AsyncIterator[_session_pb2.CoordinatorFrame]]:
+        """The window session (session.proto): an agent's one long-lived stream."""
+
     @_abc_1.abstractmethod
     def Register(
         self,
