@@ -328,6 +328,10 @@ def _decode_object(raw: Any, cls: type, path: str) -> Any:
     except DeclarationError:
         raise
     except ValueError as exc:
+        # Component checks say "WindowConfig.m_min: got 0, want ..."; name the field's path.
+        named = re.match(rf"{cls.__name__}\.(\w+): (.*)", str(exc), re.DOTALL)
+        if named and named[1] in raw:
+            raise DeclarationError(f"{path}.{named[1]}", named[2]) from None
         raise DeclarationError(path, str(exc)) from None
 
 
