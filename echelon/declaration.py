@@ -32,8 +32,8 @@ from echelon.window import WindowConfig
 DECLARATION_SCHEMA_VERSION = 1
 DEFAULT_TOKEN_UNIT = 8192.0  # w_b = tokens / token_unit * s(tau)
 DIGEST_BYTES = 32
-_RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-_HEX = re.compile(r"^(?:[0-9a-f]{2})*$")
+_RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+_HEX = re.compile(r"(?:[0-9a-f]{2})*")
 
 
 class DeclarationError(ValueError):
@@ -139,16 +139,8 @@ class RunDeclaration:
     schema_version: int = DECLARATION_SCHEMA_VERSION
 
     def __post_init__(self) -> None:
-        if self.schema_version != DECLARATION_SCHEMA_VERSION:
-            raise DeclarationError(
-                "declaration.schema_version",
-                f"got {self.schema_version!r}, want {DECLARATION_SCHEMA_VERSION} "
-                "(the only schema this build reads)",
-            )
-        if not _RUN_ID.match(self.run_id):
-            raise DeclarationError(
-                "declaration.run_id", f"got {self.run_id!r}, want [A-Za-z0-9][A-Za-z0-9._-]{{0,63}}"
-            )
+        _check_schema_version(self.schema_version)
+        check_run_id(self.run_id)
         if self.window.m_min < 2:
             raise DeclarationError(
                 "declaration.window.m_min",
@@ -185,13 +177,8 @@ class RunDeclaration:
             obj = json.loads(data.decode("utf-8"), object_pairs_hook=_no_duplicates)
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise DeclarationError("declaration", f"got {exc}, want canonical JSON") from None
-        version = obj.get("schema_version") if type(obj) is dict else None
-        if version is not None and version != DECLARATION_SCHEMA_VERSION:
-            raise DeclarationError(
-                "declaration.schema_version",
-                f"got {version!r}, want {DECLARATION_SCHEMA_VERSION} (the only schema this "
-                "build reads)",
-            )
+        if type(obj) is dict and "schema_version" in obj:  # before the fields a version names
+            _check_schema_version(obj["schema_version"])
         declaration: RunDeclaration = _decode(obj, cls, "declaration")
         if declaration.to_canonical_bytes() != data:
             raise DeclarationError(
@@ -200,6 +187,24 @@ class RunDeclaration:
                 "(sorted keys, no whitespace, UTF-8, floats as their shortest decimal string)",
             )
         return declaration
+
+
+def _check_schema_version(version: object) -> None:
+    if type(version) is not int or version != DECLARATION_SCHEMA_VERSION:
+        raise DeclarationError(
+            "declaration.schema_version",
+            f"got {_show(version)}, want {DECLARATION_SCHEMA_VERSION} (the only schema this "
+            "build reads)",
+        )
+
+
+def check_run_id(run_id: str) -> None:
+    """Raises DeclarationError unless `run_id` can name a run (it seeds secure-aggregation
+    graphs and appears in every party's logs)."""
+    if not _RUN_ID.fullmatch(run_id):
+        raise DeclarationError(
+            "declaration.run_id", f"got {run_id!r}, want [A-Za-z0-9][A-Za-z0-9._-]{{0,63}}"
+        )
 
 
 def egress_policy(
@@ -279,7 +284,7 @@ def _decode(raw: Any, hint: Any, path: str) -> Any:
     if hint is float:
         return _decode_float(raw, path)
     if hint is bytes:
-        if type(raw) is not str or not _HEX.match(raw):
+        if type(raw) is not str or not _HEX.fullmatch(raw):
             raise DeclarationError(path, f"got {_show(raw)}, want lowercase hex")
         return bytes.fromhex(raw)
     origin, args = typing.get_origin(hint), typing.get_args(hint)

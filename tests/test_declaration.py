@@ -238,6 +238,9 @@ REFUSALS = [
     (_set("secagg.frac_bits", 31), "declaration.secagg", "frac_bits"),
     (_set("run_id", 7), "declaration.run_id", "want a string"),
     (_set("run_id", "has space"), "declaration.run_id", "want [A-Za-z0-9]"),
+    (_set("run_id", "r\n"), "declaration.run_id", "want [A-Za-z0-9]"),
+    (_set("model.dim", "ab\n"), "declaration.model.dim", "want an integer"),
+    (_set("model.layout_digest", "ab" * 32 + "\n"), "declaration.model.layout_digest", "hex"),
     (_set("outer.lr", 0.7), "declaration.outer.lr", "want a finite float as its shortest"),
     (_set("outer.lr", "0.70"), "declaration.outer.lr", "shortest decimal string"),
     (_set("outer.lr", "7e-1"), "declaration.outer.lr", "shortest decimal string"),
@@ -256,6 +259,7 @@ REFUSALS = [
     (_set("payloads.schema_versions", 1), "declaration.payloads.schema_versions", "want a list"),
     (_set("payloads.schema_versions", []), "declaration.payloads.schema_versions", "got none"),
     (_set("schema_version", 2), "declaration.schema_version", "got 2, want 1"),
+    (_set("schema_version", True), "declaration.schema_version", "got true, want 1"),
     (_set("window", []), "declaration.window", "want an object"),
 ]
 

@@ -12,6 +12,7 @@ from echelon.declaration import (
     ModelIdentity,
     RunDeclaration,
     SecureAggregationConfig,
+    check_run_id,
     egress_policy,
 )
 from echelon.outer import OuterConfig
@@ -46,6 +47,8 @@ class CoordinatorConfig:
             raise ValueError(f"CoordinatorConfig.rpc_timeout_s: got {self.rpc_timeout_s}, want > 0")
         if not self.token_unit > 0:
             raise ValueError(f"CoordinatorConfig.token_unit: got {self.token_unit}, want > 0")
+        check_run_id(self.run_id)
+        self.policy()  # m_min and k_min as the declaration will state them
 
     def policy(self) -> Policy:
         """The allow-list the run declares, known before the model is."""
