@@ -35,7 +35,6 @@ from echelon.audit import (
     NoAttributes,
     NoteVerifier,
     PayloadType,
-    Policy,
     Role,
     RunConfig,
     SecAggLevels,
@@ -43,12 +42,12 @@ from echelon.audit import (
     SqliteLogStore,
     TransparencyLog,
     Verdict,
-    run_config,
 )
 from echelon.audit.merkle import leaf_hash
 from echelon.audit.record import leaf_data
 from echelon.audit.signing import VerifyKey
 from echelon.audit.verify import verify_log
+from echelon.declaration import ModelIdentity, RunDeclaration
 
 Signed = list[tuple[bytes, bytes]]
 
@@ -84,7 +83,8 @@ def signed_records(count: int, boundaries: int = 3) -> Signed:
                 attributes=attrs,
             )
         )
-    config = run_config(Policy())
+    model = ModelIdentity(b"\x01" * 32, b"\x02" * 32, b"\x03" * 32, 1)
+    config = RunDeclaration(run_id="bench", model=model).to_canonical_bytes()
     for org in orgs:
         for signer, direction in ((coord, Direction.SENT), (org, Direction.RECEIVED)):
             out.append(

@@ -26,7 +26,7 @@ from .errors import (
 )
 from .gate import AuditSink, EgressGate, wall_clock_ms
 from .log import AppendResult, LocalSink, TransparencyLog
-from .policy import Policy, policy_from_run_config, run_config
+from .policy import PayloadAllowList, Policy
 from .record import (
     LOG_PARTY,
     AuditRecord,
@@ -73,6 +73,7 @@ __all__ = [
     "MetadataAttributes",
     "NoAttributes",
     "NoteVerifier",
+    "PayloadAllowList",
     "PayloadType",
     "Policy",
     "PolicyViolation",
@@ -95,8 +96,6 @@ __all__ = [
     "Verdict",
     "VerificationError",
     "Witness",
-    "policy_from_run_config",
-    "run_config",
     "verify_signature",
     "wall_clock_ms",
 ]

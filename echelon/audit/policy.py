@@ -2,17 +2,17 @@
 
 One pure function, `Policy.check`, decides; the egress gate calls it before a
 payload leaves and the verifier calls it again over the whole log, against the
-policy declared in the run's RUN_CONFIG record.
+policy of the run's declaration (`echelon.declaration.RunDeclaration.policy`), which
+its RUN_CONFIG record holds.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import ConfigError, RecordError
+from .errors import ConfigError
 from .record import (
     METADATA_FIELDS,
     SCHEMA_VERSION,
@@ -22,7 +22,6 @@ from .record import (
     PayloadType,
     Role,
     SecAggLevels,
-    canonical_json,
 )
 
 P = PayloadType
@@ -87,13 +86,13 @@ _DELTAS = (P.MASKED_DELTA, P.PLAIN_DELTA)
 
 
 @dataclass(frozen=True, kw_only=True)
-class Policy:
-    """The allow-list of one run; declared in its RUN_CONFIG record."""
+class PayloadAllowList:
+    """Which payload types each role may send, their size bounds, and the schema versions.
 
-    m_min: int = 2
-    k_min: int = 2
-    level1: bool = True
-    level2: bool = True
+    Every role gets an entry (an empty set when it may send nothing), so two lists that
+    allow the same payloads compare equal.
+    """
+
     schema_versions: frozenset[int] = frozenset({SCHEMA_VERSION})
     max_bytes: Mapping[PayloadType, int] = field(default_factory=lambda: dict(DEFAULT_MAX_BYTES))
     allowed: Mapping[Role, frozenset[PayloadType]] = field(
@@ -101,20 +100,46 @@ class Policy:
     )
 
     def __post_init__(self) -> None:
-        if self.m_min < 2:
-            raise ConfigError(f"Policy.m_min: got {self.m_min}, want >= 2 (a sum of one is one)")
-        if self.k_min < 1:
-            raise ConfigError(f"Policy.k_min: got {self.k_min}, want >= 1")
         if not self.schema_versions:
-            raise ConfigError("Policy.schema_versions: got none, want at least one version")
+            raise ConfigError(
+                "PayloadAllowList.schema_versions: got none, want at least one version"
+            )
         missing = sorted(
             t.name for t in PayloadType if t != P.UNSPECIFIED and t not in self.max_bytes
         )
         if missing:
-            raise ConfigError(f"Policy.max_bytes: missing {missing}, want a bound for every type")
-        for role in Role:
-            if P.UNSPECIFIED in self.allowed.get(role, frozenset()):
-                raise ConfigError(f"Policy.allowed[{role}]: got UNSPECIFIED, want named types only")
+            raise ConfigError(
+                f"PayloadAllowList.max_bytes: missing {missing}, want a bound for every type"
+            )
+        if P.UNSPECIFIED in self.max_bytes:
+            raise ConfigError("PayloadAllowList.max_bytes: got UNSPECIFIED, want named types only")
+        negative = sorted(t.name for t, n in self.max_bytes.items() if n < 0)
+        if negative:
+            raise ConfigError(f"PayloadAllowList.max_bytes: {negative} negative, want >= 0")
+        for role, types in self.allowed.items():
+            if P.UNSPECIFIED in types:
+                raise ConfigError(
+                    f"PayloadAllowList.allowed[{role}]: got UNSPECIFIED, want named types only"
+                )
+        every_role = {role: frozenset(self.allowed.get(role, frozenset())) for role in Role}
+        object.__setattr__(self, "allowed", every_role)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Policy:
+    """The allow-list of one run, as its declaration (`echelon.declaration`) states it."""
+
+    m_min: int = 2
+    k_min: int = 2
+    level1: bool = True
+    level2: bool = True
+    payloads: PayloadAllowList = field(default_factory=PayloadAllowList)
+
+    def __post_init__(self) -> None:
+        if self.m_min < 2:
+            raise ConfigError(f"Policy.m_min: got {self.m_min}, want >= 2 (a sum of one is one)")
+        if self.k_min < 1:
+            raise ConfigError(f"Policy.k_min: got {self.k_min}, want >= 1")
 
     @property
     def levels(self) -> SecAggLevels:
@@ -132,12 +157,14 @@ class Policy:
         """Why this payload may not cross, or None when it may."""
         if payload_type == P.UNSPECIFIED:
             return "payload type UNSPECIFIED is not in the closed enum"
-        if payload_type not in self.allowed.get(role, frozenset()):
+        payloads = self.payloads
+        if payload_type not in payloads.allowed.get(role, frozenset()):
             return f"{payload_type.name} is not allowed from a {role.value}"
-        if schema_version not in self.schema_versions:
-            return f"schema version {schema_version} not in {sorted(self.schema_versions)}"
-        if not 0 <= size <= self.max_bytes[payload_type]:
-            return f"size {size} exceeds {self.max_bytes[payload_type]} for {payload_type.name}"
+        if schema_version not in payloads.schema_versions:
+            return f"schema version {schema_version} not in {sorted(payloads.schema_versions)}"
+        bound = payloads.max_bytes[payload_type]
+        if not 0 <= size <= bound:
+            return f"size {size} exceeds {bound} for {payload_type.name}"
         if payload_type == P.PLAIN_DELTA and self.level2:
             return "PLAIN_DELTA while level-2 secure aggregation is declared on"
         if payload_type in _DELTAS and isinstance(attributes, DeltaAttributes):
@@ -152,84 +179,17 @@ class Policy:
         return None
 
     def to_json(self) -> dict[str, Any]:
+        """The policy for a verification report (the declaration holds the canonical form)."""
+        payloads = self.payloads
         return {
             "allowed": {
-                role.value: sorted(t.name for t in self.allowed.get(role, frozenset()))
+                role.value: sorted(t.name for t in payloads.allowed.get(role, frozenset()))
                 for role in Role
             },
             "k_min": self.k_min,
             "level1": self.level1,
             "level2": self.level2,
             "m_min": self.m_min,
-            "max_bytes": {t.name: n for t, n in sorted(self.max_bytes.items())},
-            "schema_versions": sorted(self.schema_versions),
+            "max_bytes": {t.name: n for t, n in sorted(payloads.max_bytes.items())},
+            "schema_versions": sorted(payloads.schema_versions),
         }
-
-    @classmethod
-    def from_json(cls, obj: Any) -> Policy:
-        """Raises RecordError when `obj` is not what `to_json` writes."""
-        keys = {"allowed", "k_min", "level1", "level2", "m_min", "max_bytes", "schema_versions"}
-        if type(obj) is not dict or set(obj) != keys:
-            found = sorted(obj) if type(obj) is dict else type(obj).__name__
-            raise RecordError("run_config.policy", expected=sorted(keys), found=found)
-        try:
-            return cls(
-                m_min=_int(obj["m_min"], "m_min"),
-                k_min=_int(obj["k_min"], "k_min"),
-                level1=_bool(obj["level1"], "level1"),
-                level2=_bool(obj["level2"], "level2"),
-                schema_versions=frozenset(
-                    _int(v, "schema_versions") for v in obj["schema_versions"]
-                ),
-                max_bytes={
-                    PayloadType[name]: _int(n, "max_bytes") for name, n in obj["max_bytes"].items()
-                },
-                allowed={
-                    Role(role): frozenset(PayloadType[name] for name in names)
-                    for role, names in obj["allowed"].items()
-                },
-            )
-        except (KeyError, ValueError, AttributeError, TypeError) as exc:
-            if isinstance(exc, RecordError):
-                raise
-            raise RecordError("run_config.policy", expected="a policy", found=repr(exc)) from None
-
-
-def _int(value: Any, name: str) -> int:
-    if type(value) is not int:
-        raise RecordError(f"run_config.policy.{name}", expected="an integer", found=repr(value))
-    return value
-
-
-def _bool(value: Any, name: str) -> bool:
-    if type(value) is not bool:
-        raise RecordError(f"run_config.policy.{name}", expected="true or false", found=repr(value))
-    return value
-
-
-def run_config(policy: Policy, declared: Mapping[str, Any] | None = None) -> bytes:
-    """The canonical JSON of a run's declared configuration: the policy plus other settings.
-
-    `declared` holds the rest (model and tokenizer hashes, hyperparameters); floats
-    there are written as decimal strings by the caller, since the encoding is ints only.
-    """
-    body = dict(declared or {})
-    if "policy" in body:
-        raise ConfigError("run_config declared: got a 'policy' key, want it passed as `policy`")
-    body["policy"] = policy.to_json()
-    return canonical_json(body)
-
-
-def policy_from_run_config(config: bytes) -> Policy:
-    """The policy declared in a RUN_CONFIG record's config bytes. Raises RecordError."""
-    try:
-        obj = json.loads(config.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise RecordError("run_config", expected="canonical JSON", found=str(exc)) from None
-    if type(obj) is not dict or "policy" not in obj:
-        raise RecordError(
-            "run_config", expected="an object with 'policy'", found=type(obj).__name__
-        )
-    if canonical_json(obj) != config:
-        raise RecordError("run_config", expected="canonical JSON", found="another encoding")
-    return Policy.from_json(obj["policy"])

@@ -3,7 +3,8 @@
 It recomputes the Merkle tree from the stored records, checks every signature
 against the keys the log itself registered, compares the stored and witnessed
 signed tree heads with the recomputed roots, reconciles double entries, and
-checks the whole history against the policy declared in the RUN_CONFIG record.
+checks the whole history against the policy of the run declaration in the RUN_CONFIG
+record (read by the one parser, `RunDeclaration.from_canonical_bytes`).
 Every problem becomes a `Finding` that names the entry and what is wrong.
 """
 
@@ -13,6 +14,8 @@ from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+from echelon.declaration import DeclarationError, RunDeclaration
 
 from .checkpoint import NoteVerifier, SignedTreeHead, TreeHead
 from .errors import (
@@ -25,7 +28,7 @@ from .errors import (
 )
 from .log import Registry
 from .merkle import MerkleTree, leaf_hash
-from .policy import Policy, policy_from_run_config
+from .policy import Policy
 from .record import (
     LOG_PARTY,
     AuditRecord,
@@ -294,8 +297,8 @@ def _check_policy(report: Report, records: Sequence[tuple[int, AuditRecord]]) ->
                 )
             elif config is None:
                 try:
-                    policy = policy_from_run_config(attrs.config)
-                except RecordError as exc:
+                    policy = RunDeclaration.from_canonical_bytes(attrs.config).policy()
+                except DeclarationError as exc:
                     report.add("run_config", index, f"declared configuration: {exc}")
                     continue
                 config, report.policy = attrs.config, policy

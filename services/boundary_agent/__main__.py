@@ -20,8 +20,9 @@ import structlog
 
 from echelon.audit.policy import Policy
 from echelon.audit.record import Role
+from echelon.declaration import RunDeclaration
 from echelon.policy import ExportPolicy
-from echelon.staleness import StalenessConfig, StalenessKind
+from echelon.staleness import StalenessConfig
 from echelon.tomlconfig import ConfigFileError, build
 from echelon.training.data import DataConfig
 from echelon.training.inner import InnerConfig
@@ -96,16 +97,6 @@ def load_setup(tables: dict[str, Any], base: Path) -> TrainingSetup:
         model=build(ModelConfig, model, "model"),
         lora=build(LoraConfig, tables.get("lora"), "lora"),
         inner=build(InnerConfig, tables.get("inner"), "inner"),
-    )
-
-
-def staleness_from(declared: dict[str, Any]) -> StalenessConfig:
-    raw = declared.get("staleness", {})
-    return StalenessConfig(
-        kind=StalenessKind(raw.get("kind", "polynomial").split(".")[-1].lower()),
-        a=float(raw.get("a", 0.5)),
-        b=int(raw.get("b", 4)),
-        tau_max=int(raw.get("tau_max", 16)),
     )
 
 
@@ -191,13 +182,14 @@ def main(argv: list[str] | None = None) -> int:
         running.stop(0)
         shutdown()
         return 1
+    declaration = info.declaration
     runtime.set_run(
-        staleness_from(info.declared),
-        declared_policy(info.declared, export),
-        delay_aware=bool(info.declared.get("delay_aware", False)),
+        declaration.staleness,
+        export_policy(declaration, export),
+        delay_aware=declaration.delay_aware,
     )
-    audit.adopt(info.policy)
-    security = device_security(info.declared, export.k_min, setup.devices.workers)
+    audit.adopt(declaration.policy())
+    security = device_security(declaration, export.k_min, setup.devices.workers)
     try:
         pools.append(start_pool(setup, facts, data_dir, security))
     except PoolError as exc:
@@ -211,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         "agent_ready",
         port=running.port,
         metrics_port=metrics_port,
-        run_id=info.run_id,
+        run_id=declaration.run_id,
         workers=trainer.alive_workers(),
         dim=facts.layout.numel,
     )
@@ -221,10 +213,9 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def declared_policy(declared: dict[str, Any], own: ExportPolicy) -> ExportPolicy:
+def export_policy(declaration: RunDeclaration, own: ExportPolicy) -> ExportPolicy:
     """The stricter of the boundary's own export policy and the run's declared k_min."""
-    k_min = int(declared["policy"]["k_min"])
-    return ExportPolicy(k_min=max(k_min, own.k_min), clip_norm=own.clip_norm)
+    return ExportPolicy(k_min=max(declaration.secagg.k_min, own.k_min), clip_norm=own.clip_norm)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from dataclasses import dataclass
@@ -11,11 +10,11 @@ from typing import Any
 import grpc
 import structlog
 
-from echelon.audit.errors import AuditError
-from echelon.audit.policy import Policy, policy_from_run_config
 from echelon.audit.record import KeyRegistration, PayloadType, Role, RunConfig
+from echelon.declaration import DeclarationError, RunDeclaration
 from echelon_proto.coordinator.v1 import coordinator_pb2, coordinator_pb2_grpc
 from services.common.audited import AuditedPeer, message_bytes
+from services.common.validate import registered_model
 from services.common.wire import new_ref
 
 log = structlog.get_logger(__name__)
@@ -28,10 +27,8 @@ class RegistrationRefused(Exception):
 
 @dataclass(frozen=True)
 class RunInfo:
-    run_id: str
     current_version: int
-    declared: dict[str, Any]
-    policy: Policy
+    declaration: RunDeclaration
 
 
 class CoordinatorLink:
@@ -85,14 +82,7 @@ class CoordinatorLink:
             message_bytes(response),
             RunConfig(config=bytes(response.run_config)),
         )
-        try:
-            policy = policy_from_run_config(bytes(response.run_config))
-        except AuditError as exc:
-            raise RegistrationRefused(
-                f"the run's declared configuration is invalid: {exc}"
-            ) from exc
-        declared = json.loads(response.run_config.decode())
-        return RunInfo(response.run_id, int(response.current_version), declared, policy)
+        return RunInfo(int(response.current_version), _declaration(request, response))
 
     def heartbeats(
         self, boundary: str, held_version: Any, every_s: float, stop: threading.Event
@@ -114,3 +104,24 @@ class CoordinatorLink:
         thread = threading.Thread(target=beat, name="heartbeat", daemon=True)
         thread.start()
         return thread
+
+
+def _declaration(
+    request: coordinator_pb2.RegisterRequest, response: coordinator_pb2.RegisterResponse
+) -> RunDeclaration:
+    """The run's declaration, parsed and checked against what this boundary registered."""
+    try:
+        declaration = RunDeclaration.from_canonical_bytes(bytes(response.run_config))
+    except DeclarationError as exc:
+        raise RegistrationRefused(f"the run's declaration is invalid: {exc}") from exc
+    if declaration.run_id != response.run_id:
+        raise RegistrationRefused(
+            f"RegisterResponse.run_id: got {response.run_id!r}, "
+            f"want the declared {declaration.run_id!r}"
+        )
+    own = registered_model(request)
+    if declaration.model != own:
+        raise RegistrationRefused(
+            f"declaration.model: got {declaration.model}, want this boundary's model {own}"
+        )
+    return declaration

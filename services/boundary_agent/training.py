@@ -18,6 +18,7 @@ import numpy as np
 import structlog
 
 from echelon.controller import relative_drift
+from echelon.declaration import RunDeclaration
 from echelon.secagg import SecAggConfig
 from echelon.training.adapter import AdapterLayout, flatten
 from echelon.training.data import DataConfig
@@ -102,14 +103,14 @@ class DeviceSecurity:
     graph_seed: bytes
 
 
-def device_security(declared: dict[str, Any], own_k_min: int, workers: int) -> DeviceSecurity:
-    """Level 1 from the run's declared configuration; k_min is the stricter of the two."""
-    sa = declared["secagg"]
-    k_min = max(int(declared["policy"]["k_min"]), own_k_min)
-    if not sa["level1"]:
+def device_security(declaration: RunDeclaration, own_k_min: int, workers: int) -> DeviceSecurity:
+    """Level 1 from the run's declaration; k_min is the stricter of the two."""
+    sa = declaration.secagg
+    k_min = max(sa.k_min, own_k_min)
+    if not sa.level1:
         return DeviceSecurity(secure=None, k_min=k_min, graph_seed=b"")
-    secure = device_secagg_config(max_devices=max(workers, 2), clip=float(sa["clip"]))
-    seed = f"{declared['run_id']}/level-1".encode()
+    secure = device_secagg_config(max_devices=max(workers, 2), clip=sa.clip)
+    seed = f"{declaration.run_id}/level-1".encode()
     return DeviceSecurity(secure=secure, k_min=k_min, graph_seed=seed)
 
 

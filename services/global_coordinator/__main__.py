@@ -14,7 +14,6 @@ from typing import Any
 
 import structlog
 
-from echelon.audit.policy import Policy
 from echelon.audit.record import Role
 from echelon.tomlconfig import ConfigFileError, build
 from echelon_proto.coordinator.v1 import coordinator_pb2_grpc
@@ -31,7 +30,7 @@ from services.common.portfile import write_port_file
 from services.common.server import start_server, wait_for_signal
 
 from .config import CoordinatorConfig
-from .declaration import RunDeclaration
+from .declaration import DeclarationPublisher
 from .driver import WindowDriver
 from .registry import Registry
 from .servicer import CoordinatorServicer
@@ -65,21 +64,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     configure_logging("coordinator", common.log_level)
     identity = load_or_create_identity(PARTY, common.data_dir / "identity")
-    policy = Policy(
-        m_min=config.window.m_min,
-        k_min=config.secagg.k_min,
-        level1=config.secagg.level1,
-        level2=config.secagg.level2,
-    )
+    policy = config.policy()
     audit, audit_channel = audited_peer(PARTY, Role.COORDINATOR, identity, policy, common.audit)
     store = CoordinatorStore(common.data_dir / "state")
     registry = Registry(store)
     driver = WindowDriver(config=config, store=store, registry=registry, audit=audit)
-    declared = RunDeclaration(
-        config=config, policy=policy, registry=registry, store=store, audit=audit
-    )
+    declaration = DeclarationPublisher(config=config, registry=registry, store=store, audit=audit)
     servicer = CoordinatorServicer(
-        registry=registry, driver=driver, audit=audit, run_config=declared
+        registry=registry, driver=driver, audit=audit, run_config=declaration
     )
     running = start_server(
         common.server,

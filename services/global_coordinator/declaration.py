@@ -1,4 +1,4 @@
-"""The run's declared configuration: policy, hyperparameters and model identity.
+"""Publishes the run's declaration (`echelon.declaration.RunDeclaration`).
 
 It is recorded once on the audit log (a RUN_CONFIG record) as soon as the first
 registration pins the model identity, before any window opens, and handed to every
@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import threading
 
-from echelon.audit.policy import Policy, run_config
 from echelon.audit.record import LOG_PARTY, PayloadType, RunConfig
 from services.common.audited import AuditedPeer
 
@@ -21,40 +20,31 @@ from .store import CoordinatorStore
 _RECORDED = "run_config_sha256"
 
 
-class RunDeclaration:
-    """Callable that returns the declared configuration, recording it on first use."""
+class DeclarationPublisher:
+    """Callable that returns the canonical declaration, recording it on first use."""
 
     def __init__(
         self,
         *,
         config: CoordinatorConfig,
-        policy: Policy,
         registry: Registry,
         store: CoordinatorStore,
         audit: AuditedPeer,
     ) -> None:
         self.config = config
-        self.policy = policy
         self.registry = registry
         self.store = store
         self.audit = audit
         self._lock = threading.Lock()
 
     def __call__(self) -> bytes:
+        """Raises LookupError before any registration has pinned the model identity."""
         identity = self.registry.identity
-        model = (
-            {}
-            if identity is None
-            else {
-                "layout_digest": identity.layout_digest.hex(),
-                "dim": identity.dim,
-                "base_model_digest": identity.base_model_digest.hex(),
-                "tokenizer_digest": identity.tokenizer_digest.hex(),
-            }
-        )
-        body = run_config(self.policy, self.config.declared(model))
+        if identity is None:
+            raise LookupError("no registration has pinned the model identity yet")
+        body = self.config.declaration(identity).to_canonical_bytes()
         with self._lock:
-            if identity is not None and self.store.get_meta(_RECORDED) is None:
+            if self.store.get_meta(_RECORDED) is None:
                 self.audit.gate.send(
                     PayloadType.RUN_CONFIG, LOG_PARTY, 0, body, RunConfig(config=body), lambda: None
                 )

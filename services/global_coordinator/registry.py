@@ -9,26 +9,16 @@ from __future__ import annotations
 
 import re
 import threading
-from dataclasses import dataclass
 
 import grpc
 
+from echelon.declaration import ModelIdentity
 from services.common.validate import RequestError
 
 from .store import CoordinatorStore, Registration
 
 _BOUNDARY_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 _ADDRESS = re.compile(r"^(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.-]+):\d{1,5}$")
-
-
-@dataclass(frozen=True)
-class ModelIdentity:
-    """What every boundary must share: the layout of the travelling adapter and its length."""
-
-    layout_digest: bytes
-    base_model_digest: bytes
-    tokenizer_digest: bytes
-    dim: int
 
 
 class Registry:

@@ -10,13 +10,13 @@ and receivers recorded on the audit log when the version was distributed.
 from __future__ import annotations
 
 import argparse
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from echelon.aggregation import WindowSum
 from echelon.audit.record import AuditRecord, PayloadType, RunConfig
 from echelon.audit.store import read_records
+from echelon.declaration import DeclarationError, RunDeclaration
 from echelon.outer import OuterConfig, OuterOptimizer
 from services.common.wire import vector_sha256
 
@@ -38,13 +38,10 @@ class ReplayedVersion:
 def _declared_outer(records: list[AuditRecord]) -> OuterConfig:
     for record in records:
         if isinstance(record.attributes, RunConfig):
-            declared = json.loads(record.attributes.config)
-            outer = declared["outer"]
-            return OuterConfig(
-                lr=float(outer["lr"]),
-                momentum=float(outer["momentum"]),
-                nesterov=bool(outer["nesterov"]),
-            )
+            try:
+                return RunDeclaration.from_canonical_bytes(record.attributes.config).outer
+            except DeclarationError as exc:
+                raise ReplayMismatch(f"the RUN_CONFIG record does not parse: {exc}") from exc
     raise ReplayMismatch("the audit log holds no RUN_CONFIG record to replay against")
 
 

@@ -14,11 +14,11 @@ from echelon.audit.record import KeyRegistration, PayloadType, Role, RunConfig
 from echelon_proto.common.v1 import common_pb2
 from echelon_proto.coordinator.v1 import coordinator_pb2, coordinator_pb2_grpc, session_pb2
 from services.common.audited import AuditedPeer, message_bytes
-from services.common.validate import NonceGuard, RequestError, abort
+from services.common.validate import NonceGuard, RequestError, abort, registered_model
 from services.common.wire import iter_chunks, vector_header
 
 from .driver import WindowDriver
-from .registry import ModelIdentity, Registry
+from .registry import Registry
 from .store import Registration
 
 log = structlog.get_logger(__name__)
@@ -62,12 +62,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
             reg = Registration(
                 request.boundary, request.address, bytes(request.identity_key), int(request.devices)
             )
-            model = ModelIdentity(
-                bytes(request.layout_digest),
-                bytes(request.base_model_digest),
-                bytes(request.tokenizer_digest),
-                int(request.dim),
-            )
+            model = registered_model(request)
             if len(reg.identity_key) == 32:
                 self.audit.gate.received(
                     PayloadType.KEY_REGISTRATION,

@@ -20,8 +20,9 @@ from echelon.audit import (
     RunConfig,
     Signer,
     TransparencyLog,
-    run_config,
 )
+from echelon.declaration import ModelIdentity, RunDeclaration, SecureAggregationConfig
+from echelon.window import WindowConfig
 
 LOG_SEED = bytes(range(32))
 ORIGIN = "echelon.test/audit"
@@ -58,6 +59,19 @@ def registered_gate(
     return gate
 
 
+def declaration_bytes(policy: Policy) -> bytes:
+    """The canonical declaration of a run whose allow-list is `policy`."""
+    return RunDeclaration(
+        run_id="test",
+        model=ModelIdentity(b"\xab" * 32, b"\xcd" * 32, b"\xef" * 32, 1),
+        secagg=SecureAggregationConfig(
+            level1=policy.level1, level2=policy.level2, k_min=policy.k_min
+        ),
+        window=WindowConfig(m_min=policy.m_min, min_cohort=policy.m_min),
+        payloads=policy.payloads,
+    ).to_canonical_bytes()
+
+
 def crossing(
     sender: EgressGate,
     receiver: EgressGate,
@@ -85,7 +99,7 @@ def run_exchange(
     clock = clock or Clock()
     coord = coordinator or registered_gate(COORDINATOR, Role.COORDINATOR, policy, sink, clock)
     gates = {b: registered_gate(b, Role.BOUNDARY, policy, sink, clock) for b in boundaries}
-    config = run_config(policy, {"model_sha256": "ab" * 32, "strategy": "echelon"})
+    config = declaration_bytes(policy)
     for gate in gates.values():
         crossing(coord, gate, PayloadType.RUN_CONFIG, 0, config, RunConfig(config=config))
     delta_type = PayloadType.MASKED_DELTA if policy.level2 else PayloadType.PLAIN_DELTA

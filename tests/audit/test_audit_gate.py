@@ -5,7 +5,14 @@ from __future__ import annotations
 import threading
 
 import pytest
-from audit_helpers import COORDINATOR, Clock, memory_log, registered_gate, run_exchange
+from audit_helpers import (
+    COORDINATOR,
+    Clock,
+    declaration_bytes,
+    memory_log,
+    registered_gate,
+    run_exchange,
+)
 
 from echelon.audit import (
     LOG_PARTY,
@@ -30,10 +37,9 @@ from echelon.audit import (
     Signer,
     UnknownSigner,
     Verdict,
-    policy_from_run_config,
-    run_config,
 )
 from echelon.audit.verify import verify_log
+from echelon.declaration import RunDeclaration
 
 
 def _status(signer: Signer, counter: int, **changes: object) -> bytes:
@@ -249,11 +255,9 @@ def test_a_baseline_run_passes_and_is_marked_in_the_verdict() -> None:
     assert "BASELINE run: secure aggregation level 2 off" in report.verdict()
 
 
-def test_the_declared_policy_round_trips_through_the_run_config() -> None:
+def test_the_declared_policy_round_trips_through_the_run_declaration() -> None:
     policy = Policy(m_min=3, k_min=5, level1=False)
-    config = run_config(policy, {"outer_lr": "0.7", "model_sha256": "ab" * 32})
-    assert policy_from_run_config(config) == policy
-    with pytest.raises(RecordError):
-        run_config(policy, {"outer_lr": 0.7})  # floats must be declared as decimal strings
+    config = declaration_bytes(policy)
+    assert RunDeclaration.from_canonical_bytes(config).policy() == policy
     with pytest.raises(ConfigError, match="m_min"):
         Policy(m_min=1)

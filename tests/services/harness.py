@@ -20,6 +20,7 @@ import numpy as np
 from echelon.audit.policy import Policy
 from echelon.audit.record import Role
 from echelon.controller import SyncControllerConfig
+from echelon.declaration import ModelIdentity
 from echelon.policy import ExportPolicy
 from echelon.staleness import StalenessConfig
 from echelon.window import WindowConfig
@@ -33,9 +34,9 @@ from services.common.bootstrap import audited_peer
 from services.common.identity import load_or_create_identity
 from services.common.server import RunningServer, ServerConfig, start_server
 from services.global_coordinator.config import CoordinatorConfig, SecureAggregationConfig
-from services.global_coordinator.declaration import RunDeclaration
+from services.global_coordinator.declaration import DeclarationPublisher
 from services.global_coordinator.driver import WindowDriver
-from services.global_coordinator.registry import ModelIdentity, Registry
+from services.global_coordinator.registry import Registry
 from services.global_coordinator.store import CoordinatorStore, Registration
 
 DIM = 1000
@@ -146,9 +147,8 @@ class Sites:
             self.registry.register(
                 Registration(b, agent.address, agent.identity_key, 2), model, time.time()
             )
-        RunDeclaration(
+        DeclarationPublisher(
             config=self.config,
-            policy=self.policy,
             registry=self.registry,
             store=self.store,
             audit=self.coordinator_audit,
