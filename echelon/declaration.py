@@ -25,11 +25,14 @@ from echelon.audit.policy import PayloadAllowList, Policy
 from echelon.audit.record import canonical_json
 from echelon.controller import SyncControllerConfig
 from echelon.outer import OuterConfig
+from echelon.policy import ExportPolicy
+from echelon.protocol.config import ProtocolConfig
+from echelon.protocol.stats import StatRanges
 from echelon.secagg.config import SecAggConfig
 from echelon.staleness import StalenessConfig
 from echelon.window import WindowConfig
 
-DECLARATION_SCHEMA_VERSION = 1
+DECLARATION_SCHEMA_VERSION = 2  # 2: the window protocol's knobs (buffered, prekey, ...)
 DEFAULT_TOKEN_UNIT = 8192.0  # w_b = tokens / token_unit * s(tau)
 DIGEST_BYTES = 32
 _RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -135,7 +138,13 @@ class RunDeclaration:
     adaptive_h: bool = False  # the drift-aware sync controller picks H (and mu) per window
     controller: SyncControllerConfig = field(default_factory=SyncControllerConfig)
     delay_aware: bool = False  # Echelon-DA: boundaries keep training while a window is in flight
+    rebase_carry: float = 1.0  # Echelon-DA: share of the overlap's progress kept on re-base
+    buffered: bool = False  # FedBuff: a boundary starts again as soon as it has submitted
+    prekey: bool = False  # the next window's key rounds overlap this one's unmasking
     token_unit: float = DEFAULT_TOKEN_UNIT
+    clip_norm: float = 10.0  # a boundary delta's L2 norm is clipped to this before export
+    stats: StatRanges = field(default_factory=StatRanges)  # ranges of the masked statistics
+    round_timeout_s: float = 30.0  # a secure-aggregation stage waits at most this long
     schema_version: int = DECLARATION_SCHEMA_VERSION
 
     def __post_init__(self) -> None:
@@ -153,6 +162,37 @@ class RunDeclaration:
         for path, value in _floats(self, "declaration"):
             if not math.isfinite(value):
                 raise DeclarationError(path, f"got {value}, want a finite number")
+        try:
+            self.protocol()
+        except ValueError as exc:
+            raise DeclarationError("declaration", f"{exc}") from None
+
+    def protocol(self, *, windows: int = 0) -> ProtocolConfig:
+        """The window protocol's configuration, for every party's core; `windows` (a
+        coordinator's local stop condition) 0 runs until stopped.
+
+        Raises ValueError for a combination the protocol refuses (e.g. buffered and
+        delay-aware together)."""
+        controller = self.controller if self.adaptive_h else None
+        return ProtocolConfig(
+            run_id=self.run_id,
+            window=self.window,
+            level2=self.secagg.level2,
+            secagg=self.secagg.level2_config(),
+            staleness=self.staleness,
+            outer=self.outer,
+            controller=controller,
+            policy=ExportPolicy(k_min=self.secagg.k_min, clip_norm=self.clip_norm),
+            stats=self.stats,
+            mu=self.inner.mu,
+            buffered=self.buffered,
+            delay_aware=self.delay_aware,
+            prekey=self.prekey,
+            rebase_carry=self.rebase_carry,
+            token_unit=self.token_unit,
+            round_timeout_s=self.round_timeout_s,
+            windows=windows,
+        )
 
     def policy(self) -> Policy:
         """The egress allow-list that gates and verifier check every payload against."""

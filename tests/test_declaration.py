@@ -22,6 +22,7 @@ from echelon.declaration import (
     SecureAggregationConfig,
 )
 from echelon.outer import OuterConfig
+from echelon.protocol.stats import StatRanges
 from echelon.staleness import StalenessConfig, StalenessKind
 from echelon.window import WindowConfig
 from services.global_coordinator.config import CoordinatorConfig
@@ -111,7 +112,7 @@ def payload_lists() -> st.SearchStrategy[PayloadAllowList]:
 
 
 def declarations() -> st.SearchStrategy[RunDeclaration]:
-    return st.builds(
+    return _built(
         RunDeclaration,
         run_id=st.from_regex(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", fullmatch=True),
         model=st.builds(
@@ -157,7 +158,19 @@ def declarations() -> st.SearchStrategy[RunDeclaration]:
         adaptive_h=st.booleans(),
         controller=controllers(),
         delay_aware=st.booleans(),
+        rebase_carry=_floats(0.0, 1.0, exclude_min=True),
+        buffered=st.booleans(),
+        prekey=st.booleans(),
         token_unit=_positive(1e300),
+        clip_norm=_positive(),
+        stats=_built(
+            StatRanges,
+            drift=_positive(1e6),
+            train_loss=_positive(1e6),
+            delta_norm=_positive(1e6),
+            tokens=_positive(1e12),
+        ),
+        round_timeout_s=_positive(1e6),
     )
 
 
@@ -258,8 +271,8 @@ REFUSALS = [
     (_drop("payloads.max_bytes.RUN_CONFIG"), "declaration.payloads.max_bytes", "RUN_CONFIG"),
     (_set("payloads.schema_versions", 1), "declaration.payloads.schema_versions", "want a list"),
     (_set("payloads.schema_versions", []), "declaration.payloads.schema_versions", "got none"),
-    (_set("schema_version", 2), "declaration.schema_version", "got 2, want 1"),
-    (_set("schema_version", True), "declaration.schema_version", "got true, want 1"),
+    (_set("schema_version", 1), "declaration.schema_version", "got 1, want 2"),
+    (_set("schema_version", True), "declaration.schema_version", "got true, want 2"),
     (_set("window", []), "declaration.window", "want an object"),
 ]
 
@@ -348,7 +361,7 @@ def test_the_default_declaration_has_a_known_digest() -> None:
     decl = RunDeclaration(run_id="echelon", model=MODEL)
     data = decl.to_canonical_bytes()
 
-    assert data.startswith(b'{"adaptive_h":false,"controller":{"adapt_mu":false,"agreement_high"')
+    assert data.startswith(b'{"adaptive_h":false,"buffered":false,"clip_norm":"10.0",')
     assert b'"outer":{"lr":"0.7","momentum":"0.9","nesterov":true}' in data
     assert b'"staleness":{"a":"0.5","b":4,"kind":"polynomial","tau_max":16}' in data
-    assert decl.digest().hex() == "615b97cd6041ddc8269221623e158a2e69fdc53cf258ec6afb3c58f879867c98"
+    assert decl.digest().hex() == "27bb93d7805dbebde745ab1b807a6136f6b1ef4ad12bda3389da44a4e6153ca8"

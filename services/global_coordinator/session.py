@@ -17,6 +17,7 @@ import grpc
 import structlog
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from echelon.declaration import ModelIdentity
 from echelon.protocol import CoordinatorCore, WindowOutcome
 from echelon.protocol.events import (
     Command,
@@ -38,7 +39,6 @@ from services.common.timers import Timers
 from services.common.validate import RequestError
 from services.common.wire import vector_sha256
 
-from .registry import ModelIdentity
 from .store import CoordinatorStore, VersionRecord
 
 log = structlog.get_logger(__name__)
