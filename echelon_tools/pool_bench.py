@@ -12,9 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
+from echelon.device.pool import DevicePool, PoolConfig, device_secagg_config
 from echelon.training.data import DataConfig
 from echelon.training.inner import InnerConfig
-from echelon.training.pool import DevicePool, PoolConfig, device_secagg_config
 from echelon.training.tokenizer import TokenizerConfig, obtain_tokenizer
 from echelon_tools.corpus import fetch_domain
 
