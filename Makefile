@@ -24,7 +24,7 @@ proto: $(STAMP)
 	$(BIN)/python tools/gen_proto.py
 
 corpus: $(STAMP)
-	$(BIN)/python -m echelon.training.corpus fetch --cache $(CACHE)/corpus
+	$(BIN)/python -m echelon_tools.corpus fetch --cache $(CACHE)/corpus
 
 demo: $(STAMP) corpus
 	$(BIN)/echelon demo --cache $(CACHE)
@@ -33,8 +33,8 @@ test: $(STAMP)
 	$(BIN)/pytest -q
 
 lint: $(STAMP)
-	$(BIN)/ruff check echelon services tests benchmarks tools
-	$(BIN)/ruff format --check echelon services tests benchmarks tools
+	$(BIN)/ruff check echelon services echelon_tools tests benchmarks tools
+	$(BIN)/ruff format --check echelon services echelon_tools tests benchmarks tools
 
 typecheck: $(STAMP)
 	$(BIN)/mypy

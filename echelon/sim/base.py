@@ -11,7 +11,7 @@ from pathlib import Path
 import structlog
 import torch
 
-from echelon.training.corpus import STDLIB_GROUPS, fetch_domain
+from echelon.training.corpus import STDLIB_GROUPS, cached_domain
 from echelon.training.data import BatchSampler, DataConfig, load_blocks
 from echelon.training.model import build_base
 from echelon.training.model_config import ModelConfig
@@ -44,10 +44,7 @@ class BaseConfig:
 
 def pretrain_files(cache_dir: Path, max_bytes: int) -> tuple[Path, ...]:
     """The standard-library text domains (built locally, no registry)."""
-    return tuple(
-        fetch_domain(name, cache_dir, max_bytes=max_bytes, allow_network=False).path
-        for name in STDLIB_GROUPS
-    )
+    return tuple(cached_domain(name, cache_dir, max_bytes=max_bytes).path for name in STDLIB_GROUPS)
 
 
 def prepare_base(

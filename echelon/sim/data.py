@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from echelon.training.corpus import fetch_domain
+from echelon.training.corpus import cached_domain
 from echelon.training.data import (
     DataConfig,
     TokenBlocks,
@@ -43,7 +43,6 @@ class CorpusConfig:
     vocab_size: int = 1024
     seq_len: int = 64
     val_blocks_per_domain: int = 16
-    allow_network: bool = False
 
     def __post_init__(self) -> None:
         # TOML gives strings; keep the fields paths.
@@ -106,7 +105,7 @@ def load_corpus(cfg: CorpusConfig, seed: int = 0, tokenizer_files: tuple[Path, .
     work = Path(cfg.work_dir) / f"corpus-{key}"
     files: list[Path] = []
     for name in cfg.domains:
-        text = fetch_domain(name, Path(cfg.cache_dir), allow_network=cfg.allow_network)
+        text = cached_domain(name, Path(cfg.cache_dir))
         sample = work / "text" / f"{name}.txt"
         _sample_text(text.path, sample, cfg.bytes_per_domain)
         files.append(sample)

@@ -30,7 +30,13 @@ from services.common.wire import new_ref
 T = TypeVar("T")
 
 
-class AuditServiceError(AuditError):
+class RemoteAuditError(AuditError):
+    """Raised by `AuditClient`: the audit log service refused or failed a call. The caller's
+    request is not at fault, so a servicer that meets one while recording its egress answers
+    UNAVAILABLE (`services.common.errors`); the subclasses keep the library's error types."""
+
+
+class AuditServiceError(RemoteAuditError):
     """The service failed or refused in a way no narrower domain error describes."""
 
     def __init__(self, code: grpc.StatusCode, detail: str) -> None:
@@ -38,11 +44,23 @@ class AuditServiceError(AuditError):
         self.code = code
 
 
-class InvalidRecord(RecordError):
+class InvalidRecord(RecordError, RemoteAuditError):
     """The service refused the request as malformed (INVALID_ARGUMENT)."""
 
     def __init__(self, detail: str) -> None:
         super().__init__("request", expected="a well-formed request", found=detail)
+
+
+class RemoteAppendRefused(AppendRefused, RemoteAuditError):
+    """The service refused the append (PERMISSION_DENIED: signature, registration)."""
+
+
+class RemoteCounterReplay(CounterReplay, RemoteAuditError):
+    """The service refused a record counter it has seen (ALREADY_EXISTS)."""
+
+
+class RemoteLogRangeError(LogRangeError, RemoteAuditError):
+    """The service has no such entry or tree size (OUT_OF_RANGE)."""
 
 
 def _raise(error: grpc.RpcError) -> NoReturn:
@@ -55,11 +73,11 @@ def _raise(error: grpc.RpcError) -> NoReturn:
     if code == grpc.StatusCode.INVALID_ARGUMENT:
         raise InvalidRecord(detail) from error
     if code == grpc.StatusCode.PERMISSION_DENIED:
-        raise AppendRefused(detail) from error
+        raise RemoteAppendRefused(detail) from error
     if code == grpc.StatusCode.ALREADY_EXISTS:
-        raise CounterReplay(detail, expected="a fresh counter", found=detail) from error
+        raise RemoteCounterReplay(detail, expected="a fresh counter", found=detail) from error
     if code == grpc.StatusCode.OUT_OF_RANGE:
-        raise LogRangeError(detail) from error
+        raise RemoteLogRangeError(detail) from error
     raise AuditServiceError(code, detail) from error
 
 

@@ -1,7 +1,8 @@
 """The AuditLog gRPC servicer: validate the request, call the library, map errors once.
 
 Each method converts the request, calls `TransparencyLog`, and lets `_serve`
-turn domain errors into status codes, so no handler can map one differently.
+turn domain errors into status codes by the one table of `services.common.errors`, so no
+handler can map one differently.
 """
 
 from __future__ import annotations
@@ -16,19 +17,15 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from echelon.audit import (
     AppendResult,
-    CounterReplay,
-    KeyConflict,
     LogRangeError,
-    RecordError,
-    SignatureError,
     SignedTreeHead,
     TransparencyLog,
-    UnknownSigner,
 )
 from echelon.audit.record import MAX_RECORD_BYTES, SIGNATURE_BYTES
 from echelon_proto.audit.v1 import audit_pb2, audit_pb2_grpc
 from echelon_proto.common.v1 import common_pb2
-from services.common.validate import NonceGuard, RequestError, abort, require
+from services.common.errors import status_on_error
+from services.common.validate import NonceGuard, RequestError, require
 
 T = TypeVar("T")
 log = structlog.get_logger(__name__)
@@ -48,24 +45,6 @@ APPEND_SECONDS = Histogram(
     "Append latency (validate, verify, fsync; a head signature every few appends)",
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
 )
-
-# Domain error class -> status code; the first match wins.
-_STATUS: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
-    (RecordError, grpc.StatusCode.INVALID_ARGUMENT),
-    (SignatureError, grpc.StatusCode.PERMISSION_DENIED),
-    (UnknownSigner, grpc.StatusCode.PERMISSION_DENIED),
-    (KeyConflict, grpc.StatusCode.PERMISSION_DENIED),
-    (CounterReplay, grpc.StatusCode.ALREADY_EXISTS),
-    (LogRangeError, grpc.StatusCode.OUT_OF_RANGE),
-)
-_DOMAIN_ERRORS = tuple(cls for cls, _ in _STATUS)
-
-
-def _status_of(message: str, exc: Exception) -> RequestError:
-    code = next((c for cls, c in _STATUS if isinstance(exc, cls)), grpc.StatusCode.INTERNAL)
-    if isinstance(exc, RecordError):
-        return RequestError(code, f"{message}.{exc.field}: got {exc.found}, want {exc.expected}")
-    return RequestError(code, f"{message}: {exc}")
 
 
 def _tree_head(head: SignedTreeHead) -> audit_pb2.SignedTreeHead:
@@ -101,15 +80,12 @@ class AuditLogServicer(audit_pb2_grpc.AuditLogServicer):
         TREE_SIZE.set(log.size)
 
     def _serve(self, context: grpc.ServicerContext, message: str, call: Callable[[], T]) -> T:
-        try:
+        def refused(error: RequestError) -> None:
+            REFUSED.labels(rpc=message.removesuffix("Request"), code=error.code.name).inc()
+
+        with status_on_error(context, message, refused):
             return call()
-        except RequestError as exc:
-            error = exc
-        except _DOMAIN_ERRORS as exc:
-            error = _status_of(message, exc)
-        REFUSED.labels(rpc=message.removesuffix("Request"), code=error.code.name).inc()
-        log.info("request_refused", rpc=message, code=error.code.name, detail=error.message)
-        abort(context, error)
+        raise AssertionError("unreachable: status_on_error aborts")
 
     def _ref(self, message: str, ref: common_pb2.WindowRef, present: bool) -> None:
         require(present, f"{message}.ref", "absent", "a WindowRef")

@@ -21,13 +21,13 @@ import structlog
 from echelon.audit.policy import Policy
 from echelon.audit.record import Role
 from echelon.declaration import RunDeclaration
+from echelon.device.pool import DevicePool, PoolError
 from echelon.policy import ExportPolicy
 from echelon.staleness import StalenessConfig
 from echelon.tomlconfig import ConfigFileError, build
 from echelon.training.data import DataConfig
 from echelon.training.inner import InnerConfig
 from echelon.training.model import LoraConfig, ModelConfig
-from echelon.training.pool import DevicePool, PoolError
 from echelon.training.tokenizer import TokenizerConfig
 from echelon_proto.boundary.v1 import boundary_pb2_grpc
 from echelon_proto.coordinator.v1 import coordinator_pb2

@@ -2,39 +2,29 @@
 
 Each method is a thin shell: validate the request in one place, turn it into a
 runtime call, send the answer through the egress gate (which checks and records it
-before it leaves), and map domain errors to status codes once (`_errors`).
+before it leaves); domain errors become status codes by the one table of
+`services.common.errors`.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from typing import Protocol, TypeVar
 
 import grpc
 import numpy as np
 import structlog
 
-from echelon.audit.errors import AuditError, PolicyViolation
-from echelon.policy import ExportRefused
-from echelon.secagg import (
-    ConsistencyError,
-    InsufficientSignatures,
-    InvalidSignature,
-    SecAggError,
-    ShareAuthenticationError,
-    StageError,
-    WrongWindow,
-)
 from echelon_proto.boundary.v1 import boundary_pb2, boundary_pb2_grpc
 from echelon_proto.common.v1 import common_pb2
 from services.common.audited import AuditedPeer
-from services.common.validate import NonceGuard, RequestError, abort, require
+from services.common.errors import status_on_error
+from services.common.validate import NonceGuard, require
 from services.common.wire import VectorReceiver, iter_chunks, vector_header
 
 from . import metrics
-from .runtime import BoundaryRuntime, WindowSpec, WindowStateError
+from .runtime import BoundaryRuntime, WindowSpec
 from .secure import SecureAggregationSession
 
 log = structlog.get_logger(__name__)
@@ -56,36 +46,6 @@ class _Request(Protocol):
     def ref(self) -> common_pb2.WindowRef: ...
 
     def SerializeToString(self, *, deterministic: bool = ...) -> bytes: ...
-
-
-@contextmanager
-def _errors(context: grpc.ServicerContext) -> Iterator[None]:
-    """Maps domain errors to gRPC status codes, once for every method."""
-    try:
-        yield
-    except RequestError as exc:
-        abort(context, exc)
-    except WindowStateError as exc:
-        context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
-    except ExportRefused as exc:
-        context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"export policy refused: {exc}")
-    except PermissionError as exc:
-        context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
-    except PolicyViolation as exc:
-        context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"egress policy refused: {exc}")
-    except AuditError as exc:
-        context.abort(grpc.StatusCode.UNAVAILABLE, f"audit log refused the record, not sent: {exc}")
-    except (
-        InvalidSignature,
-        ShareAuthenticationError,
-        ConsistencyError,
-        InsufficientSignatures,
-    ) as exc:
-        context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
-    except (StageError, WrongWindow) as exc:
-        context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
-    except SecAggError as exc:
-        context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
 
 
 class BoundaryAgentServicer(boundary_pb2_grpc.BoundaryAgentServicer):
@@ -135,7 +95,7 @@ class BoundaryAgentServicer(boundary_pb2_grpc.BoundaryAgentServicer):
         request_iterator: Iterator[boundary_pb2.DeliverGlobalRequest],
         context: grpc.ServicerContext,
     ) -> boundary_pb2.DeliverGlobalResponse:
-        with _errors(context):
+        with status_on_error(context, "DeliverGlobalRequest"):
             first = next(request_iterator, None)
             require(
                 first is not None and first.WhichOneof("part") == "header",
@@ -186,13 +146,13 @@ class BoundaryAgentServicer(boundary_pb2_grpc.BoundaryAgentServicer):
         handle: Callable[[int], R],
     ) -> R:
         """One unary round: check the reference, audit the request, handle, audit the reply."""
-        with _errors(context):
+        with status_on_error(context, type(request).__name__):
             window = self._ref(type(request).__name__, request.ref)
             self.egress.received(received, COORDINATOR, window, request)
             response = handle(window)
             response.ref.CopyFrom(request.ref)
             return self.egress.reply(sent, COORDINATOR, window, response)
-        raise AssertionError("unreachable: _errors aborts")
+        raise AssertionError("unreachable: status_on_error aborts")
 
     def AdvertiseKeys(
         self, request: boundary_pb2.AdvertiseKeysRequest, context: grpc.ServicerContext
@@ -232,7 +192,7 @@ class BoundaryAgentServicer(boundary_pb2_grpc.BoundaryAgentServicer):
     def CollectDelta(
         self, request: boundary_pb2.CollectDeltaRequest, context: grpc.ServicerContext
     ) -> Iterator[boundary_pb2.CollectDeltaResponse]:
-        with _errors(context):
+        with status_on_error(context, "CollectDeltaRequest"):
             window = self._ref("CollectDeltaRequest", request.ref)
             self.egress.received(
                 common_pb2.PAYLOAD_TYPE_ROUND_REQUEST, COORDINATOR, window, request

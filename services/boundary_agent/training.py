@@ -19,13 +19,13 @@ import structlog
 
 from echelon.controller import relative_drift
 from echelon.declaration import RunDeclaration
+from echelon.device.pool import DevicePool, PoolConfig
+from echelon.device.secure import device_secagg_config
 from echelon.secagg import SecAggConfig
 from echelon.training.adapter import AdapterLayout, flatten
 from echelon.training.data import DataConfig
 from echelon.training.inner import InnerConfig
 from echelon.training.model import LoraConfig, ModelConfig, base_digest, build_model, lora_state
-from echelon.training.pool import DevicePool, PoolConfig
-from echelon.training.secure import device_secagg_config
 from echelon.training.tokenizer import TokenizerConfig, obtain_tokenizer, tokenizer_digest
 
 from . import metrics

@@ -1,4 +1,5 @@
-"""gRPC servicer of the coordinator: registration, liveness, versions and status."""
+"""gRPC servicer of the coordinator: registration, liveness, versions and status; domain errors
+become status codes by the one table of `services.common.errors`."""
 
 from __future__ import annotations
 
@@ -9,12 +10,12 @@ from collections.abc import Callable, Iterator
 import grpc
 import structlog
 
-from echelon.audit.errors import AuditError, PolicyViolation
 from echelon.audit.record import KeyRegistration, PayloadType, Role, RunConfig
 from echelon_proto.common.v1 import common_pb2
 from echelon_proto.coordinator.v1 import coordinator_pb2, coordinator_pb2_grpc, session_pb2
 from services.common.audited import AuditedPeer, message_bytes
-from services.common.validate import NonceGuard, RequestError, abort, registered_model
+from services.common.errors import status_on_error
+from services.common.validate import NonceGuard, registered_model
 from services.common.wire import iter_chunks, vector_header
 
 from .driver import WindowDriver
@@ -57,7 +58,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
     def Register(
         self, request: coordinator_pb2.RegisterRequest, context: grpc.ServicerContext
     ) -> coordinator_pb2.RegisterResponse:
-        try:
+        with status_on_error(context, "RegisterRequest"):
             self.nonces.check("RegisterRequest", request.ref.window, request.ref.nonce)
             reg = Registration(
                 request.boundary, request.address, bytes(request.identity_key), int(request.devices)
@@ -88,17 +89,12 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
                 response,
                 RunConfig(config=config),
             )
-        except RequestError as exc:
-            abort(context, exc)
-        except PolicyViolation as exc:
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"egress policy refused: {exc}")
-        except AuditError as exc:
-            context.abort(grpc.StatusCode.UNAVAILABLE, f"audit log refused the record: {exc}")
+        raise AssertionError("unreachable: status_on_error aborts")
 
     def Heartbeat(
         self, request: coordinator_pb2.HeartbeatRequest, context: grpc.ServicerContext
     ) -> coordinator_pb2.HeartbeatResponse:
-        try:
+        with status_on_error(context, "HeartbeatRequest"):
             self.nonces.check("HeartbeatRequest", request.ref.window, request.ref.nonce)
             self.registry.heartbeat(request.boundary, self.clock())
             self.audit.received(common_pb2.PAYLOAD_TYPE_STATUS, request.boundary, 0, request)
@@ -108,10 +104,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
                 current_window=self.driver.window_id,
             )
             return self.audit.reply(common_pb2.PAYLOAD_TYPE_STATUS, request.boundary, 0, response)
-        except RequestError as exc:
-            abort(context, exc)
-        except AuditError as exc:
-            context.abort(grpc.StatusCode.UNAVAILABLE, f"audit log refused the record: {exc}")
+        raise AssertionError("unreachable: status_on_error aborts")
 
     def FetchGlobal(
         self, request: coordinator_pb2.FetchGlobalRequest, context: grpc.ServicerContext

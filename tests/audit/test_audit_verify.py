@@ -18,9 +18,9 @@ import grpc
 import pytest
 
 from echelon.audit import AuditRecord, NoteVerifier, Signer, SqliteLogStore, Witness
-from echelon.audit.cli import main
 from echelon.audit.merkle import leaf_hash
 from echelon.audit.record import leaf_data, replace
+from echelon_tools.audit import main
 from services.audit_log.client import AuditClient
 from tests.services.harness import Sites
 

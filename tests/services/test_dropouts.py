@@ -16,10 +16,10 @@ import pytest
 
 from echelon.audit.record import PayloadType
 from echelon.audit.store import read_records
-from echelon.training.corpus import fetch_domain
+from echelon.training.corpus import cached_domain
 from echelon_proto.coordinator.v1 import coordinator_pb2, coordinator_pb2_grpc
+from echelon_tools.launcher import Deployment, DeploymentSpec, Site
 from services.common.wire import new_ref
-from services.launcher import Deployment, DeploymentSpec, Site
 
 pytestmark = pytest.mark.timeout(600)
 STEPS, BATCH, SEQ, UNIT = 40, 4, 64, 4096.0
@@ -56,7 +56,7 @@ def _versions(deployment: Deployment) -> list[coordinator_pb2.VersionInfo]:
 def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, object]]:
     root = tmp_path_factory.mktemp("dropouts")
     texts = [
-        fetch_domain(d, root / "corpus", allow_network=False, max_bytes=200_000).path
+        cached_domain(d, root / "corpus", max_bytes=200_000).path
         for d in ("stdlib-a", "stdlib-b", "stdlib-c")
     ]
     spec = DeploymentSpec(

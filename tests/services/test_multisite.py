@@ -14,14 +14,14 @@ from collections.abc import Iterator
 import grpc
 import pytest
 
-from echelon.audit.cli import main as audit_cli
 from echelon.audit.record import Direction, PayloadType
 from echelon.audit.store import read_records
-from echelon.training.corpus import fetch_domain
+from echelon.training.corpus import cached_domain
 from echelon_proto.coordinator.v1 import coordinator_pb2, coordinator_pb2_grpc
+from echelon_tools.audit import main as audit_cli
+from echelon_tools.evaluate import generate_sample, heldout_losses
+from echelon_tools.launcher import Deployment, DeploymentSpec, Site
 from services.common.wire import new_ref
-from services.evaluate import generate_sample, heldout_losses
-from services.launcher import Deployment, DeploymentSpec, Site
 
 WINDOWS = 3
 pytestmark = pytest.mark.timeout(600)
@@ -31,8 +31,8 @@ pytestmark = pytest.mark.timeout(600)
 def finished(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Deployment, dict]]:
     root = tmp_path_factory.mktemp("multisite")
     cache = root / "corpus"
-    a = fetch_domain("stdlib-a", cache, allow_network=False, max_bytes=300_000).path
-    b = fetch_domain("stdlib-b", cache, allow_network=False, max_bytes=300_000).path
+    a = cached_domain("stdlib-a", cache, max_bytes=300_000).path
+    b = cached_domain("stdlib-b", cache, max_bytes=300_000).path
     spec = DeploymentSpec(
         root=root / "run",
         sites=(Site(boundary="org-a", data_files=(a,)), Site(boundary="org-b", data_files=(b,))),

@@ -13,7 +13,7 @@ import pytest
 
 from echelon.sim.base import BaseConfig
 from echelon.sim.data import CorpusConfig
-from services.wancheck import CheckConfig, CheckPlan, load_plan, main
+from echelon_tools.wancheck import CheckConfig, CheckPlan, load_plan, main
 
 pytestmark = pytest.mark.timeout(600)
 

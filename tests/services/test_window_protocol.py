@@ -13,13 +13,13 @@ import grpc
 import numpy as np
 import pytest
 
-from echelon.audit.cli import main as audit_cli
 from echelon.audit.record import AuditRecord, PayloadType
 from echelon.audit.store import read_records
 from echelon.controller import SyncControllerConfig
 from echelon.policy import ExportPolicy
 from echelon.staleness import StalenessConfig
 from echelon_proto.boundary.v1 import boundary_pb2
+from echelon_tools.audit import main as audit_cli
 from services.boundary_agent.servicer import BoundaryAgentServicer
 
 from .harness import TOKEN_UNIT, Sites, expected_phi, known_delta, known_tokens

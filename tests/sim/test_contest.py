@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from echelon.contest import grid_points, main
 from echelon.sim.config import World
+from echelon_tools.contest import grid_points, main
 from tests.sim.conftest import tiny_corpus
 
 

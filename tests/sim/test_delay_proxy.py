@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from echelon.sim.delay_proxy import DelayConfig, DelayProxy
+from echelon_tools.delay_proxy import DelayConfig, DelayProxy
 
 
 async def _echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

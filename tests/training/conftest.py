@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from echelon.training.corpus import fetch_domain
+from echelon.training.corpus import cached_domain
 from echelon.training.tokenizer import TextTokenizer, train_bpe
 
 CORPUS_BYTES = 120_000
@@ -16,8 +16,8 @@ VOCAB = 512
 @pytest.fixture(scope="session")
 def corpus_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     cache = tmp_path_factory.mktemp("corpus")
-    a = fetch_domain("stdlib-a", cache, max_bytes=CORPUS_BYTES, allow_network=False)
-    b = fetch_domain("stdlib-b", cache, max_bytes=CORPUS_BYTES, allow_network=False)
+    a = cached_domain("stdlib-a", cache, max_bytes=CORPUS_BYTES)
+    b = cached_domain("stdlib-b", cache, max_bytes=CORPUS_BYTES)
     return a.path, b.path
 
 

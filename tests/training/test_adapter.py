@@ -104,7 +104,7 @@ def test_save_load_flat(tmp_path: Path) -> None:
 
 def test_agent_side_modules_do_not_import_transformers() -> None:
     code = (
-        "import sys, echelon.training.adapter, echelon.training.pool; "
+        "import sys, echelon.training.adapter, echelon.device.pool; "
         "bad = [m for m in ('transformers', 'peft') if m in sys.modules]; "
         "sys.exit(1 if bad else 0)"
     )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from echelon.training.contribution import (
+from echelon.device.contribution import (
     ContributionRejected,
     ContributionSum,
     encode_contribution,

@@ -1,4 +1,5 @@
-"""Demo corpus: registry-free fallback, caching, cleaning (never touches the network)."""
+"""Demo corpus: registry-free fallback, caching, cleaning; the fetcher offline (never touches
+the network)."""
 
 from __future__ import annotations
 
@@ -6,13 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from echelon.training.corpus import clean_text, fetch_domain, main
+from echelon.training.corpus import cached_domain, clean_text
+from echelon_tools.corpus import fetch_domain, main
 
 
 def test_stdlib_domain_is_built_once(tmp_path: Path) -> None:
-    first = fetch_domain("stdlib-c", tmp_path, max_bytes=20_000, allow_network=False)
+    first = cached_domain("stdlib-c", tmp_path, max_bytes=20_000)
     mtime = first.path.stat().st_mtime_ns
-    second = fetch_domain("stdlib-c", tmp_path, max_bytes=20_000, allow_network=False)
+    second = cached_domain("stdlib-c", tmp_path, max_bytes=20_000)
 
     text = first.path.read_text(encoding="utf-8")
     assert first.domain == "stdlib-c" and first.source.startswith("stdlib:collections")
@@ -20,7 +22,23 @@ def test_stdlib_domain_is_built_once(tmp_path: Path) -> None:
     assert second.path.stat().st_mtime_ns == mtime
 
 
-def test_debian_domain_falls_back_offline(tmp_path: Path) -> None:
+def test_unfetched_debian_domain_falls_back(tmp_path: Path) -> None:
+    got = cached_domain("quotations", tmp_path, max_bytes=5_000)
+
+    assert got.requested == "quotations"
+    assert got.domain == "stdlib-c"
+    assert got.path == tmp_path / "stdlib-c.txt"
+
+
+def test_fetched_debian_domain_is_read_from_the_cache(tmp_path: Path) -> None:
+    (tmp_path / "quotations.txt").write_text("a fetched fortune\n", encoding="utf-8")
+
+    got = cached_domain("quotations", tmp_path)
+
+    assert got.domain == "quotations" and got.source == "debian:fortunes"
+
+
+def test_fetcher_falls_back_offline(tmp_path: Path) -> None:
     got = fetch_domain("quotations", tmp_path, max_bytes=5_000, allow_network=False)
 
     assert got.requested == "quotations"
@@ -29,8 +47,8 @@ def test_debian_domain_falls_back_offline(tmp_path: Path) -> None:
 
 
 def test_domains_differ(tmp_path: Path) -> None:
-    a = fetch_domain("stdlib-a", tmp_path, max_bytes=5_000, allow_network=False)
-    b = fetch_domain("stdlib-b", tmp_path, max_bytes=5_000, allow_network=False)
+    a = cached_domain("stdlib-a", tmp_path, max_bytes=5_000)
+    b = cached_domain("stdlib-b", tmp_path, max_bytes=5_000)
 
     assert a.path.read_text() != b.path.read_text()
 
@@ -43,6 +61,8 @@ def test_clean_text_drops_markup_and_caps() -> None:
 
 
 def test_unknown_domain_lists_the_known_ones(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="want one of scripture"):
+        cached_domain("poetry", tmp_path)
     with pytest.raises(ValueError, match="want one of scripture"):
         fetch_domain("poetry", tmp_path)
 

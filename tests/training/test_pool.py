@@ -11,11 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from echelon.device.pool import DevicePool, PoolConfig, PoolError
 from echelon.training.adapter import flatten
 from echelon.training.data import DataConfig
 from echelon.training.inner import InnerConfig
 from echelon.training.model import LoraConfig, ModelConfig, build_model, lora_state
-from echelon.training.pool import DevicePool, PoolConfig, PoolError
 from echelon.training.tokenizer import TextTokenizer
 
 MODEL = ModelConfig(layers=1, hidden=64, heads=2, intermediate=128, max_seq=64)

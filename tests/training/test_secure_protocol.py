@@ -18,12 +18,13 @@ import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from echelon.training.contribution import WindowTotals
-from echelon.training.control import StartWindow, WorkerSpec
-from echelon.training.masking import DeviceMasking
-from echelon.training.members import Membership, WorkerHandle
-from echelon.training.pool import RefusalReason, WindowRefused, device_secagg_config
-from echelon.training.secure import SecureAggregation
+from echelon.device.contribution import WindowTotals
+from echelon.device.control import StartWindow, WorkerSpec
+from echelon.device.handle import WorkerHandle
+from echelon.device.masking import DeviceMasking
+from echelon.device.members import Membership
+from echelon.device.pool import RefusalReason, WindowRefused, device_secagg_config
+from echelon.device.secure import SecureAggregation
 
 NUMEL = 64
 TOKENS = 100

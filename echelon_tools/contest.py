@@ -4,7 +4,7 @@ seeds; and the stress runs (WAN latency, non-IID skew, device churn). All runs a
 runs of the same library, fanned out over worker processes (spawn).
 
 CLI: `echelon contest --config configs/contest/default.toml --out docs/results`
-(or `python -m echelon.contest ...`).
+(or `python -m echelon_tools.contest ...`).
 """
 
 from __future__ import annotations
@@ -25,13 +25,6 @@ from typing import Any
 import numpy as np
 import structlog
 
-from echelon.contest_report import (
-    Budgets,
-    ContestReport,
-    Selection,
-    load_runs,
-    write_report,
-)
 from echelon.sim.base import BaseConfig
 from echelon.sim.config import SimConfig, World, prepare_world
 from echelon.sim.data import CorpusConfig, PartitionConfig, Skew
@@ -40,6 +33,18 @@ from echelon.sim.network import FaultConfig
 from echelon.sim.results import RunResult, value_at
 from echelon.strategy import STRATEGIES, Strategy, strategy
 from echelon.tomlconfig import ConfigFileError, build, load_toml
+from echelon_tools.contest_plots import loss_curves, stress_bars
+from echelon_tools.contest_report import (
+    Budgets,
+    ContestReport,
+    Selection,
+    budget_cells,
+    load_runs,
+    markdown,
+    save_runs,
+    stress_rows,
+    write_csv,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -280,6 +285,37 @@ def stress_jobs(plan: Plan, selections: Sequence[Selection]) -> list[Job]:
                     )
                 )
     return jobs
+
+
+def write_report(report: ContestReport, out: Path) -> None:
+    """Writes contest.md, contest.csv, stress.csv, runs.json and the PNG plots into `out`."""
+    out.mkdir(parents=True, exist_ok=True)
+    save_runs(report, out / "runs.json")
+    stress = stress_rows(report) if report.stress else []
+    cells = budget_cells(report)
+    write_csv(
+        out / "contest.csv",
+        [
+            {
+                "strategy": row,
+                "budget": axis,
+                "budget_value": report.budgets.get(axis),
+                "grid_point": c.label,
+                "loss_mean": c.mean,
+                "loss_std": c.std,
+                "seeds": len(c.values),
+                "values": " ".join(f"{v:.6f}" for v in c.values),
+            }
+            for row, by_axis in cells.items()
+            for axis, c in by_axis.items()
+        ],
+    )
+    write_csv(out / "stress.csv", stress)
+    for axis in ("tokens", "bytes", "wall_s"):
+        loss_curves(report, axis, out / f"loss_vs_{axis}.png")
+    if stress:
+        stress_bars(stress, out / "stress.png")
+    (out / "contest.md").write_text(markdown(report, stress), encoding="utf-8")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,29 +4,24 @@ Control messages travel over one multiprocessing Pipe per worker (picklable froz
 dataclasses, no model state except the public global adapter for evaluation); with level-1
 secure aggregation on, the key material of each window (the library's fixed-layout bytes:
 advertisements, encrypted shares, survivor-list signatures, unmasking shares) travels there
-too. Tensors
-(the global adapter theta_v and the contributions) travel over a gloo group in which the
-agent is rank 0: point-to-point, so that a dead or slow worker cannot wedge the others.
-The group is rebuilt, on a fresh TCPStore port, whenever membership changes.
+too. Tensors (the global adapter theta_v and the contributions) travel over the gloo group of
+`group.py`, in which the agent is rank 0.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
-from typing import Literal, Protocol, cast
+from typing import Literal
 
 import numpy as np
-import torch
-from torch._C._distributed_c10d import PrefixStore, ProcessGroupGloo, TCPStore, Work
 
+from echelon.device.group import GroupInfo
 from echelon.secagg import SecAggConfig
 from echelon.training.data import DataConfig
 from echelon.training.inner import InnerConfig
 from echelon.training.model_config import LoraConfig, ModelConfig
 
-LOOPBACK = "127.0.0.1"
 Partition = Literal["iid", "dirichlet"]
 
 
@@ -50,17 +45,6 @@ class WorkerSpec:
     eval_batch_size: int
     record_updates: bool = False
     log_json: bool = False  # the agent logs JSON lines: its workers do too
-
-
-@dataclass(frozen=True, kw_only=True)
-class GroupInfo:
-    """Where and how to join the gloo group of one membership generation."""
-
-    host: str
-    port: int
-    generation: int
-    world_size: int
-    timeout_s: float
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -218,44 +202,3 @@ SecureToWorker = RelayAdvertisements | RelayShares | SignSurvivors | ReleaseShar
 SecureFromWorker = Advertised | SharesSent | SurvivorsSigned | SharesReleased
 ToWorker = JoinGroup | StartWindow | Evaluate | Stop | SecureToWorker
 FromWorker = Ready | Joined | WindowDone | EvalResult | WorkerError | SecureFromWorker
-
-
-def new_store(world_size: int, timeout_s: float) -> TCPStore:
-    """Agent side: a rendezvous store on a free ephemeral loopback port."""
-    return TCPStore(
-        LOOPBACK,
-        0,
-        world_size,
-        True,
-        timeout=timedelta(seconds=timeout_s),
-        wait_for_workers=False,
-    )
-
-
-def client_store(info: GroupInfo) -> TCPStore:
-    """Worker side: a client of the agent's rendezvous store."""
-    return TCPStore(
-        info.host, info.port, info.world_size, False, timeout=timedelta(seconds=info.timeout_s)
-    )
-
-
-class PointToPointGroup(Protocol):
-    """The part of a gloo process group that the pool uses (torch's stubs omit these methods
-    on `ProcessGroupGloo`, which has them at run time)."""
-
-    def send(self, tensors: list[torch.Tensor], dstRank: int, tag: int) -> Work: ...
-
-    def recv(self, tensors: list[torch.Tensor], srcRank: int, tag: int) -> Work: ...
-
-    def abort(self) -> None: ...
-
-
-def connect(info: GroupInfo, rank: int, store: TCPStore) -> PointToPointGroup:
-    """Join the gloo group of `info` as `rank` (blocks until all members joined or timeout).
-
-    The gloo timeout is `info.timeout_s`, not gloo's 30 minute default, so a dead peer becomes
-    an error within seconds. The caller keeps `store` alive as long as the group.
-    """
-    prefixed = PrefixStore(f"echelon/pool/{info.generation}", store)
-    group = ProcessGroupGloo(prefixed, rank, info.world_size, timedelta(seconds=info.timeout_s))
-    return cast(PointToPointGroup, group)

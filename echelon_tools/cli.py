@@ -23,17 +23,17 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if args else 2
     command, rest = args[0], args[1:]
     if command == "demo":
-        from services.demo import main as run
+        from echelon_tools.demo import main as run
     elif command == "export":
-        from services.export import main as run
+        from echelon_tools.export import main as run
     elif command == "contest":
-        from echelon.contest import main as run
+        from echelon_tools.contest import main as run
     elif command == "wan-check":
-        from services.wancheck import main as run
+        from echelon_tools.wancheck import main as run
     elif command == "replay":
         from services.global_coordinator.replay import main as run
     elif command == "audit":
-        from echelon.audit.cli import main as run
+        from echelon_tools.audit import main as run
     else:
         print(f"echelon: unknown command {command!r}\n{USAGE}", file=sys.stderr)
         return 2

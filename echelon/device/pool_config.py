@@ -11,8 +11,8 @@ from typing import Literal
 import numpy as np
 import torch
 
+from echelon.device.control import Partition
 from echelon.secagg import SecAggConfig
-from echelon.training.control import Partition
 from echelon.training.data import DataConfig
 from echelon.training.inner import InnerConfig
 from echelon.training.model_config import LoraConfig, ModelConfig

@@ -23,8 +23,9 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from echelon.training.control import PointToPointGroup, SecureStart
-from echelon.training.members import WorkerHandle
+from echelon.device.control import SecureStart
+from echelon.device.group import PointToPointGroup
+from echelon.device.handle import WorkerHandle
 
 CONTRIBUTION_EXTRA = 2
 CONTRIBUTION_DTYPE = torch.float64

@@ -2,7 +2,7 @@
 the global plane, run on one asyncio loop in a background thread of the launcher.
 
 This machine's kernel has no netem, so latency is injected in user space
-(`echelon.sim.delay_proxy`): a boundary agent registers the proxy's address, and reaches
+(`echelon_tools.delay_proxy`): a boundary agent registers the proxy's address, and reaches
 the coordinator through another, so every byte between the two planes is delayed.
 """
 
@@ -14,7 +14,7 @@ import threading
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
-from echelon.sim.delay_proxy import DelayConfig, DelayProxy
+from echelon_tools.delay_proxy import DelayConfig, DelayProxy
 
 T = TypeVar("T")
 

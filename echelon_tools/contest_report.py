@@ -1,7 +1,6 @@
 """The contest's outputs: the budget table (Markdown and CSV), the stress table, the checked
-aims, and `runs.json` (every trajectory, so the report can be rebuilt); plots are drawn by
-`echelon.contest_plots`. Pure formatting of finished runs; the only side effects are the files
-`write_report` writes.
+aims, and `runs.json` (every trajectory, so the report can be rebuilt). Pure formatting of
+finished runs; `contest.write_report` writes the files, and the plots (`contest_plots`).
 """
 
 from __future__ import annotations
@@ -331,36 +330,3 @@ def load_runs(path: Path, sim: SimConfig) -> ContestReport:
         sim=sim,
         grid=data["grid"],
     )
-
-
-def write_report(report: ContestReport, out: Path) -> None:
-    from echelon.contest_plots import loss_curves, stress_bars
-
-    """Writes contest.md, contest.csv, stress.csv, runs.json and the PNG plots into `out`."""
-    out.mkdir(parents=True, exist_ok=True)
-    save_runs(report, out / "runs.json")
-    stress = stress_rows(report) if report.stress else []
-    cells = budget_cells(report)
-    write_csv(
-        out / "contest.csv",
-        [
-            {
-                "strategy": row,
-                "budget": axis,
-                "budget_value": report.budgets.get(axis),
-                "grid_point": c.label,
-                "loss_mean": c.mean,
-                "loss_std": c.std,
-                "seeds": len(c.values),
-                "values": " ".join(f"{v:.6f}" for v in c.values),
-            }
-            for row, by_axis in cells.items()
-            for axis, c in by_axis.items()
-        ],
-    )
-    write_csv(out / "stress.csv", stress)
-    for axis in ("tokens", "bytes", "wall_s"):
-        loss_curves(report, axis, out / f"loss_vs_{axis}.png")
-    if stress:
-        stress_bars(stress, out / "stress.png")
-    (out / "contest.md").write_text(markdown(report, stress), encoding="utf-8")

@@ -6,7 +6,7 @@ the wire, beside the simulator's prediction of the same setting.
 Method. Two real deployments (audit log, coordinator, two boundary agents with their device
 workers, every one a process) run DiLoCo+SA windows: one on plain loopback, one with every
 byte between the boundaries and the global plane delayed by the configured one-way latency
-and capped at the configured bandwidth (`services.wan` delaying proxies; this kernel has no
+and capped at the configured bandwidth (`echelon_tools.wan` delaying proxies; this kernel has no
 netem). The loopback run calibrates the two numbers the simulator cannot know: the devices'
 speed (tokens per device per window / the agents' measured training seconds) and the
 services' fixed per-window cost (window seconds minus the simulated window at 0 ms: audit
@@ -39,8 +39,8 @@ from echelon.sim.driver import Simulation
 from echelon.sim.network import LinkConfig
 from echelon.strategy import strategy
 from echelon.tomlconfig import build, load_toml
-from echelon.training.corpus import fetch_domain
-from services.launcher import Deployment, DeploymentSpec, Site
+from echelon.training.corpus import cached_domain
+from echelon_tools.launcher import Deployment, DeploymentSpec, Site
 
 STRATEGY = "diloco-sa"
 
@@ -120,10 +120,7 @@ def _events(path: Path, name: str) -> list[dict[str, Any]]:
 
 def _spec(plan: CheckPlan, root: Path, latency_ms: float) -> DeploymentSpec:
     check, corpus, base = plan.check, plan.corpus, plan.base
-    files = [
-        fetch_domain(d, corpus.cache_dir, allow_network=corpus.allow_network).path
-        for d in corpus.domains[:2]
-    ]
+    files = [cached_domain(d, corpus.cache_dir).path for d in corpus.domains[:2]]
     wan = latency_ms > 0
     sites = tuple(
         Site(

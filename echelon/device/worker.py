@@ -15,28 +15,26 @@ from pathlib import Path
 import numpy as np
 import structlog
 import torch
+import torch.distributed as dist
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
-from torch._C._distributed_c10d import TCPStore
 
-from echelon.training.contribution import THETA_TAG, encode_contribution, send_contribution
-from echelon.training.control import (
+from echelon.device.contribution import THETA_TAG, encode_contribution, send_contribution
+from echelon.device.control import (
     AbortWindow,
     EvalResult,
     Evaluate,
-    GroupInfo,
     Joined,
     JoinGroup,
-    PointToPointGroup,
     Ready,
     StartWindow,
     Stop,
     WindowDone,
     WorkerError,
     WorkerSpec,
-    client_store,
-    connect,
 )
+from echelon.device.group import GroupInfo, PointToPointGroup, client_store, connect
+from echelon.device.masking import DeviceMasking
 from echelon.training.data import (
     BatchSampler,
     TokenBlocks,
@@ -47,7 +45,6 @@ from echelon.training.data import (
     split_train_val,
 )
 from echelon.training.inner import InnerLoop, evaluate
-from echelon.training.masking import DeviceMasking
 from echelon.training.model import build_model
 from echelon.training.tokenizer import TextTokenizer, load_tokenizer
 
@@ -86,7 +83,7 @@ class DeviceWorker:
         )
         self.identity = Ed25519PrivateKey.generate()
         self.group: PointToPointGroup | None = None
-        self.store: TCPStore | None = None
+        self.store: dist.TCPStore | None = None
         self.group_info: GroupInfo | None = None
         self._restore()
 

@@ -9,24 +9,18 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from multiprocessing.connection import Connection
-from multiprocessing.process import BaseProcess
 from typing import TypeVar
 
 import structlog
-from torch._C._distributed_c10d import TCPStore
+import torch.distributed as dist
 
-from echelon.training.adapter import AdapterLayout
-from echelon.training.control import (
-    LOOPBACK,
+from echelon.device.control import (
     Advertised,
     EvalResult,
     FromWorker,
-    GroupInfo,
     Joined,
     JoinGroup,
-    PointToPointGroup,
     Ready,
     SharesReleased,
     SharesSent,
@@ -36,9 +30,10 @@ from echelon.training.control import (
     WindowDone,
     WorkerError,
     WorkerSpec,
-    connect,
-    new_store,
 )
+from echelon.device.group import LOOPBACK, GroupInfo, PointToPointGroup, connect, new_store
+from echelon.device.handle import WorkerHandle
+from echelon.training.adapter import AdapterLayout
 
 log = structlog.get_logger(__name__)
 
@@ -64,7 +59,7 @@ class PoolError(RuntimeError):
 def _worker_entry(spec: WorkerSpec, conn: Connection) -> None:
     # Runs in the spawned child: the worker module (and transformers, peft) is imported there
     # only, so the agent process stays lean.
-    from echelon.training.worker import worker_main
+    from echelon.device.worker import worker_main
 
     worker_main(spec, conn)
     # The worker persisted its state after each window and has left its group: skip the
@@ -72,18 +67,6 @@ def _worker_entry(spec: WorkerSpec, conn: Connection) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
-
-
-@dataclass
-class WorkerHandle:
-    """The agent's handle on one worker process: its shard, process, pipe, group rank, and
-    the Ed25519 identity public key (raw 32 bytes) it announced in `Ready`."""
-
-    shard: int
-    process: BaseProcess
-    conn: Connection
-    rank: int = 0
-    identity: bytes = b""
 
 
 class Membership:
@@ -107,7 +90,7 @@ class Membership:
         self.workers: dict[int, WorkerHandle] = {}
         self.layout: AdapterLayout | None = None
         self._group: PointToPointGroup | None = None
-        self._store: TCPStore | None = None
+        self._store: dist.TCPStore | None = None
         self._generation = 0
         self._dirty = True
 

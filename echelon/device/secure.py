@@ -23,22 +23,12 @@ import structlog
 import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from echelon.secagg import (
-    AbortedRound,
-    Aggregator,
-    EncryptedShare,
-    KeyAdvertisement,
-    SecAggConfig,
-    SecAggError,
-    UnmaskingShares,
-)
-from echelon.secagg.config import MODULUS_BITS
-from echelon.training.contribution import (
+from echelon.device.contribution import (
     ContributionRejected,
     WindowTotals,
     contribution_length,
 )
-from echelon.training.control import (
+from echelon.device.control import (
     AbortWindow,
     Advertised,
     RelayAdvertisements,
@@ -51,8 +41,19 @@ from echelon.training.control import (
     SignSurvivors,
     SurvivorsSigned,
 )
-from echelon.training.masking import LOSS_RANGE
-from echelon.training.members import Membership, PoolError, WorkerHandle
+from echelon.device.handle import WorkerHandle
+from echelon.device.masking import LOSS_RANGE
+from echelon.device.members import Membership, PoolError
+from echelon.secagg import (
+    AbortedRound,
+    Aggregator,
+    EncryptedShare,
+    KeyAdvertisement,
+    SecAggConfig,
+    SecAggError,
+    UnmaskingShares,
+)
+from echelon.secagg.config import MODULUS_BITS
 
 log = structlog.get_logger(__name__)
 

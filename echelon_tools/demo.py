@@ -26,10 +26,9 @@ from echelon.audit.record import Direction
 from echelon.audit.store import read_records
 from echelon_proto.boundary.v1 import boundary_pb2, boundary_pb2_grpc
 from echelon_proto.coordinator.v1 import coordinator_pb2
+from echelon_tools.launcher import Deployment, DeploymentSpec, LaunchError, Site
 from services.audit_log.client import AuditClient
 from services.common.wire import new_ref
-
-from .launcher import Deployment, DeploymentSpec, LaunchError, Site
 
 ORGS = (("org-a", "scripture"), ("org-b", "python-docs"))
 TOKENIZER_DOMAINS = ("stdlib-c", "stdlib-d")  # public text, the same for every organization
@@ -48,7 +47,7 @@ class Summary:
 
 
 def _corpus(cache: Path, max_bytes: int) -> dict[str, Path]:
-    from echelon.training.corpus import fetch_domain
+    from echelon_tools.corpus import fetch_domain
 
     paths = {}
     for org, domain in ORGS:
@@ -244,7 +243,7 @@ def main(argv: list[str]) -> int:
 def _finish(
     args: argparse.Namespace, deployment: Deployment, windows: int, tokens: int, checkpoint: str
 ) -> int:
-    from .evaluate import generate_sample, heldout_losses
+    from echelon_tools.evaluate import generate_sample, heldout_losses
 
     db = deployment.audit_db
     report_path = args.root / "audit-report.json"
@@ -252,7 +251,7 @@ def _finish(
         [
             sys.executable,
             "-m",
-            "services.cli",
+            "echelon_tools.cli",
             "audit",
             "verify",
             "--db",

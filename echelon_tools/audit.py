@@ -1,7 +1,7 @@
 """`echelon audit verify` and `echelon audit show`: the audit log for auditors and operators.
 
-`echelon.cli` dispatches `echelon audit ...` here (`main(argv)`); this module
-reads files and flags, the checking itself lives in `verify.py`.
+`echelon_tools.cli` dispatches `echelon audit ...` here (`main(argv)`); this module
+reads files and flags, the checking itself lives in `echelon.audit.verify`.
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
-from .checkpoint import VERIFIER_KEY_FILE, NoteVerifier, load_verifier
-from .errors import AuditError, ConfigError, RecordError
-from .record import (
+from echelon.audit.checkpoint import VERIFIER_KEY_FILE, NoteVerifier, load_verifier
+from echelon.audit.errors import AuditError, ConfigError, RecordError
+from echelon.audit.record import (
     AuditRecord,
     DeltaAttributes,
     DroppedAttributes,
@@ -24,9 +24,9 @@ from .record import (
     PayloadType,
     RunConfig,
 )
-from .store import SqliteLogStore, StoredEntry
-from .verify import verify_log
-from .witness import read_checkpoint
+from echelon.audit.store import SqliteLogStore, StoredEntry
+from echelon.audit.verify import verify_log
+from echelon.audit.witness import read_checkpoint
 
 
 def _parser() -> argparse.ArgumentParser:

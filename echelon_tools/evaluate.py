@@ -16,12 +16,11 @@ from echelon.training.data import fixed_batches, load_blocks, split_train_val
 from echelon.training.inner import evaluate
 from echelon.training.model import load_lora_state
 from echelon.training.tokenizer import load_tokenizer
-
-from .boundary_agent.__main__ import load_setup
-from .boundary_agent.training import initial_model
-from .export import export_version
-from .global_coordinator.store import stored_adapter
-from .launcher import Deployment
+from echelon_tools.export import export_version
+from echelon_tools.launcher import Deployment
+from services.boundary_agent.__main__ import load_setup
+from services.boundary_agent.training import initial_model
+from services.global_coordinator.store import stored_adapter
 
 
 def heldout_losses(

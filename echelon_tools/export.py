@@ -16,10 +16,9 @@ import numpy as np
 from echelon.tomlconfig import load_toml
 from echelon.training.model import save_peft_adapter
 from echelon.training.tokenizer import obtain_tokenizer
-
-from .boundary_agent.__main__ import load_setup
-from .boundary_agent.training import initial_model
-from .global_coordinator.store import stored_adapter
+from services.boundary_agent.__main__ import load_setup
+from services.boundary_agent.training import initial_model
+from services.global_coordinator.store import stored_adapter
 
 
 @dataclass(frozen=True)

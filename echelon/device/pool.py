@@ -25,8 +25,7 @@ import numpy as np
 import structlog
 import torch
 
-from echelon.training.adapter import AdapterLayout, AdapterLayoutError
-from echelon.training.contribution import (
+from echelon.device.contribution import (
     FloatAggregation,
     Transcript,
     TranscriptEntry,
@@ -34,22 +33,24 @@ from echelon.training.contribution import (
     collect_contributions,
     send_global,
 )
-from echelon.training.control import (
+from echelon.device.control import (
     EvalResult,
     Evaluate,
     StartWindow,
     WindowDone,
     WorkerSpec,
 )
-from echelon.training.inner import InnerConfig
-from echelon.training.members import Membership, PoolError, WorkerHandle
-from echelon.training.pool_config import DeviceWindowResult, PoolConfig
-from echelon.training.secure import (
+from echelon.device.handle import WorkerHandle
+from echelon.device.members import Membership, PoolError
+from echelon.device.pool_config import DeviceWindowResult, PoolConfig
+from echelon.device.secure import (
     RefusalReason,
     SecureAggregation,
     WindowRefused,
     device_secagg_config,
 )
+from echelon.training.adapter import AdapterLayout, AdapterLayoutError
+from echelon.training.inner import InnerConfig
 
 log = structlog.get_logger(__name__)
 

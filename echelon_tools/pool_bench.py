@@ -1,5 +1,5 @@
 """Throughput of a boundary's device pool: tokens/s of inner steps for N workers on the demo
-corpus (`python -m echelon.training.bench --corpus-cache DIR --workers 1 2`), with level-1
+corpus (`python -m echelon_tools.pool_bench --corpus-cache DIR --workers 1 2`), with level-1
 secure aggregation off (the float path) or on (`--secure`), and the mean seconds per window."""
 
 from __future__ import annotations
@@ -12,11 +12,11 @@ from pathlib import Path
 
 import numpy as np
 
-from echelon.training.corpus import fetch_domain
+from echelon.device.pool import DevicePool, PoolConfig, device_secagg_config
 from echelon.training.data import DataConfig
 from echelon.training.inner import InnerConfig
-from echelon.training.pool import DevicePool, PoolConfig, device_secagg_config
 from echelon.training.tokenizer import TokenizerConfig, obtain_tokenizer
+from echelon_tools.corpus import fetch_domain
 
 
 def measure(cfg: PoolConfig, *, steps: int, windows: int) -> tuple[float, float]:
@@ -37,7 +37,7 @@ def measure(cfg: PoolConfig, *, steps: int, windows: int) -> tuple[float, float]
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m echelon.training.bench")
+    parser = argparse.ArgumentParser(prog="python -m echelon_tools.pool_bench")
     parser.add_argument("--corpus-cache", type=Path, required=True)
     parser.add_argument("--domain", default="python-docs")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from echelon.contest_report import AXIS_TITLES, ContestReport, row_order, runs_of
+from echelon_tools.contest_report import AXIS_TITLES, ContestReport, row_order, runs_of
 
 
 def _pyplot() -> Any:

@@ -24,9 +24,9 @@ import grpc
 from echelon.audit.checkpoint import VERIFIER_KEY_FILE
 from echelon.tomlconfig import dumps
 from echelon_proto.coordinator.v1 import coordinator_pb2, coordinator_pb2_grpc
+from echelon_tools.wan import ProxyHost, free_port
 from services.audit_log.server import DB_FILE
 from services.common.wire import new_ref
-from services.wan import ProxyHost, free_port
 
 
 class LaunchError(RuntimeError):

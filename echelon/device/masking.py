@@ -14,8 +14,7 @@ import structlog
 import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from echelon.secagg import EncryptedShare, KeyAdvertisement, Participant
-from echelon.training.control import (
+from echelon.device.control import (
     AbortWindow,
     Advertised,
     RelayAdvertisements,
@@ -27,6 +26,7 @@ from echelon.training.control import (
     StartWindow,
     SurvivorsSigned,
 )
+from echelon.secagg import EncryptedShare, KeyAdvertisement, Participant
 
 log = structlog.get_logger(__name__)
 
