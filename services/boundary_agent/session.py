@@ -7,6 +7,7 @@ agent accepts no connection from outside its organization for any of this.
 
 from __future__ import annotations
 
+import hashlib
 import queue
 import threading
 import time
@@ -16,7 +17,10 @@ from dataclasses import dataclass, field
 
 import grpc
 import structlog
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from echelon.audit.errors import AuditError
+from echelon.audit.record import PayloadType
 from echelon.protocol import COORDINATOR, BoundaryCore
 from echelon.protocol.events import (
     Command,
@@ -31,9 +35,11 @@ from echelon.protocol.events import (
     TrainingFailed,
     TrainingFinished,
 )
-from echelon.protocol.messages import ToCoordinator
+from echelon.protocol.messages import KeySetup, OpenWindow, ToCoordinator
 from echelon_proto.coordinator.v1 import coordinator_pb2_grpc
 from echelon_proto.coordinator.v1 import session_pb2 as pb
+from services.common.audited import AuditedPeer
+from services.common.session_audit import record_received, record_sent
 from services.common.session_wire import CoordinatorFrameReader, FrameError, agent_frames
 
 log = structlog.get_logger(__name__)
@@ -93,7 +99,7 @@ class AgentSession:
 
     def __init__(
         self,
-        core: BoundaryCore,
+        make_core: Callable[[pb.Welcome], BoundaryCore],
         *,
         address: str,
         hello: Hello,
@@ -102,9 +108,19 @@ class AgentSession:
         rebase: RebaseFn = lambda command: None,
         fault: Fault | None = None,
         backoff: Backoff = Backoff(),
+        audit: AuditedPeer | None = None,
+        ready: bool = True,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self.core = core
+        """`make_core(welcome)` builds the core from the run the coordinator declared (once;
+        a later session must declare the same run). With `ready` False the agent joins no
+        window until `mark_ready()` (its devices are up)."""
+        self.make_core = make_core
+        self.core: BoundaryCore | None = None
+        self.run_config_sha256 = b""
+        self.audit = audit
+        self._ready = ready
+        self._joined = False
         self.address = address
         self.hello = hello
         self.run_id = run_id
@@ -149,8 +165,42 @@ class AgentSession:
     # -- the core ----------------------------------------------------------------------------
     def _handle(self, event: Event) -> None:
         with self._lock:
+            assert self.core is not None
             self._execute(self.core.handle(event, self.clock()))
             self._changed.notify_all()
+
+    def _cohort_size(self, window: int) -> int:
+        core = self.core
+        if core is None:
+            return 0
+        if core.window is not None and core.window.window == window:
+            return len(core.window.cohort)
+        if core.next_rounds is not None and core.next_rounds.window == window:
+            return len(core._next_cohort)
+        return 0
+
+    def mark_ready(self) -> None:
+        """The devices are up: join the next window (now, or once a session is open)."""
+        with self._lock:
+            self._ready = True
+            self._maybe_join()
+
+    def _maybe_join(self) -> None:
+        if self._ready and not self._joined and self._out is not None and self.core is not None:
+            self._joined = True
+            self._execute(self.core.start(self.clock()))
+            self._changed.notify_all()
+
+    def _pin(self, keys: dict[str, bytes]) -> None:
+        """Pins each cohort member's identity key the first time it is named."""
+        core = self.core
+        assert core is not None
+        for boundary, raw in keys.items():
+            known = core.identities.get(boundary)
+            if known is None:
+                core.identities[boundary] = Ed25519PublicKey.from_public_bytes(raw)
+            elif known.public_bytes_raw() != raw:
+                log.warning("identity_key_mismatch", party=boundary)
 
     def _execute(self, commands: list[Command]) -> None:
         for command in commands:
@@ -167,6 +217,14 @@ class AgentSession:
                 if out is None:
                     log.info("not_connected", dropped=type(message).__name__)
                     continue
+                if self.audit is not None:
+                    try:
+                        record_sent(
+                            self.audit.gate, message, COORDINATOR, self._cohort_size(message.window)
+                        )
+                    except AuditError as exc:
+                        log.error("egress_refused", kind=type(message).__name__, error=str(exc))
+                        continue
                 for frame in agent_frames(message, self.run_id):
                     out.put(frame)
             elif isinstance(command, Train):
@@ -203,9 +261,32 @@ class AgentSession:
                 base_model_digest=h.base_model_digest,
                 tokenizer_digest=h.tokenizer_digest,
                 dim=h.dim,
-                held_version=self.core.held_version,
+                held_version=-1 if self.core is None else self.core.held_version,
             ),
         )
+
+    def _welcome(self, welcome: pb.Welcome) -> BoundaryCore:
+        """The run the coordinator declared; the core is built once, for that run."""
+        digest = bytes(welcome.run_config_sha256)
+        if hashlib.sha256(welcome.run_config).digest() != digest:
+            raise FrameError(
+                grpc.StatusCode.DATA_LOSS, "Welcome.run_config does not match its SHA-256"
+            )
+        with self._lock:
+            if self.core is None:
+                if self.audit is not None:
+                    self.audit.gate.received(
+                        PayloadType.RUN_CONFIG, COORDINATOR, 0, bytes(welcome.run_config), None
+                    )
+                self.core = self.make_core(welcome)
+                self.run_config_sha256 = digest
+            elif digest != self.run_config_sha256:
+                raise FrameError(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    "Welcome: the coordinator declares another run than the one this agent "
+                    "joined; restart the agent for a new run",
+                )
+            return self.core
 
     def _run(self) -> None:
         delay = self.backoff.first_s
@@ -255,17 +336,30 @@ class AgentSession:
                         grpc.StatusCode.INVALID_ARGUMENT,
                         f"CoordinatorFrame.body: got {first.WhichOneof('body')}, want welcome",
                     )
-                reader = CoordinatorFrameReader(self.core.dim)
+                core = self._welcome(first.welcome)
+                reader = CoordinatorFrameReader(core.dim)
                 with self._lock:
                     self._out = out
+                    self._joined = False
                     self.log.sessions += 1
-                    self._execute(self.core.start(self.clock()))
+                    self._maybe_join()
                     self._changed.notify_all()
                 log.info("session_open", coordinator=self.address)
                 for frame in frames:
                     message = reader.feed(frame)
-                    if message is not None:
-                        self._handle(Received(COORDINATOR, message))
+                    if message is None:
+                        continue
+                    with self._lock:
+                        if isinstance(message, (OpenWindow, KeySetup)):
+                            self._pin(reader.cohort_keys)
+                        if self.audit is not None:
+                            size = (
+                                len(message.cohort)
+                                if isinstance(message, (OpenWindow, KeySetup))
+                                else self._cohort_size(message.window)
+                            )
+                            record_received(self.audit.gate, message, COORDINATOR, size)
+                    self._handle(Received(COORDINATOR, message))
             finally:
                 with self._lock:
                     self._out = None

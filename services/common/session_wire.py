@@ -6,7 +6,7 @@ whose chunks do not add up to its header, raises `FrameError` naming what was wr
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TypeVar
 
 import grpc
@@ -53,8 +53,11 @@ def _text(name: str, value: str) -> str:
 # -- coordinator -> agent ------------------------------------------------------------------------
 
 
-def coordinator_frames(message: m.ToBoundary, run_id: str) -> Iterator[pb.CoordinatorFrame]:
-    """The frames that carry `message` to an agent."""
+def coordinator_frames(
+    message: m.ToBoundary, run_id: str, identity_key: Callable[[str], bytes] = lambda b: b""
+) -> Iterator[pb.CoordinatorFrame]:
+    """The frames that carry `message` to an agent; `identity_key(boundary)` fills the
+    cohort's identity keys of OpenWindow and KeySetup."""
     ctx = _context(message.window, run_id)
     if isinstance(message, m.GlobalVersion):
         header = pb.GlobalHeader(
@@ -74,10 +77,14 @@ def coordinator_frames(message: m.ToBoundary, run_id: str) -> Iterator[pb.Coordi
                 deadline_unix_s=message.deadline_s,
                 inner_steps=message.inner_steps,
                 mu=message.mu,
+                identity_keys=[identity_key(b) for b in message.cohort],
             ),
         )
     elif isinstance(message, m.KeySetup):
-        yield pb.CoordinatorFrame(context=ctx, key_setup=pb.KeySetup(cohort=list(message.cohort)))
+        setup = pb.KeySetup(
+            cohort=list(message.cohort), identity_keys=[identity_key(b) for b in message.cohort]
+        )
+        yield pb.CoordinatorFrame(context=ctx, key_setup=setup)
     elif isinstance(message, m.KeysRelayed):
         body = pb.KeysRelayed(advertisements=list(message.advertisements))
         yield pb.CoordinatorFrame(context=ctx, keys_relayed=body)
@@ -180,6 +187,16 @@ class CoordinatorFrameReader:
     def __init__(self, dim: int) -> None:
         self.dim = dim
         self._vector = _Assembler()
+        self.cohort_keys: dict[str, bytes] = {}  # of the last OpenWindow or KeySetup
+
+    def _keys(self, what: str, cohort: list[str], keys: list[bytes]) -> None:
+        if len(keys) != len(cohort) or any(len(k) != 32 for k in keys):
+            raise FrameError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"{what}.identity_keys: got {len(keys)} keys for {len(cohort)} members, want "
+                "one 32-byte key per member",
+            )
+        self.cohort_keys = dict(zip(cohort, (bytes(k) for k in keys), strict=True))
 
     def feed(self, frame: pb.CoordinatorFrame) -> m.ToBoundary | None:
         w = frame.context.window
@@ -204,6 +221,7 @@ class CoordinatorFrameReader:
             return None
         if kind == "open_window":
             o = frame.open_window
+            self._keys("OpenWindow", list(o.cohort), list(o.identity_keys))
             return m.OpenWindow(
                 window=w,
                 version=o.version,
@@ -213,7 +231,9 @@ class CoordinatorFrameReader:
                 mu=o.mu,
             )
         if kind == "key_setup":
-            return m.KeySetup(window=w, cohort=tuple(frame.key_setup.cohort))
+            k = frame.key_setup
+            self._keys("KeySetup", list(k.cohort), list(k.identity_keys))
+            return m.KeySetup(window=w, cohort=tuple(k.cohort))
         if kind == "keys_relayed":
             ads = _bounded("KeysRelayed.advertisements", list(frame.keys_relayed.advertisements))
             return m.KeysRelayed(window=w, advertisements=ads)

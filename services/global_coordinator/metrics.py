@@ -31,3 +31,8 @@ H_DECISIONS = Counter(
     "echelon_coordinator_sync_decisions_total", "Sync-controller decisions by reason", ["reason"]
 )
 MU = Gauge("echelon_coordinator_mu", "Proximal weight mu sent with the window")
+SESSIONS = Gauge("echelon_coordinator_sessions", "Agents with an open window session")
+FRAMES_OUT = Counter(
+    "echelon_coordinator_messages_sent_total", "Protocol messages sent to agents", ["kind"]
+)
+DRIFT_RMS = Gauge("echelon_coordinator_drift_rms", "Cohort RMS of relative drift (masked sums)")

@@ -1,11 +1,13 @@
 """The coordinator's executor of the window protocol core over the agents' window sessions:
 each organization's agent dials in with one bidirectional stream (`Coordinator.Session`);
-frames become core events, and the core's commands become frames on those streams, timers,
-and durable versions. The core decides; this module performs (docs/protocol.md).
+frames become core events, and the core's commands become frames on those streams (each
+recorded on the audit log before it leaves), timers, and durable versions. The core
+decides; this module performs (docs/protocol.md).
 """
 
 from __future__ import annotations
 
+import hashlib
 import queue
 import re
 import threading
@@ -17,6 +19,8 @@ import grpc
 import structlog
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from echelon.audit.errors import AuditError
+from echelon.audit.record import KeyRegistration, PayloadType, Role
 from echelon.declaration import ModelIdentity
 from echelon.protocol import CoordinatorCore, WindowOutcome
 from echelon.protocol.events import (
@@ -30,21 +34,28 @@ from echelon.protocol.events import (
     SetTimer,
     TimerFired,
 )
-from echelon.protocol.messages import ToBoundary
+from echelon.protocol.messages import Message, ToBoundary
 from echelon.protocol.stats import STATS
 from echelon_proto.coordinator.v1 import coordinator_pb2_grpc
 from echelon_proto.coordinator.v1 import session_pb2 as pb
+from services.common.audited import AuditedPeer
+from services.common.session_audit import record_received, record_sent
 from services.common.session_wire import AgentFrameReader, FrameError, coordinator_frames
 from services.common.timers import Timers
 from services.common.validate import RequestError
 from services.common.wire import vector_sha256
 
+from . import metrics
 from .store import CoordinatorStore, VersionRecord
 
 log = structlog.get_logger(__name__)
 
 _BOUNDARY_ID = re.compile(r"^[a-z0-9-]{1,63}$")
 _CLOSE = object()
+
+#: Builds the run's core once the model is pinned (by configuration or the first Hello);
+#: returns the core and the canonical bytes of the run's declaration for Welcome.
+CoreFactory = Callable[[ModelIdentity], tuple[CoordinatorCore, bytes]]
 
 
 @dataclass(frozen=True)
@@ -58,25 +69,46 @@ class CoordinatorSessions:
 
     def __init__(
         self,
-        core: CoordinatorCore,
+        make_core: CoreFactory,
         *,
         run_id: str,
         model: ModelIdentity | None = None,
         store: CoordinatorStore | None = None,
+        audit: AuditedPeer | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self.core = core
+        """`model` pins the run's model at start; None pins the first Hello's."""
+        self.make_core = make_core
         self.run_id = run_id
         self.model = model
         self.store = store
+        self.audit = audit
         self.clock = clock
         self.outcomes: list[WindowOutcome] = []
         self.versions: list[tuple[int, bytes]] = []  # (version, SHA-256 of its adapter)
+        self._core: CoordinatorCore | None = None
+        self._run_config = b""
         self._lock = threading.RLock()
         self._changed = threading.Condition(self._lock)
         self._sessions: dict[str, queue.Queue[object]] = {}
         self._timers = Timers(self._timer, clock)
-        self._reader_length = core.dim + len(STATS) + 1
+        if model is not None:
+            self._pin(model)
+
+    @property
+    def core(self) -> CoordinatorCore:
+        if self._core is None:
+            raise RuntimeError("no agent has said hello yet: the run's model is not pinned")
+        return self._core
+
+    @property
+    def pinned(self) -> bool:
+        return self._core is not None
+
+    def _pin(self, model: ModelIdentity) -> None:
+        self.model = model
+        self._core, self._run_config = self.make_core(model)
+        log.info("model_pinned", dim=model.dim, version=self._core.version)
 
     # -- the core ----------------------------------------------------------------------------
     def _handle(self, event: Event) -> None:
@@ -87,30 +119,26 @@ class CoordinatorSessions:
     def _timer(self, key: Hashable) -> None:
         self._handle(TimerFired(key))
 
+    def _cohort_size(self, window: int) -> int:
+        core = self.core
+        for win in (core.current, core.next):
+            if win is not None and win.id == window:
+                return len(win.cohort)
+        return 0
+
+    def _identity_key(self, boundary: str) -> bytes:
+        return self.core.identities[boundary].public_bytes_raw()
+
     def _execute(self, commands: list[Command]) -> None:
         for command in commands:
             if isinstance(command, Send):
-                out = self._sessions.get(command.to)
-                message = command.message
-                if out is None or not isinstance(message, ToBoundary):
-                    continue  # its session is gone; the core hears of it as a PartyFailed
-                for frame in coordinator_frames(message, self.run_id):
-                    out.put(frame)
+                self._send(command.to, command.message)
             elif isinstance(command, SetTimer):
                 self._timers.set(command.key, command.at)
             elif isinstance(command, CommitVersion):
                 self._commit(command)
             elif isinstance(command, WindowOutcome):
-                self.outcomes.append(command)
-                log.info(
-                    "window_done",
-                    window=command.window,
-                    committed=command.committed,
-                    reason=command.reason,
-                    version=command.version,
-                    contributors=list(command.contributors),
-                    failed=[f"{b}: {r}" for b, r in command.failed],
-                )
+                self._outcome(command)
             elif isinstance(command, Note):
                 log.info(
                     "protocol_note",
@@ -120,8 +148,47 @@ class CoordinatorSessions:
                     reason=command.reason,
                 )
 
+    def _send(self, to: str, message: Message) -> None:
+        out = self._sessions.get(to)
+        if out is None or not isinstance(message, ToBoundary):
+            return  # its session is gone; the core hears of it as a PartyFailed
+        if self.audit is not None:
+            try:
+                record_sent(self.audit.gate, message, to, self._cohort_size(message.window))
+            except AuditError as exc:
+                log.error("egress_refused", to=to, kind=type(message).__name__, error=str(exc))
+                return
+        for frame in coordinator_frames(message, self.run_id, self._identity_key):
+            out.put(frame)
+        metrics.FRAMES_OUT.labels(type(message).__name__).inc()
+
+    def _outcome(self, outcome: WindowOutcome) -> None:
+        self.outcomes.append(outcome)
+        metrics.WINDOWS.labels("committed" if outcome.committed else "aborted").inc()
+        metrics.WINDOW.set(outcome.window)
+        metrics.INNER_STEPS.set(self.core.inner_steps)
+        metrics.COHORT.set(len(outcome.contributors) + len(outcome.failed))
+        metrics.CONTRIBUTIONS.set(len(outcome.contributors))
+        if outcome.committed:
+            signals = outcome.signals
+            metrics.STALENESS.observe(signals.get("staleness_max", 0.0))
+            metrics.AGREEMENT.set(signals.get("agreement", 0.0))
+            metrics.TRAIN_LOSS.set(signals.get("train_loss", 0.0))
+            metrics.DRIFT_RMS.set(signals.get("drift_rms", 0.0))
+            metrics.MU.set(self.core.mu)
+        log.info(
+            "window_done",
+            window=outcome.window,
+            committed=outcome.committed,
+            reason=outcome.reason,
+            version=outcome.version,
+            contributors=list(outcome.contributors),
+            failed=[f"{b}: {r}" for b, r in outcome.failed],
+        )
+
     def _commit(self, command: CommitVersion) -> None:
         self.versions.append((command.version, vector_sha256(command.phi)))
+        metrics.VERSION.set(command.version)
         if self.store is None:
             return
         record = VersionRecord(
@@ -134,6 +201,7 @@ class CoordinatorSessions:
             vector_sha256(command.aggregate),
         )
         self.store.save_version(record, command.phi, command.momentum, command.aggregate)
+        self.store.set_meta("window", str(command.window))
 
     def wait(self, predicate: Callable[[], bool], timeout_s: float) -> bool:
         """Waits until `predicate()` holds (checked after every event); False on timeout."""
@@ -152,6 +220,19 @@ class CoordinatorSessions:
             for out in self._sessions.values():
                 out.put(_CLOSE)
             self._sessions.clear()
+            self._changed.notify_all()
+
+    def status(self) -> dict[str, object]:
+        with self._lock:
+            core = self._core
+            return {
+                "pinned": core is not None,
+                "version": -1 if core is None else core.version,
+                "window": 0 if core is None else core.window_id,
+                "inner_steps": 0 if core is None else core.inner_steps,
+                "sessions": sorted(self._sessions),
+                "committed": 0 if core is None else core.committed,
+            }
 
     # -- one agent's session -----------------------------------------------------------------
     def session(
@@ -164,6 +245,7 @@ class CoordinatorSessions:
         except StopIteration:
             return
         except RequestError as exc:
+            log.warning("hello_refused", error=str(exc))
             context.abort(exc.code, str(exc))
         out: queue.Queue[object] = queue.Queue()
         with self._lock:
@@ -171,9 +253,20 @@ class CoordinatorSessions:
             if previous is not None:
                 previous.put(_Abort(grpc.StatusCode.ABORTED, "replaced by a newer session"))
             self._sessions[boundary] = out
+            version = max(self.core.version, 0)
+            welcome = pb.Welcome(
+                run_id=self.run_id,
+                current_version=version,
+                run_config=self._run_config,
+                run_config_sha256=hashlib.sha256(self._run_config).digest(),
+            )
+            if self.audit is not None:
+                self.audit.gate.send(
+                    PayloadType.RUN_CONFIG, boundary, 0, self._run_config, None, lambda: None
+                )
+            metrics.SESSIONS.set(len(self._sessions))
         log.info("session_open", boundary=boundary)
-        welcome = pb.Welcome(run_id=self.run_id, current_version=max(self.core.version, 0))
-        yield pb.CoordinatorFrame(welcome=welcome)
+        yield pb.CoordinatorFrame(context=pb.FrameContext(run_id=self.run_id), welcome=welcome)
         reader = threading.Thread(
             target=self._read,
             args=(boundary, requests, out),
@@ -207,30 +300,37 @@ class CoordinatorSessions:
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"Hello.identity_key: got {len(hello.identity_key)} bytes, want 32",
             )
-        if hello.dim != self.core.dim:
-            raise FrameError(
-                grpc.StatusCode.FAILED_PRECONDITION,
-                f"Hello.dim: got {hello.dim}, want the run's {self.core.dim}",
-            )
-        if self.model is not None:
-            got = ModelIdentity(
+        try:
+            model = ModelIdentity(
                 bytes(hello.layout_digest),
                 bytes(hello.base_model_digest),
                 bytes(hello.tokenizer_digest),
                 int(hello.dim),
             )
-            if got != self.model:
-                raise FrameError(
-                    grpc.StatusCode.FAILED_PRECONDITION,
-                    f"Hello: model identity {got} differs from the run's {self.model}",
-                )
+        except ValueError as exc:
+            raise FrameError(grpc.StatusCode.INVALID_ARGUMENT, f"Hello: {exc}") from None
         key = Ed25519PublicKey.from_public_bytes(bytes(hello.identity_key))
         with self._lock:
+            if self._core is None:
+                self._pin(model)
+            if model != self.model:
+                raise FrameError(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"Hello: model identity {model} differs from the run's {self.model}",
+                )
             pinned = self.core.identities.get(hello.boundary)
             if pinned is not None and pinned.public_bytes_raw() != key.public_bytes_raw():
                 raise FrameError(
                     grpc.StatusCode.PERMISSION_DENIED,
                     f"Hello.identity_key: {hello.boundary} is bound to another identity key",
+                )
+            if self.audit is not None:
+                self.audit.gate.received(
+                    PayloadType.KEY_REGISTRATION,
+                    hello.boundary,
+                    0,
+                    hello.SerializeToString(deterministic=True),
+                    KeyRegistration(role=Role.BOUNDARY, signing_key=bytes(hello.identity_key)),
                 )
             self.core.identities[hello.boundary] = key
         return str(hello.boundary)
@@ -238,22 +338,31 @@ class CoordinatorSessions:
     def _read(
         self, boundary: str, requests: Iterator[pb.AgentFrame], out: queue.Queue[object]
     ) -> None:
-        reader = AgentFrameReader(self._reader_length)
+        reader = AgentFrameReader(self.core.dim + len(STATS) + 1)
         reason = "session closed"
         try:
             for frame in requests:
                 message = reader.feed(frame)
-                if message is not None:
-                    self._handle(Received(boundary, message))
+                if message is None:
+                    continue
+                if self.audit is not None:
+                    with self._lock:
+                        size = self._cohort_size(message.window)
+                    record_received(self.audit.gate, message, boundary, size)
+                self._handle(Received(boundary, message))
         except FrameError as exc:
             reason = f"protocol violation: {exc}"
             out.put(_Abort(exc.code, str(exc)))
+        except AuditError as exc:
+            reason = f"refused by the egress policy: {exc}"
+            out.put(_Abort(grpc.StatusCode.PERMISSION_DENIED, reason))
         except grpc.RpcError as exc:
             reason = f"session broken: {exc}"
         with self._lock:
             if self._sessions.get(boundary) is out:
                 del self._sessions[boundary]
                 out.put(_CLOSE)
+                metrics.SESSIONS.set(len(self._sessions))
             else:
                 return  # a newer session replaced this one
         log.info("session_closed", boundary=boundary, reason=reason)

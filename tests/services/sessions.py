@@ -19,6 +19,7 @@ from services.common.server import RunningServer, ServerConfig, start_server
 from services.global_coordinator.session import CoordinatorSessions, SessionServicer
 from tests.protocol.harness import DIM, ScriptedTrainer
 
+LAYOUT, BASE, TOKENIZER = b"\x01" * 32, b"\x02" * 32, b"\x03" * 32
 Gate = Callable[["Sites", str, Train], None]
 
 
@@ -34,7 +35,8 @@ class Sites:
         return f"127.0.0.1:{self.server.port}"
 
     def run(self, timeout_s: float = 60.0) -> bool:
-        return self.coordinator.wait(lambda: self.coordinator.core.done, timeout_s)
+        c = self.coordinator
+        return c.wait(lambda: c.pinned and c.core.done, timeout_s)
 
     def close(self) -> None:
         for agent in self.agents.values():
@@ -53,7 +55,7 @@ def start_sites(
     """Starts the coordinator and the agents; `gate(sites, boundary, train)` may hold a
     training run until a protocol event (it is called in the agent's training thread)."""
     core = CoordinatorCore(config, dim=DIM, identities={})
-    sessions = CoordinatorSessions(core, run_id=config.run_id)
+    sessions = CoordinatorSessions(lambda model: (core, b""), run_id=config.run_id)
     server = start_server(
         ServerConfig(),
         lambda s: coordinator_pb2_grpc.add_CoordinatorServicer_to_server(
@@ -86,13 +88,16 @@ def start_sites(
             config, boundary=b, theta0=theta0, identity=keys[b], identities=public, rounding_seed=7
         )
         agent = AgentSession(
-            core_b,
+            lambda welcome, core_b=core_b: core_b,
             address=sites.address,
             hello=Hello(
                 boundary=b,
                 identity_key=public[b].public_bytes_raw(),
                 devices=trainer.devices,
                 dim=DIM,
+                layout_digest=LAYOUT,
+                base_model_digest=BASE,
+                tokenizer_digest=TOKENIZER,
             ),
             run_id=config.run_id,
             train=train,

@@ -374,6 +374,7 @@ class OpenWindow(_message.Message):
     DEADLINE_UNIX_S_FIELD_NUMBER: _builtins.int
     INNER_STEPS_FIELD_NUMBER: _builtins.int
     MU_FIELD_NUMBER: _builtins.int
+    IDENTITY_KEYS_FIELD_NUMBER: _builtins.int
     version: _builtins.int
     deadline_unix_s: _builtins.float
     inner_steps: _builtins.int
@@ -381,6 +382,13 @@ class OpenWindow(_message.Message):
     @_builtins.property
     def cohort(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """sorted; a member's party id is its index"""
+
+    @_builtins.property
+    def identity_keys(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
+        """Raw Ed25519 identity keys of the cohort, in cohort order. An agent pins each
+        id's key the first time it sees it and refuses a window that names another;
+        the federation manifest replaces this relay (the trust issue).
+        """
 
     def __init__(
         self,
@@ -390,10 +398,11 @@ class OpenWindow(_message.Message):
         deadline_unix_s: _builtins.float = ...,
         inner_steps: _builtins.int = ...,
         mu: _builtins.float = ...,
+        identity_keys: _abc.Iterable[_builtins.bytes] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cohort", b"cohort", "deadline_unix_s", b"deadline_unix_s", "inner_steps", b"inner_steps", "mu", b"mu", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cohort", b"cohort", "deadline_unix_s", b"deadline_unix_s", "identity_keys", b"identity_keys", "inner_steps", b"inner_steps", "mu", b"mu", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -404,18 +413,24 @@ class KeySetup(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     COHORT_FIELD_NUMBER: _builtins.int
+    IDENTITY_KEYS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def cohort(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """pre-keying: the next window's cohort"""
+
+    @_builtins.property
+    def identity_keys(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
+        """as in OpenWindow"""
 
     def __init__(
         self,
         *,
         cohort: _abc.Iterable[_builtins.str] | None = ...,
+        identity_keys: _abc.Iterable[_builtins.bytes] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cohort", b"cohort"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cohort", b"cohort", "identity_keys", b"identity_keys"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
