@@ -186,6 +186,7 @@ class _StuckLog(audit_pb2_grpc.AuditLogServicer):
         return audit_pb2.GetTreeHeadResponse()
 
 
+@pytest.mark.timeout(30)
 def test_client_maps_an_unreachable_log_and_a_deadline_to_builtin_errors() -> None:
     with grpc.insecure_channel("127.0.0.1:1") as channel, pytest.raises(ConnectionError):
         AuditClient(channel, timeout_s=2).tree_head()

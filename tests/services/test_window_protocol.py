@@ -24,6 +24,8 @@ from services.boundary_agent.servicer import BoundaryAgentServicer
 from ..faults import FaultPlan, Stage
 from .harness import TOKEN_UNIT, TRAINING, Sites, expected_phi, known_delta, known_tokens
 
+# In-process and event-gated: a window takes seconds; a stuck gate fails here, not at 180 s.
+pytestmark = pytest.mark.timeout(60)
 ORGS = ["org-a", "org-b", "org-c"]
 # Fixed point with 16 fraction bits: each coordinate of a sum of n weighted values is off by
 # at most n * 2**-16; divided by the weight sum (>= 3 here) and scaled by lr*(1+m) = 1.33.
