@@ -204,7 +204,12 @@ def send_global(
     """Agent side: theta_v to every worker point-to-point (sends posted together, then
     waited on). Returns the workers (shard -> reason) that could not be reached."""
     failed: dict[int, str] = {}
-    sends = {shard: group.send([theta], rank, THETA_TAG) for shard, rank in ranks.items()}
+    sends = {}
+    for shard, rank in ranks.items():
+        try:
+            sends[shard] = group.send([theta], rank, THETA_TAG)
+        except RuntimeError as exc:  # gloo refuses to post to a peer already gone
+            failed[shard] = f"theta send: {exc}"
     for shard, work in sends.items():
         try:
             work.wait(timedelta(seconds=timeout_s))
@@ -230,7 +235,10 @@ def collect_contributions(
     receives = {}
     for shard, rank in ranks.items():
         buffer = sink.new_buffer()
-        receives[shard] = (group.recv([buffer], rank, CONTRIBUTION_TAG), buffer)
+        try:
+            receives[shard] = (group.recv([buffer], rank, CONTRIBUTION_TAG), buffer)
+        except RuntimeError as exc:  # gloo refuses to post to a peer already gone
+            failed[shard] = f"contribution: {exc}"
     for shard, (work, buffer) in receives.items():
         try:
             work.wait(timedelta(seconds=max(_MIN_WAIT_S, deadline - time.monotonic())))

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from enum import StrEnum
 
 import numpy as np
 import structlog
@@ -49,6 +50,7 @@ from echelon.device.secure import (
     WindowRefused,
     device_secagg_config,
 )
+from echelon.stages import StageObserver, ignore_stage
 from echelon.training.adapter import AdapterLayout, AdapterLayoutError
 from echelon.training.inner import InnerConfig
 
@@ -59,11 +61,19 @@ __all__ = [
     "DeviceWindowResult",
     "PoolConfig",
     "PoolError",
+    "PoolStage",
     "RefusalReason",
     "TranscriptEntry",
     "WindowRefused",
     "device_secagg_config",
 ]
+
+
+class PoolStage(StrEnum):
+    """Stages of a window the pool reports to its `on_stage` observer (tests gate faults on
+    them)."""
+
+    THETA_SENT = "theta_sent"  # theta_v went to every live worker; they are training
 
 
 class DevicePool:
@@ -72,11 +82,19 @@ class DevicePool:
     Not thread-safe: one caller drives start, windows, evaluation and close in turn.
     """
 
-    def __init__(self, cfg: PoolConfig, *, transcript: Transcript | None = None) -> None:
+    def __init__(
+        self,
+        cfg: PoolConfig,
+        *,
+        transcript: Transcript | None = None,
+        on_stage: StageObserver = ignore_stage,
+    ) -> None:
         """`transcript`, for tests and audits of the device plane, is called with everything
-        the agent process receives from the workers during each window (`TranscriptEntry`)."""
+        the agent process receives from the workers during each window (`TranscriptEntry`);
+        `on_stage` with each `PoolStage` a window reaches."""
         self.cfg = cfg
         self._transcript = transcript
+        self._on_stage = on_stage
         self._inner = cfg.inner_cfg
         self._members = Membership(
             self._spec,
@@ -191,6 +209,7 @@ class DevicePool:
             ranks = {h.shard: h.rank for h in self._live(members, failed)}
             failed.update(send_global(group, ranks, theta, self.cfg.collective_timeout_s))
             ranks = {shard: rank for shard, rank in ranks.items() if shard not in failed}
+            self._on_stage(PoolStage.THETA_SENT, window)
             failed.update(
                 collect_contributions(
                     group, ranks, aggregation.sink, deadline, self._recorder(window)

@@ -23,14 +23,23 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from enum import StrEnum
 
 import numpy as np
 import structlog
 
 from echelon.policy import ExportPolicy, ExportRefused, apply_export_policy
+from echelon.stages import StageObserver, ignore_stage
 from echelon.staleness import StalenessConfig, contribution_weight
 
 log = structlog.get_logger(__name__)
+
+
+class RuntimeStage(StrEnum):
+    """Stages a boundary reports to its `on_stage` observer (tests gate faults on them)."""
+
+    DELTA_READY = "delta_ready"  # a trained delta is pending (or overlap progress is in)
+    CONTRIBUTION_DROPPED = "contribution_dropped"  # too stale: dropped and audited
 
 
 class WindowStateError(Exception):
@@ -135,6 +144,7 @@ class BoundaryRuntime:
         policy: ExportPolicy,
         staleness: StalenessConfig,
         on_dropped: Callable[[int, int], None] = lambda window, staleness: None,
+        on_stage: StageObserver = ignore_stage,
     ) -> None:
         self.boundary = boundary
         self.theta0 = theta0.astype(np.float32)
@@ -143,6 +153,7 @@ class BoundaryRuntime:
         self._policy = policy
         self._staleness = staleness
         self._on_dropped = on_dropped
+        self._on_stage = on_stage
         self._state = _State()
         self._lock = threading.Condition()
 
@@ -247,6 +258,7 @@ class BoundaryRuntime:
             val_loss=round(result.val_loss, 4),
             train_s=round(time.monotonic() - started, 3),
         )
+        self._on_stage(RuntimeStage.DELTA_READY, spec.window)
 
     def _start_overlap(self, spec: WindowSpec, contribution: Contribution) -> None:
         """Delay-aware: keep training from theta_submitted while the window is in flight."""
@@ -331,6 +343,7 @@ class BoundaryRuntime:
                 tau_max=self._staleness.tau_max,
             )
             self._on_dropped(spec.window, staleness)
+            self._on_stage(RuntimeStage.CONTRIBUTION_DROPPED, spec.window)
             with self._lock:
                 self._state.pending = None
                 self._state.overlap = None

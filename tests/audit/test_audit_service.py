@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import shutil
-import time
+import threading
 from concurrent import futures
 
 import grpc
@@ -173,19 +173,26 @@ def test_a_restart_resumes_the_same_log(service: LogService) -> None:
     assert client.tree_head().size == before.size + 1
 
 
-class _SlowLog(audit_pb2_grpc.AuditLogServicer):
+class _StuckLog(audit_pb2_grpc.AuditLogServicer):
+    """Answers GetTreeHead only once the test lets it: the client's deadline passes first."""
+
+    def __init__(self) -> None:
+        self.answer = threading.Event()
+
     def GetTreeHead(
         self, request: audit_pb2.GetTreeHeadRequest, context: grpc.ServicerContext
     ) -> audit_pb2.GetTreeHeadResponse:
-        time.sleep(1.0)
+        self.answer.wait()
         return audit_pb2.GetTreeHeadResponse()
 
 
+@pytest.mark.timeout(30)
 def test_client_maps_an_unreachable_log_and_a_deadline_to_builtin_errors() -> None:
     with grpc.insecure_channel("127.0.0.1:1") as channel, pytest.raises(ConnectionError):
         AuditClient(channel, timeout_s=2).tree_head()
+    stuck = _StuckLog()
     slow = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-    audit_pb2_grpc.add_AuditLogServicer_to_server(_SlowLog(), slow)
+    audit_pb2_grpc.add_AuditLogServicer_to_server(stuck, slow)
     port = slow.add_insecure_port("127.0.0.1:0")
     slow.start()
     try:
@@ -195,6 +202,7 @@ def test_client_maps_an_unreachable_log_and_a_deadline_to_builtin_errors() -> No
         ):
             AuditClient(channel, timeout_s=0.2).tree_head()
     finally:
+        stuck.answer.set()
         slow.stop(0)
 
 

@@ -2,13 +2,14 @@
 servicers on ephemeral ports and the real coordinator driver, all over real gRPC.
 
 Training is replaced by `ScriptedTrainer`, which returns a fixed, known delta per boundary,
-so a test can compute the exact global update the protocol must produce. These tests are
+so a test can compute the exact global update the protocol must produce. A late or absent
+boundary is a hold in the sites' `FaultPlan` at the trainer's `training` stage, released by
+the test (or by another stage) when the protocol has got where the test wants it. These tests are
 about the wire protocol and secure aggregation; real training runs in the end-to-end tests.
 """
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -39,8 +40,12 @@ from services.global_coordinator.driver import WindowDriver
 from services.global_coordinator.registry import Registry
 from services.global_coordinator.store import CoordinatorStore, Registration
 
+from ..faults import FaultPlan
+
 DIM = 1000
 TOKEN_UNIT = 1000.0
+# The scripted trainer reports this stage to the sites' plan before it returns a delta.
+TRAINING = "training"
 
 
 def known_delta(boundary: str) -> np.ndarray:
@@ -54,12 +59,11 @@ def known_tokens(boundary: str) -> int:
 
 @dataclass
 class ScriptedTrainer:
-    """Returns `known_delta(boundary)` after `delay_s` (or never, when `hang` is set)."""
+    """Returns `known_delta(boundary)` once `faults` lets it past the `training` stage."""
 
     boundary: str
+    faults: FaultPlan
     devices: int = 2
-    delay_s: float = 0.0
-    hang: threading.Event | None = None
     calls: list[int] = field(default_factory=list)
     thetas: list[np.ndarray] = field(default_factory=list)
     steps: list[int] = field(default_factory=list)
@@ -68,9 +72,7 @@ class ScriptedTrainer:
         self.calls.append(spec.window)
         self.thetas.append(theta.copy())
         self.steps.append(spec.inner_steps)
-        if self.hang is not None:
-            self.hang.wait()
-        time.sleep(self.delay_s)
+        self.faults.reached(self.boundary, TRAINING, spec.window)
         return TrainedDelta(
             delta=known_delta(self.boundary),
             base_version=version,
@@ -113,8 +115,10 @@ class Sites:
         controller: SyncControllerConfig | None = None,
         buffer_k: int = 0,
         servicer_class: Callable[..., BoundaryAgentServicer] = BoundaryAgentServicer,
+        faults: FaultPlan | None = None,
     ) -> None:
         self.root = root
+        self.faults = faults or FaultPlan()
         self.audit_server: AuditLogServer = create_server(
             AuditLogConfig(data_dir=root / "audit", origin="echelon.test/sites")
         )
@@ -166,7 +170,7 @@ class Sites:
             boundary, Role.BOUNDARY, ident, self.policy, self.audit_address
         )
         self._channels.append(channel)
-        trainer = ScriptedTrainer(boundary)
+        trainer = ScriptedTrainer(boundary, self.faults)
         runtime = BoundaryRuntime(
             boundary=boundary,
             theta0=np.zeros(DIM, np.float32),
@@ -174,6 +178,7 @@ class Sites:
             policy=ExportPolicy(k_min=2, clip_norm=10.0),
             staleness=StalenessConfig(),
             on_dropped=audit.dropped,
+            on_stage=self.faults.observer(boundary),
         )
         secure = SecureAggregationSession(boundary, ident.key)
         servicer = servicer_class(runtime, audit, secure, b"\x01" * 32)
@@ -189,6 +194,7 @@ class Sites:
             self.registry.heartbeat(b, time.time())
 
     def close(self) -> None:
+        self.faults.release_all()
         self.driver.close()
         for agent in self.agents.values():
             agent.server.stop(0)

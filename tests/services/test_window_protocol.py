@@ -4,8 +4,6 @@ when a boundary drops before or after masking, and the audit log records the rou
 
 from __future__ import annotations
 
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,10 +18,14 @@ from echelon.policy import ExportPolicy
 from echelon.staleness import StalenessConfig
 from echelon_proto.boundary.v1 import boundary_pb2
 from echelon_tools.audit import main as audit_cli
+from services.boundary_agent.runtime import RuntimeStage
 from services.boundary_agent.servicer import BoundaryAgentServicer
 
-from .harness import TOKEN_UNIT, Sites, expected_phi, known_delta, known_tokens
+from ..faults import FaultPlan, Stage
+from .harness import TOKEN_UNIT, TRAINING, Sites, expected_phi, known_delta, known_tokens
 
+# In-process and event-gated: a window takes seconds; a stuck gate fails here, not at 180 s.
+pytestmark = pytest.mark.timeout(60)
 ORGS = ["org-a", "org-b", "org-c"]
 # Fixed point with 16 fraction bits: each coordinate of a sum of n weighted values is off by
 # at most n * 2**-16; divided by the weight sum (>= 3 here) and scaled by lr*(1+m) = 1.33.
@@ -74,9 +76,7 @@ def test_audit_log_holds_both_sides_of_every_crossing(sites: Sites) -> None:
 
 
 def test_boundary_that_never_submits_is_dropped_and_masks_cancel(tmp_path: Path) -> None:
-    sites = Sites(tmp_path, ORGS, deadline_s=4.0)
-    hang = threading.Event()
-    sites.agents["org-c"].trainer.hang = hang
+    sites = Sites(tmp_path, ORGS, deadline_s=4.0, faults=FaultPlan().hold_at("org-c", TRAINING))
     try:
         sites.heartbeat_all()
         outcome = sites.driver.step()
@@ -87,7 +87,6 @@ def test_boundary_that_never_submits_is_dropped_and_masks_cancel(tmp_path: Path)
         unmasked = [r for r in _records(sites) if r.payload_type == PayloadType.UNMASKING_SHARES]
         assert {r.sender for r in unmasked} >= {"org-a", "org-b"}
     finally:
-        hang.set()
         sites.close()
 
 
@@ -119,16 +118,15 @@ def test_boundary_that_vanishes_after_masking_is_still_counted(tmp_path: Path) -
 
 
 def test_window_below_m_min_aborts_and_deltas_roll_over(tmp_path: Path) -> None:
-    sites = Sites(tmp_path, ["org-a", "org-b"], deadline_s=3.0)
-    hang = threading.Event()
-    sites.agents["org-b"].trainer.hang = hang
+    faults = FaultPlan().hold_at("org-b", TRAINING, window=1)
+    sites = Sites(tmp_path, ["org-a", "org-b"], deadline_s=3.0, faults=faults)
     try:
         sites.heartbeat_all()
         outcome = sites.driver.step()
         assert outcome is not None and not outcome.committed
         assert sites.driver.version == 0
         assert sites.agents["org-a"].runtime.status()["has_pending"] == 1.0  # kept, not lost
-        hang.set()
+        faults.release("org-b", TRAINING, window=1)
         sites.heartbeat_all()
         second = sites.driver.step()
         assert second is not None and second.committed, second
@@ -136,7 +134,6 @@ def test_window_below_m_min_aborts_and_deltas_roll_over(tmp_path: Path) -> None:
         np.testing.assert_allclose(phi, expected_phi(["org-a", "org-b"]), atol=TOLERANCE)
         assert sites.agents["org-a"].trainer.calls == [1]  # the rolled-over delta, not retrained
     finally:
-        hang.set()
         sites.close()
 
 
@@ -192,9 +189,7 @@ def test_delay_aware_boundaries_train_while_the_window_is_in_flight(tmp_path: Pa
         assert sites.driver.step().committed  # type: ignore[union-attr]
         trainer = sites.agents["org-a"].trainer
         # The overlap started from theta_submitted = theta_0 - delta while window 1 was open.
-        deadline = time.monotonic() + 10
-        while len(trainer.calls) < 2 and time.monotonic() < deadline:
-            time.sleep(0.01)
+        sites.faults.wait("org-a", TRAINING, window=1, times=2)
         np.testing.assert_allclose(trainer.thetas[1], -known_delta("org-a"), atol=1e-7)
         # Its progress was re-based onto version 1 and is contributed at once, staleness 0.
         sites.heartbeat_all()
@@ -213,15 +208,15 @@ def test_delay_aware_boundaries_train_while_the_window_is_in_flight(tmp_path: Pa
 def test_buffered_window_does_not_wait_and_the_late_delta_counts_with_its_staleness(
     tmp_path: Path,
 ) -> None:
-    sites = Sites(tmp_path, ORGS, buffer_k=2)
-    sites.agents["org-c"].trainer.delay_s = 1.5
+    # org-c is late for window 1; in window 2, org-b is the one still training.
+    faults = FaultPlan().hold_at("org-c", TRAINING, window=1).hold_at("org-b", TRAINING, window=2)
+    sites = Sites(tmp_path, ORGS, buffer_k=2, faults=faults)
     try:
         sites.heartbeat_all()
         first = sites.driver.step()
         assert first is not None and first.contributors == ("org-a", "org-b")  # K = 2: no wait
-        time.sleep(2.0)  # org-c's delta (base version 0) is ready by now
-        sites.agents["org-a"].trainer.delay_s = 0.5  # fresh deltas now come after org-c's
-        sites.agents["org-b"].trainer.delay_s = 3.0
+        faults.release("org-c", TRAINING, window=1)
+        faults.wait("org-c", RuntimeStage.DELTA_READY, window=1)  # its base-0 delta waits
         sites.heartbeat_all()
         second = sites.driver.step()
         assert second is not None and second.contributors == ("org-a", "org-c")
@@ -241,16 +236,23 @@ def test_buffered_window_does_not_wait_and_the_late_delta_counts_with_its_stalen
 
 
 def test_a_delta_beyond_tau_max_is_dropped_and_audited(tmp_path: Path) -> None:
-    sites = Sites(tmp_path, ORGS, buffer_k=2)
+    # org-c is late for window 1; in window 2 the fresh deltas wait until org-c's stale one
+    # has been collected and dropped, so the drop happens inside the window.
+    dropped_c = Stage("org-c", RuntimeStage.CONTRIBUTION_DROPPED, window=2)
+    faults = (
+        FaultPlan()
+        .hold_at("org-c", TRAINING, window=1)
+        .hold_at("org-a", TRAINING, window=2, until=dropped_c)
+        .hold_at("org-b", TRAINING, window=2, until=dropped_c)
+    )
+    sites = Sites(tmp_path, ORGS, buffer_k=2, faults=faults)
     late = sites.agents["org-c"]
     late.runtime.set_run(StalenessConfig(tau_max=0), ExportPolicy(k_min=2, clip_norm=10.0))
-    late.trainer.delay_s = 1.5
     try:
         sites.heartbeat_all()
         assert sites.driver.step().contributors == ("org-a", "org-b")  # type: ignore[union-attr]
-        time.sleep(2.0)
-        sites.agents["org-a"].trainer.delay_s = 0.5
-        sites.agents["org-b"].trainer.delay_s = 0.5
+        faults.release("org-c", TRAINING, window=1)
+        faults.wait("org-c", RuntimeStage.DELTA_READY, window=1)
         sites.heartbeat_all()
         second = sites.driver.step()
         assert second is not None and second.contributors == ("org-a", "org-b")
@@ -259,5 +261,6 @@ def test_a_delta_beyond_tau_max_is_dropped_and_audited(tmp_path: Path) -> None:
             ("org-c", 2, 1)
         ]
         assert late.runtime.status()["has_pending"] == 0.0  # nothing kept, nothing counted
+        assert faults.count("org-c", RuntimeStage.CONTRIBUTION_DROPPED) == 1
     finally:
         sites.close()

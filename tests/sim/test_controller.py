@@ -46,6 +46,16 @@ def test_agreeing_windows_lengthen_h_after_patience_and_stop_at_h_max() -> None:
     assert steps[-1] == 16
 
 
+def test_agreement_for_patience_windows_grows_h_and_says_why() -> None:
+    state = ControllerState(inner_steps=4, loss_ema=5.0, drift_ref=0.05, calm_streak=1)
+
+    decision = decide(state, calm(loss=4.99), CFG)
+
+    assert (decision.inner_steps, decision.reason) == (6, ControlReason.AGREEMENT)
+    assert decision.detail == "agreement 0.900 for 2 windows: H 4 -> 6"
+    assert decision.state.calm_streak == 0
+
+
 def test_disagreement_shortens_h_and_resets_the_calm_streak() -> None:
     history = [calm(5.0), SyncSignals(drift=0.05, agreement=0.1, cosine=0.5, loss=4.99), calm(4.98)]
 

@@ -2,24 +2,23 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import threading
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from echelon.device.pool import DevicePool, PoolConfig, PoolError
+from echelon.device.pool import DevicePool, PoolConfig, PoolError, PoolStage
 from echelon.training.adapter import flatten
 from echelon.training.data import DataConfig
 from echelon.training.inner import InnerConfig
 from echelon.training.model import LoraConfig, ModelConfig, build_model, lora_state
 from echelon.training.tokenizer import TextTokenizer
 
+from ..faults import FaultPlan, kill_and_wait
+
 MODEL = ModelConfig(layers=1, hidden=64, heads=2, intermediate=128, max_seq=64)
 BATCH, SEQ = 4, 32
+AGENT = "agent"  # the party name of the pool's own stages in a FaultPlan
 
 
 def _config(
@@ -77,15 +76,16 @@ def test_killed_worker_is_dropped_and_survivor_continues(
     corpus_files: tuple[Path, Path], tokenizer: TextTokenizer, tokenizer_dir: Path, tmp_path: Path
 ) -> None:
     theta = _initial_adapter(tokenizer)
-    with DevicePool(_config(corpus_files, tokenizer_dir, tmp_path)) as pool:
+    faults = FaultPlan()
+    config = _config(corpus_files, tokenizer_dir, tmp_path)
+    with DevicePool(config, on_stage=faults.observer(AGENT)) as pool:
         victim = pool.worker_pids()[1]
-        # Kill mid-window: 250 steps take several seconds, the kill comes after half a second.
-        killer = threading.Timer(0.5, os.kill, args=(victim, signal.SIGKILL))
-        killer.start()
+        # Kill mid-window: once worker 1 holds theta_v, before it can have trained 250 steps.
+        faults.fail_at(AGENT, PoolStage.THETA_SENT, window=0, action=lambda: kill_and_wait(victim))
         hit = pool.run_window(window=0, global_flat=theta, steps=250, inner=None, deadline_s=120.0)
-        killer.join()
         after = pool.run_window(window=1, global_flat=theta, steps=5, inner=None, deadline_s=60.0)
 
+        assert faults.unfired() == []
         assert hit.devices == 1
         assert hit.weight_sum == 250 * BATCH * SEQ
         assert pool.alive_workers() == 1
@@ -102,10 +102,8 @@ def test_dead_worker_is_restarted_on_its_shard(
     with DevicePool(_config(corpus_files, tokenizer_dir, tmp_path, restart=True)) as pool:
         pool.run_window(window=0, global_flat=theta, steps=2, inner=None, deadline_s=60.0)
         old = pool.worker_pids()
-        os.kill(old[1], signal.SIGKILL)
-        deadline = time.monotonic() + 10.0
-        while pool.alive_workers() == 2 and time.monotonic() < deadline:
-            time.sleep(0.05)
+        kill_and_wait(old[1])
+        assert pool.alive_workers() == 1
 
         result = pool.run_window(window=1, global_flat=theta, steps=2, inner=None, deadline_s=60.0)
 

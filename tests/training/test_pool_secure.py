@@ -5,9 +5,6 @@ and nothing the agent receives reveals one device's update."""
 from __future__ import annotations
 
 import itertools
-import os
-import signal
-import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +26,8 @@ from echelon.training.data import DataConfig
 from echelon.training.inner import InnerConfig
 from echelon.training.model import LoraConfig, ModelConfig, build_model, lora_state
 from echelon.training.tokenizer import TextTokenizer
+
+from ..faults import FaultPlan, kill_and_wait
 
 MODEL = ModelConfig(layers=1, hidden=64, heads=2, intermediate=128, max_seq=64)
 BATCH, SEQ, STEPS = 4, 32, 3
@@ -87,33 +86,21 @@ def _true_updates(work_dir: Path, window: int, shards: Iterable[int]) -> dict[in
     return updates
 
 
-def _kill_now(pid: int) -> None:
-    """SIGKILL a worker and wait until it is gone (a zombie counts: it can no longer reply)."""
-    os.kill(pid, signal.SIGKILL)
-    deadline = time.monotonic() + 5.0
-    stat = Path(f"/proc/{pid}/stat")
-    while time.monotonic() < deadline:
-        try:
-            if stat.read_text().split(") ")[1].startswith("Z"):
-                return
-        except (FileNotFoundError, IndexError):
-            return
-        time.sleep(0.01)
-
-
 @dataclass
 class Recorder:
-    """The transcript hook: keeps every entry and kills a worker when one of its messages of a
-    given kind arrives (fault injection: `kill_on[(kind, shard)] = pid`)."""
+    """The transcript hook: keeps every entry and reports each to `faults` as the stage
+    `kind` of party `shard` (fault injection: `faults.fail_at(shard, kind, action=...)`)."""
 
     entries: list[TranscriptEntry] = field(default_factory=list)
-    kill_on: dict[tuple[str, int], int] = field(default_factory=dict)
+    faults: FaultPlan = field(default_factory=FaultPlan)
 
     def __call__(self, entry: TranscriptEntry) -> None:
         self.entries.append(entry)
-        pid = self.kill_on.pop((entry.kind, entry.shard), None)
-        if pid is not None:
-            _kill_now(pid)
+        self.faults.reached(entry.shard, entry.kind, entry.window)
+
+    def kill_on(self, kind: str, shard: int, pid: int) -> None:
+        """SIGKILL `pid` (and wait until it is gone) when `shard`'s first `kind` arrives."""
+        self.faults.fail_at(shard, kind, action=lambda: kill_and_wait(pid))
 
     def of(self, window: int, kind: str) -> list[TranscriptEntry]:
         return [e for e in self.entries if e.window == window and e.kind == kind]
@@ -185,8 +172,8 @@ def test_dropouts_before_and_after_masking_leave_the_survivors_sum(
     cfg = _config(corpus_files, tokenizer_dir, tmp_path, n_workers=5)
     with DevicePool(cfg, transcript=recorder) as pool:
         pids = pool.worker_pids()
-        recorder.kill_on[("masked_vector", 3)] = pids[3]  # dies after its vector arrived
-        recorder.kill_on[("encrypted_share", 4)] = pids[4]  # dies before masking
+        recorder.kill_on("masked_vector", 3, pids[3])  # dies after its vector arrived
+        recorder.kill_on("encrypted_share", 4, pids[4])  # dies before masking
 
         hit = pool.run_window(window=0, global_flat=theta, steps=STEPS, inner=None, deadline_s=60.0)
         after = pool.run_window(
@@ -195,7 +182,7 @@ def test_dropouts_before_and_after_masking_leave_the_survivors_sum(
         alive = sorted(pool.worker_pids())
 
     assert alive == [0, 1, 2]
-    assert not recorder.kill_on
+    assert recorder.faults.unfired() == []
     assert {e.shard for e in recorder.of(0, "masked_vector")} == {0, 1, 2, 3}
     assert {e.shard for e in recorder.of(0, "survivor_signature")} == {0, 1, 2}
     delta_sum, tokens, _ = _expected_sum(_true_updates(tmp_path, 0, range(4)))
@@ -213,7 +200,7 @@ def test_fewer_than_k_min_contributors_is_refused_and_nothing_is_unmasked(
     recorder = Recorder()
     cfg = _config(corpus_files, tokenizer_dir, tmp_path, n_workers=3, k_min=3, restart=True)
     with DevicePool(cfg, transcript=recorder) as pool:
-        recorder.kill_on[("encrypted_share", 2)] = pool.worker_pids()[2]
+        recorder.kill_on("encrypted_share", 2, pool.worker_pids()[2])
 
         with pytest.raises(WindowRefused) as refused:
             pool.run_window(window=0, global_flat=theta, steps=STEPS, inner=None, deadline_s=60.0)
