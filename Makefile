@@ -38,10 +38,10 @@ $(STAMP):
 	$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "the locks are for Python 3.11, got " + sys.version'
 	rm -rf $(VENV)
 	$(PYTHON) -m venv $(VENV)
-	$(PIP) install --quiet --require-hashes --no-deps $(PIP_OPTS) -r $(TORCH_LOCK) \
+	$(PIP) install --quiet --require-hashes --no-deps --only-binary=:all: $(PIP_OPTS) -r $(TORCH_LOCK) \
 	  || { test -n "$(TORCH_INDEX)" && echo "retrying torch with --extra-index-url $(TORCH_INDEX)" \
-	       && $(PIP) install --quiet --require-hashes --no-deps $(PIP_OPTS) --extra-index-url $(TORCH_INDEX) -r $(TORCH_LOCK); }
-	$(PIP) install --quiet --require-hashes --no-deps $(PIP_OPTS) -r $(LOCK)
+	       && $(PIP) install --quiet --require-hashes --no-deps --only-binary=:all: $(PIP_OPTS) --extra-index-url $(TORCH_INDEX) -r $(TORCH_LOCK); }
+	$(PIP) install --quiet --require-hashes --no-deps --only-binary=:all: $(PIP_OPTS) -r $(LOCK)
 	$(PIP) install --quiet --no-deps --no-build-isolation $(PIP_OPTS) -e .
 	$(PIP) check
 	echo $(VARIANT) > $(VENV)/echelon-variant
