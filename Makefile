@@ -1,27 +1,67 @@
 # Echelon: `make demo` runs the multi-site demo, `make test` runs the tests.
-# Both create the virtual environment and install what they need first.
+# Both create the virtual environment and install what they need first, from the
+# hashed locks in requirements/ (docs/installing.md).
 
 PYTHON ?= python3
 VENV ?= .venv
-# A machine with GPUs can ask for another build, e.g. TORCH_SPEC="torch==2.13.0+cu128".
-TORCH_SPEC ?= torch==2.13.0
 CACHE ?= .cache
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed
 
-.PHONY: venv proto check-proto corpus demo test lint typecheck bench clean
+# The build of PyTorch: cpu (default) or cuda, e.g. `make test VARIANT=cuda`.
+VARIANT ?= cpu
+TORCH_VERSION := 2.13.0
+# What `make lock` asks pip for, per variant. PyPI's Linux wheel of torch is the
+# CUDA build (CUDA 13.0); `===` keeps a local +cpu wheel from matching it.
+TORCH_REQ_cpu := torch==$(TORCH_VERSION)+cpu
+TORCH_REQ_cuda := torch===$(TORCH_VERSION)
+# Where torch comes from when pip's own indexes lack it (PyTorch's index).
+TORCH_INDEX_cpu := https://download.pytorch.org/whl/cpu
+TORCH_INDEX_cuda :=
+TORCH_INDEX ?= $(TORCH_INDEX_$(VARIANT))
+# Extra pip options for the install, e.g. PIP_OPTS="--no-index --find-links wheelhouse".
+PIP_OPTS ?=
+
+TORCH_LOCK := requirements/torch-$(VARIANT).txt
+LOCK := requirements/lock-$(VARIANT).txt
+# The stamp names what was installed: variant and a digest of the locks and
+# pyproject.toml. Another variant or lock gives another stamp, and a fresh venv.
+LOCK_DIGEST := $(shell cat $(TORCH_LOCK) $(LOCK) pyproject.toml 2>/dev/null | $(PYTHON) -c 'import hashlib, sys; print(hashlib.sha256(sys.stdin.buffer.read()).hexdigest()[:12])')
+STAMP := $(VENV)/.installed-$(VARIANT)-$(LOCK_DIGEST)
+PIP := $(BIN)/python -m pip --disable-pip-version-check
+
+.PHONY: venv lock proto check-proto corpus demo test lint typecheck bench clean
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml
-	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python >= 3.11 needed, got " + sys.version'
+$(STAMP):
+	@test -f $(TORCH_LOCK) -a -f $(LOCK) || { echo "no lock for VARIANT=$(VARIANT): $(TORCH_LOCK), $(LOCK)"; exit 1; }
+	$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "the locks are for Python 3.11, got " + sys.version'
+	rm -rf $(VENV)
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet "$(TORCH_SPEC)" -e ".[dev]"
+	$(PIP) install --quiet --require-hashes --no-deps --only-binary=:all: $(PIP_OPTS) -r $(TORCH_LOCK) \
+	  || { test -n "$(TORCH_INDEX)" && echo "retrying torch with --extra-index-url $(TORCH_INDEX)" \
+	       && $(PIP) install --quiet --require-hashes --no-deps --only-binary=:all: $(PIP_OPTS) --extra-index-url $(TORCH_INDEX) -r $(TORCH_LOCK); }
+	$(PIP) install --quiet --require-hashes --no-deps --only-binary=:all: $(PIP_OPTS) -r $(LOCK)
+	$(PIP) install --quiet --no-deps --no-build-isolation $(PIP_OPTS) -e .
+	$(PIP) check
+	echo $(VARIANT) > $(VENV)/echelon-variant
 	touch $(STAMP)
+
+# Regenerates the locks of VARIANT (or `make lock VARIANT=cuda`) from pyproject.toml
+# through pip's configured indexes; needs the registries, not the venv.
+lock:
+	$(PYTHON) tools/lock.py $(VARIANT) --torch "$(TORCH_REQ_$(VARIANT))" --torch-index "$(TORCH_INDEX)"
 
 proto: $(STAMP)
 	$(BIN)/python tools/gen_proto.py
+
+# Fails when the committed echelon_proto/ differs from what `make proto` writes.
+check-proto: $(STAMP)
+	rm -rf $(VENV)/proto-check
+	$(BIN)/python tools/gen_proto.py --out $(VENV)/proto-check
+	diff -r -x __pycache__ $(VENV)/proto-check/echelon_proto echelon_proto \
+	  || { echo "echelon_proto/ is stale: run 'make proto' and commit"; exit 1; }
+	rm -rf $(VENV)/proto-check
 
 corpus: $(STAMP)
 	$(BIN)/python -m echelon_tools.corpus fetch --cache $(CACHE)/corpus
@@ -30,7 +70,7 @@ demo: $(STAMP) corpus
 	$(BIN)/echelon demo --cache $(CACHE)
 
 test: $(STAMP)
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check echelon services echelon_tools tests benchmarks tools
