@@ -104,7 +104,9 @@ def close_decision(
             CloseReason.ALL_ANSWERED,
             f"{collected} collected, {failed} failed of {cohort_size}",
         )
-    if now_s - opened_s >= config.deadline_s:
+    # The same sum as the deadline timer's (opened + deadline): a subtraction can round
+    # below deadline_s when the timer fires exactly on time, and the window never closes.
+    if now_s >= opened_s + config.deadline_s:
         return CloseDecision(
             True, CloseReason.DEADLINE, f"deadline {config.deadline_s:.1f}s passed with {collected}"
         )

@@ -24,7 +24,7 @@ import grpc
 from echelon.audit.checkpoint import VERIFIER_KEY_FILE
 from echelon.tomlconfig import dumps
 from echelon_proto.coordinator.v1 import coordinator_pb2, coordinator_pb2_grpc
-from echelon_tools.wan import ProxyHost, free_port
+from echelon_tools.wan import ProxyHost
 from services.audit_log.server import DB_FILE
 from services.common.wire import new_ref
 
@@ -166,14 +166,16 @@ class Deployment:
             self._wait(coordinator, 60)
             agents = []
             for site in spec.sites:
-                link = self._wan_link(site, coordinator.ports["grpc"])
+                coordinator_at, audit_at = self._wan_links(
+                    site, coordinator.ports["grpc"], audit.ports["grpc"]
+                )
                 cfg = self._write(
                     site.boundary,
                     _merge(
                         {
                             "server": {"host": "127.0.0.1", "port": 0},
-                            "service": self._service_table(site.boundary, audit.address),
-                            "agent": {"boundary": site.boundary, **link},
+                            "service": self._service_table(site.boundary, audit_at),
+                            "agent": {"boundary": site.boundary, "coordinator": coordinator_at},
                             "devices": {"workers": site.workers},
                             "data": {"files": [str(p.resolve()) for p in site.data_files]},
                             "tokenizer": {
@@ -192,20 +194,16 @@ class Deployment:
             self.stop()
             raise
 
-    def _wan_link(self, site: Site, coordinator_port: int) -> dict[str, Any]:
-        """The agent's [agent] addresses: direct, or through delaying proxies both ways."""
+    def _wan_links(self, site: Site, coordinator_port: int, audit_port: int) -> tuple[str, str]:
+        """The addresses an organization dials out to (coordinator, audit log): direct, or
+        through delaying proxies, so that every link to the global plane crosses the WAN."""
         if site.wan_delay_s <= 0 and site.bandwidth_mbps is None:
-            return {"coordinator": f"127.0.0.1:{coordinator_port}"}
+            return f"127.0.0.1:{coordinator_port}", f"127.0.0.1:{audit_port}"
         if self._wan is None:
             self._wan = ProxyHost()
-        agent_port = free_port()
-        inbound = self._wan.proxy(agent_port, site.wan_delay_s, site.bandwidth_mbps)
-        outbound = self._wan.proxy(coordinator_port, site.wan_delay_s, site.bandwidth_mbps)
-        return {
-            "coordinator": f"127.0.0.1:{outbound}",
-            "advertise_address": f"127.0.0.1:{inbound}",
-            "listen_port": agent_port,
-        }
+        to_coordinator = self._wan.proxy(coordinator_port, site.wan_delay_s, site.bandwidth_mbps)
+        to_audit = self._wan.proxy(audit_port, site.wan_delay_s, site.bandwidth_mbps)
+        return f"127.0.0.1:{to_coordinator}", f"127.0.0.1:{to_audit}"
 
     def agent_config(self, boundary: str) -> Path:
         return self.spec.root / "config" / f"{boundary}.toml"

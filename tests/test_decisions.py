@@ -164,7 +164,7 @@ DELTA_OK = DeltaAttributes(cohort_size=2, devices=2)
          "GLOBAL_ADAPTER is not allowed from a boundary"),
         (Policy(), Role.BOUNDARY, P.STATUS, 9, 1, NoAttributes(), "schema version 9 not in [1]"),
         (Policy(), Role.BOUNDARY, P.MASKED_DELTA, 1, -1, DELTA_OK,
-         f"size -1 exceeds {Policy().max_bytes[P.MASKED_DELTA]} for MASKED_DELTA"),
+         f"size -1 exceeds {Policy().payloads.max_bytes[P.MASKED_DELTA]} for MASKED_DELTA"),
         (Policy(), Role.BOUNDARY, P.PLAIN_DELTA, 1, 1, DELTA_OK,
          "PLAIN_DELTA while level-2 secure aggregation is declared on"),
         (Policy(), Role.BOUNDARY, P.MASKED_DELTA, 1, 1, DeltaAttributes(cohort_size=1, devices=2),
@@ -172,8 +172,11 @@ DELTA_OK = DeltaAttributes(cohort_size=2, devices=2)
         (Policy(level2=False), Role.BOUNDARY, P.PLAIN_DELTA, 1, 1,
          DeltaAttributes(cohort_size=2, devices=1), "sum over 1 devices, want >= k_min 2"),
         (Policy(), Role.BOUNDARY, P.WINDOW_METADATA, 1, 1,
-         MetadataAttributes(fields=("per_device_loss", "tokens")),
+         MetadataAttributes(fields=("devices", "per_device_loss")),
          "metadata fields ['per_device_loss'] are not WindowMetadata scalars"),
+        (Policy(), Role.BOUNDARY, P.WINDOW_METADATA, 1, 1,
+         MetadataAttributes(fields=("base_version", "drift")),
+         "metadata fields ['drift'] are not WindowMetadata scalars"),
     ],
 )  # fmt: skip
 def test_audit_policy_refuses_with_the_rule_that_failed(

@@ -23,20 +23,10 @@ SIGNATURE_BYTES = 64
 LOG_PARTY = "audit-log"  # receiver of records addressed to the log itself (key registrations)
 MAX_INT = (1 << 63) - 1
 
-# The fields of echelon.common.v1.WindowMetadata, the only metadata that may cross.
-METADATA_FIELDS = frozenset(
-    {
-        "tokens",
-        "staleness",
-        "base_version",
-        "drift",
-        "delta_norm",
-        "train_loss",
-        "val_loss",
-        "devices",
-        "weight",
-    }
-)
+# The fields of echelon.common.v1.WindowMetadata, the only metadata that may cross in the
+# clear: the base version (staleness) and the device count. Any statistic of a boundary's
+# data crosses only as a masked coordinate; one in the clear is refused and a finding.
+METADATA_FIELDS = frozenset({"base_version", "devices"})
 
 PARTY_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
 _NAME_RE = re.compile(r"[a-z][a-z0-9_]{0,62}")

@@ -130,8 +130,10 @@ class BoundaryCore:
             self._maybe_train(out)
         return out
 
-    def _note(self, kind: str, window: int, reason: str) -> Note:
-        return Note(kind=kind, window=window, party=self.boundary, reason=reason)
+    def _note(self, kind: str, window: int, reason: str, staleness: int = -1) -> Note:
+        return Note(
+            kind=kind, window=window, party=self.boundary, reason=reason, staleness=staleness
+        )
 
     # -- messages ----------------------------------------------------------------------------
     def _received(self, message: object, out: list[Command]) -> None:
@@ -354,7 +356,7 @@ class BoundaryCore:
             if weight is None or tau < 0:
                 self.dropped += 1
                 reason = f"staleness {tau} > tau_max {cfg.staleness.tau_max}: delta dropped"
-                out.append(self._note("dropped", win.window, reason))
+                out.append(self._note("dropped", win.window, reason, staleness=tau))
                 continue
             try:
                 decision = apply_export_policy(

@@ -135,6 +135,7 @@ class Note:
     window: int
     party: str
     reason: str
+    staleness: int = -1  # of a dropped delta
 
 
 @dataclass(frozen=True, kw_only=True)

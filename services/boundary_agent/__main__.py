@@ -1,15 +1,20 @@
 """Runs a boundary agent: `python -m services.boundary_agent --config FILE.toml`.
 
-TOML tables: [server], [service] (data_dir, audit, metrics_port, log_level),
-[agent] (boundary, coordinator, advertise_host, heartbeat_s), [devices], [data],
-[tokenizer], [model], [lora], [inner], [policy]. The agent starts its device workers
-first (spawned, never forked after gRPC starts), then serves, then registers.
+TOML tables: [server] (the local status endpoint), [service] (data_dir, audit,
+metrics_port, log_level), [agent] (boundary, coordinator), [devices], [data],
+[tokenizer], [model], [lora], [inner], [policy]. The agent dials out to the coordinator
+(one window session) and accepts no connection from outside its organization: its
+gRPC server is a status and health endpoint for its own operators, bound to loopback by
+default. It joins windows once its device workers (spawned processes) are up.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
+import secrets
+import signal
 import sys
 import threading
 from dataclasses import dataclass
@@ -20,17 +25,17 @@ import structlog
 
 from echelon.audit.policy import Policy
 from echelon.audit.record import Role
-from echelon.declaration import RunDeclaration
+from echelon.declaration import ModelIdentity, RunDeclaration
 from echelon.device.pool import DevicePool, PoolError
 from echelon.policy import ExportPolicy
-from echelon.staleness import StalenessConfig
+from echelon.protocol import BoundaryCore
 from echelon.tomlconfig import ConfigFileError, build
 from echelon.training.data import DataConfig
 from echelon.training.inner import InnerConfig
 from echelon.training.model import LoraConfig, ModelConfig
 from echelon.training.tokenizer import TokenizerConfig
 from echelon_proto.boundary.v1 import boundary_pb2_grpc
-from echelon_proto.coordinator.v1 import coordinator_pb2
+from echelon_proto.coordinator.v1 import session_pb2
 from services.common.bootstrap import (
     audited_peer,
     common_arguments,
@@ -43,10 +48,8 @@ from services.common.obs import configure_logging, start_metrics
 from services.common.portfile import write_port_file
 from services.common.server import start_server, wait_for_signal
 
-from .coordinator_link import CoordinatorLink, RegistrationRefused
-from .runtime import BoundaryRuntime
-from .secure import SecureAggregationSession
-from .servicer import BoundaryAgentServicer
+from .session import AgentSession, Backoff, Hello
+from .status import AgentStatusServicer
 from .training import (
     DevicesConfig,
     PoolTrainer,
@@ -62,18 +65,14 @@ log = structlog.get_logger(__name__)
 @dataclass(frozen=True, kw_only=True)
 class AgentConfig:
     boundary: str
-    coordinator: str = "127.0.0.1:50060"
-    advertise_host: str = "127.0.0.1"  # host the coordinator uses to reach this agent
-    advertise_address: str = ""  # host:port to register instead (e.g. a proxy in front)
-    listen_port: int = -1  # >= 0 overrides [server].port (a launcher that picked the port)
-    heartbeat_s: float = 5.0
-    register_retry_s: float = 120.0
+    coordinator: str = "127.0.0.1:50060"  # host:port the agent dials out to
+    reconnect_max_s: float = 10.0  # longest pause between reconnection attempts
 
     def __post_init__(self) -> None:
         if not self.boundary:
             raise ValueError("[agent].boundary: want the organization's id, e.g. 'org-a'")
-        if not self.heartbeat_s > 0:
-            raise ValueError(f"[agent].heartbeat_s: got {self.heartbeat_s}, want > 0")
+        if not self.reconnect_max_s > 0:
+            raise ValueError(f"[agent].reconnect_max_s: got {self.reconnect_max_s}, want > 0")
 
 
 def _paths(table: dict[str, Any], key: str, base: Path) -> dict[str, Any]:
@@ -125,97 +124,129 @@ def main(argv: list[str] | None = None) -> int:
     data_dir = common.data_dir
     facts = model_facts(setup, data_dir)
     identity = load_or_create_identity(agent.boundary, data_dir / "identity")
-    # The gate's policy is tightened to the run's declared one after registration.
+    # The gate's policy is tightened to the run's declared one once the coordinator says it.
     audit, audit_channel = audited_peer(
         agent.boundary, Role.BOUNDARY, identity, Policy(k_min=export.k_min), common.audit
     )
-    trainer = PoolTrainer(setup.inner)
-    runtime = BoundaryRuntime(
-        boundary=agent.boundary,
-        theta0=facts.theta0,
-        trainer=trainer,
-        policy=export,
-        staleness=StalenessConfig(),
-        on_dropped=audit.dropped,
+    model = ModelIdentity(
+        bytes.fromhex(facts.layout.digest()),
+        facts.base_digest,
+        facts.tokenizer_digest,
+        facts.layout.numel,
     )
-    secure = SecureAggregationSession(agent.boundary, identity.key)
-    layout_digest = bytes.fromhex(facts.layout.digest())
-    servicer = BoundaryAgentServicer(
-        runtime, audit, secure, layout_digest, workers_alive=trainer.alive_workers
+    trainer = PoolTrainer(setup.inner, facts.theta0)
+    pools: list[DevicePool] = []
+    failed = threading.Event()
+    session: AgentSession | None = None
+
+    def start_devices(declaration: RunDeclaration) -> None:
+        try:
+            security = device_security(declaration, export.k_min, setup.devices.workers)
+            pools.append(start_pool(setup, facts, data_dir, security))
+        except PoolError as exc:
+            log.error("device_pool_failed", error=str(exc))
+            failed.set()
+            return
+        trainer.attach(pools[0])
+        log.info("devices_ready", workers=trainer.alive_workers())
+        assert session is not None
+        session.mark_ready()
+
+    def make_core(welcome: session_pb2.Welcome) -> BoundaryCore:
+        declaration = accept_declaration(bytes(welcome.run_config), model, agent.boundary)
+        audit.adopt(declaration.policy())
+        protocol = declaration.protocol()
+        protocol = dataclasses.replace(
+            protocol,
+            policy=export_policy(declaration, export),
+        )
+        threading.Thread(
+            target=start_devices, args=(declaration,), name="devices", daemon=True
+        ).start()
+        return BoundaryCore(
+            protocol,
+            boundary=agent.boundary,
+            theta0=facts.theta0,
+            identity=identity.key,
+            identities={},
+            rounding_seed=secrets.randbits(63),
+        )
+
+    session = AgentSession(
+        make_core,
+        address=agent.coordinator,
+        hello=Hello(
+            boundary=agent.boundary,
+            identity_key=identity.public_key,
+            devices=setup.devices.workers,
+            dim=facts.layout.numel,
+            layout_digest=model.layout_digest,
+            base_model_digest=model.base_model_digest,
+            tokenizer_digest=model.tokenizer_digest,
+        ),
+        run_id="",
+        train=trainer,
+        rebase=trainer.rebase,
+        audit=audit,
+        ready=False,
+        backoff=Backoff(max_s=agent.reconnect_max_s),
     )
-    server_config = common.server
-    if agent.listen_port >= 0:
-        server_config = dataclasses.replace(server_config, port=agent.listen_port)
+    status = AgentStatusServicer(agent.boundary, session, trainer.alive_workers, trainer.own_stats)
     running = start_server(
-        server_config,
-        lambda server: boundary_pb2_grpc.add_BoundaryAgentServicer_to_server(servicer, server),
+        common.server,
+        lambda server: boundary_pb2_grpc.add_BoundaryAgentServicer_to_server(status, server),
         ["echelon.boundary.v1.BoundaryAgent"],
     )
     metrics_port = start_metrics(common.metrics_host, common.metrics_port)
-    link = CoordinatorLink(agent.coordinator, audit)
     stop = threading.Event()
-    pools: list[DevicePool] = []
 
     def shutdown() -> None:
         stop.set()
-        link.close()
+        assert session is not None
+        session.stop()
         for pool in pools:
             pool.close()
         audit_channel.close()
 
-    try:
-        info = link.register(
-            coordinator_pb2.RegisterRequest(
-                boundary=agent.boundary,
-                address=agent.advertise_address or f"{agent.advertise_host}:{running.port}",
-                identity_key=identity.public_key,
-                devices=setup.devices.workers,
-                layout_digest=layout_digest,
-                base_model_digest=facts.base_digest,
-                tokenizer_digest=facts.tokenizer_digest,
-                dim=facts.layout.numel,
-            ),
-            agent.register_retry_s,
-        )
-    except (RegistrationRefused, TimeoutError) as exc:
-        log.error("registration_failed", error=str(exc))
-        running.stop(0)
-        shutdown()
-        return 1
-    declaration = info.declaration
-    runtime.set_run(
-        declaration.staleness,
-        export_policy(declaration, export),
-        delay_aware=declaration.delay_aware,
-    )
-    audit.adopt(declaration.policy())
-    security = device_security(declaration, export.k_min, setup.devices.workers)
-    try:
-        pools.append(start_pool(setup, facts, data_dir, security))
-    except PoolError as exc:
-        log.error("device_pool_failed", error=str(exc))
-        running.stop(0)
-        shutdown()
-        return 1
-    trainer.attach(pools[0])
+    session.start()
     write_port_file(args.port_file, grpc=running.port, metrics=metrics_port)
     log.info(
         "agent_ready",
         port=running.port,
         metrics_port=metrics_port,
-        run_id=declaration.run_id,
-        workers=trainer.alive_workers(),
+        coordinator=agent.coordinator,
         dim=facts.layout.numel,
     )
-    link.heartbeats(agent.boundary, lambda: runtime.held_version, agent.heartbeat_s, stop)
     watch_audit_log(common, audit, audit_channel, stop)
+
+    def watch_refusal() -> None:
+        assert session is not None
+        session.wait(lambda: session.log.refused is not None or failed.is_set(), float("inf"))
+        log.error("agent_stopping", reason=session.log.refused or "device pool failed")
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch_refusal, name="refusal", daemon=True).start()
     wait_for_signal(running, shutdown, common.server.grace_s)
-    return 0
+    return 1 if (session.log.refused or failed.is_set()) else 0
+
+
+def accept_declaration(body: bytes, model: ModelIdentity, boundary: str) -> RunDeclaration:
+    """The coordinator's declaration, parsed by the one parser; refused (ValueError) when
+    it is for another model than this boundary's."""
+    declaration = RunDeclaration.from_canonical_bytes(body)
+    if declaration.model != model:
+        raise ValueError(
+            f"{boundary}: the run declares model {declaration.model}, this boundary runs {model}"
+        )
+    return declaration
 
 
 def export_policy(declaration: RunDeclaration, own: ExportPolicy) -> ExportPolicy:
-    """The stricter of the boundary's own export policy and the run's declared k_min."""
-    return ExportPolicy(k_min=max(declaration.secagg.k_min, own.k_min), clip_norm=own.clip_norm)
+    """The stricter of the boundary's own export policy and the run's declared one."""
+    return ExportPolicy(
+        k_min=max(declaration.secagg.k_min, own.k_min),
+        clip_norm=min(own.clip_norm, declaration.clip_norm),
+    )
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import structlog
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from echelon.audit.errors import AuditError
-from echelon.audit.record import PayloadType
+from echelon.audit.record import KeyRegistration, PayloadType, Role, RunConfig
 from echelon.protocol import COORDINATOR, BoundaryCore
 from echelon.protocol.events import (
     Command,
@@ -39,7 +39,7 @@ from echelon.protocol.messages import KeySetup, OpenWindow, ToCoordinator
 from echelon_proto.coordinator.v1 import coordinator_pb2_grpc
 from echelon_proto.coordinator.v1 import session_pb2 as pb
 from services.common.audited import AuditedPeer
-from services.common.session_audit import record_received, record_sent
+from services.common.session_audit import count_bytes, record_received, record_sent
 from services.common.session_wire import CoordinatorFrameReader, FrameError, agent_frames
 
 log = structlog.get_logger(__name__)
@@ -82,6 +82,19 @@ class Backoff:
     first_s: float = 0.2
     max_s: float = 10.0
     factor: float = 2.0
+
+
+@dataclass(frozen=True)
+class AgentStatus:
+    """The agent's O(1) status for its own operators."""
+
+    connected: bool
+    held_version: int
+    window: int
+    pending: int
+    pending_base: int
+    lost: int
+    dropped: int
 
 
 @dataclass
@@ -159,7 +172,7 @@ class AgentSession:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return False
-                self._changed.wait(timeout=left)
+                self._changed.wait(timeout=min(left, 3600.0))
             return True
 
     # -- the core ----------------------------------------------------------------------------
@@ -178,6 +191,29 @@ class AgentSession:
         if core.next_rounds is not None and core.next_rounds.window == window:
             return len(core._next_cohort)
         return 0
+
+    def status(self) -> AgentStatus:
+        with self._lock:
+            core = self.core
+            if core is None:
+                return AgentStatus(
+                    connected=self._out is not None,
+                    held_version=-1,
+                    window=0,
+                    pending=0,
+                    pending_base=-1,
+                    lost=0,
+                    dropped=0,
+                )
+            return AgentStatus(
+                connected=self._out is not None,
+                held_version=core.held_version,
+                window=core.last_window,
+                pending=len(core.pending),
+                pending_base=core.pending[0].base_version if core.pending else -1,
+                lost=core.lost,
+                dropped=core.dropped,
+            )
 
     def mark_ready(self) -> None:
         """The devices are up: join the next window (now, or once a session is open)."""
@@ -227,6 +263,7 @@ class AgentSession:
                         continue
                 for frame in agent_frames(message, self.run_id):
                     out.put(frame)
+                count_bytes(message, sent=True)
             elif isinstance(command, Train):
                 self._devices.submit(self._train, command)
             elif isinstance(command, Rebase):
@@ -235,6 +272,8 @@ class AgentSession:
                 self.log.spent.append(command)
             elif isinstance(command, Note):
                 self.log.notes.append(command)
+                if command.kind == "dropped" and self.audit is not None:
+                    self.audit.dropped(command.window, command.staleness)
                 log.info(
                     "protocol_note", kind=command.kind, window=command.window, reason=command.reason
                 )
@@ -274,9 +313,11 @@ class AgentSession:
             )
         with self._lock:
             if self.core is None:
+                self.run_id = self.run_id or welcome.run_id
                 if self.audit is not None:
+                    body = bytes(welcome.run_config)
                     self.audit.gate.received(
-                        PayloadType.RUN_CONFIG, COORDINATOR, 0, bytes(welcome.run_config), None
+                        PayloadType.RUN_CONFIG, COORDINATOR, 0, body, RunConfig(config=body)
                     )
                 self.core = self.make_core(welcome)
                 self.run_config_sha256 = digest
@@ -291,12 +332,15 @@ class AgentSession:
     def _run(self) -> None:
         delay = self.backoff.first_s
         while not self._stop.is_set():
+            opened = self.log.sessions  # only this thread counts sessions
             try:
                 self._session()
                 delay = self.backoff.first_s
             except grpc.RpcError as exc:
                 code = exc.code() if isinstance(exc, grpc.Call) else None
-                if code in _FATAL:
+                # A refused Hello is fatal; a refusal after Welcome ends that session only
+                # (one bad frame fails this agent in one window, as in the protocol core).
+                if code in _FATAL and self.log.sessions == opened:
                     self.log.refused = (
                         f"{code}: {exc.details() if isinstance(exc, grpc.Call) else exc}"
                     )
@@ -313,7 +357,17 @@ class AgentSession:
 
     def _session(self) -> None:
         out: queue.Queue[object] = queue.Queue()
-        out.put(self._hello_frame())
+        hello = self._hello_frame()
+        if self.audit is not None:
+            self.audit.gate.send(
+                PayloadType.KEY_REGISTRATION,
+                COORDINATOR,
+                0,
+                hello.hello.SerializeToString(deterministic=True),
+                KeyRegistration(role=Role.BOUNDARY, signing_key=self.hello.identity_key),
+                lambda: None,
+            )
+        out.put(hello)
 
         def requests() -> Iterator[pb.AgentFrame]:
             while True:
@@ -359,6 +413,7 @@ class AgentSession:
                                 else self._cohort_size(message.window)
                             )
                             record_received(self.audit.gate, message, COORDINATOR, size)
+                    count_bytes(message, sent=False)
                     self._handle(Received(COORDINATOR, message))
             finally:
                 with self._lock:

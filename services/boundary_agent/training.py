@@ -17,10 +17,10 @@ from typing import Any
 import numpy as np
 import structlog
 
-from echelon.controller import relative_drift
 from echelon.declaration import RunDeclaration
 from echelon.device.pool import DevicePool, PoolConfig
 from echelon.device.secure import device_secagg_config
+from echelon.protocol.events import Rebase, Train, TrainedDelta
 from echelon.secagg import SecAggConfig
 from echelon.training.adapter import AdapterLayout, flatten
 from echelon.training.data import DataConfig
@@ -29,7 +29,6 @@ from echelon.training.model import LoraConfig, ModelConfig, base_digest, build_m
 from echelon.training.tokenizer import TokenizerConfig, obtain_tokenizer, tokenizer_digest
 
 from . import metrics
-from .runtime import TrainedDelta, WindowSpec
 
 log = structlog.get_logger(__name__)
 
@@ -143,55 +142,88 @@ def start_pool(
 
 
 class PoolTrainer:
-    """The runtime's Trainer over a DevicePool: H steps, then the token-weighted delta.
+    """The protocol core's trainer over a DevicePool: runs `Train` commands on the devices
+    and reports the level-1 sum as the boundary's delta against the cycle's base.
 
-    The pool starts once the run's declared configuration is known (after registration);
-    a window that opens before then waits for it. A window whose device sum is refused
-    (`WindowRefused`: fewer than k_min devices, or too few to unmask) yields no delta.
+    Each run starts every device from one theta (the pool's contract). A fresh run starts
+    from the global version; a continuing one (Echelon-DA's overlap) from where the last
+    run left the boundary, remembered as the snapshot that `rebase` moves onto the next
+    version: `theta <- theta_(v+1) + carry * (theta - snapshot)`. Device runs are numbered
+    on their own (the pool's level-1 keys are fresh per run).
     """
 
-    def __init__(self, inner: InnerConfig, start_timeout_s: float = 600.0) -> None:
+    def __init__(self, inner: InnerConfig, theta0: np.ndarray) -> None:
         self.inner = inner
+        self.theta0 = theta0.astype(np.float32)
         self._pool: DevicePool | None = None
-        self._ready = threading.Event()
-        self._start_timeout_s = start_timeout_s
+        self._base = self.theta0.copy()  # theta of the cycle's base version
+        self._current = self.theta0.copy()  # where the last run left the boundary
+        self._snapshot: np.ndarray | None = None
+        self._base_version = 0
+        self._runs = 0
+        self.tokens_total = 0
+        self.val_loss = float("nan")
+        self._lock = threading.Lock()
 
     def attach(self, pool: DevicePool) -> None:
         self._pool = pool
-        self._ready.set()
 
     def alive_workers(self) -> int:
         return 0 if self._pool is None else self._pool.alive_workers()
 
-    def __call__(self, theta: np.ndarray, version: int, spec: WindowSpec) -> TrainedDelta:
-        if not self._ready.wait(self._start_timeout_s) or self._pool is None:
-            raise TimeoutError("the device pool did not start")
+    def own_stats(self) -> tuple[int, float]:
+        """Tokens trained and the last held-out loss: the boundary's own, never sent."""
+        return self.tokens_total, self.val_loss
+
+    def rebase(self, command: Rebase) -> None:
+        with self._lock:
+            new_base = self.theta0 + command.phi
+            snap = self._current if self._snapshot is None else self._snapshot
+            moved = (self._current - snap).astype(np.float32)
+            self._current = (new_base + np.float32(command.carry) * moved).astype(np.float32)
+            self._base = new_base.astype(np.float32)
+            self._base_version = command.version
+            self._snapshot = None
+
+    def __call__(self, command: Train) -> TrainedDelta:
         pool = self._pool
-        inner = dataclasses.replace(self.inner, lr=spec.lr, mu=spec.mu)
+        if pool is None:
+            raise RuntimeError("the device pool is not running")
+        with self._lock:
+            if command.fresh:
+                self._base = (self.theta0 + command.phi).astype(np.float32)
+                self._current = self._base.copy()
+                self._base_version = command.version
+            else:
+                self._snapshot = self._current.copy()
+            start = self._current.copy()
+            self._runs += 1
+            run = self._runs
+        inner = dataclasses.replace(self.inner, mu=command.mu)
         started = time.monotonic()
-        metrics.INNER_STEPS.set(spec.inner_steps)
+        metrics.INNER_STEPS.set(command.steps)
         result = pool.run_window(
-            window=spec.window,
-            global_flat=theta,
-            steps=spec.inner_steps,
-            inner=inner,
-            deadline_s=max(1.0, spec.deadline_unix_s - time.time()),
+            window=run, global_flat=start, steps=command.steps, inner=inner, deadline_s=3600.0
         )
         elapsed = time.monotonic() - started
         metrics.WORKERS.set(pool.alive_workers())
         metrics.INNER_SECONDS.observe(elapsed)
+        metrics.TOKENS.inc(result.tokens)
         metrics.TOKENS_PER_S.set(result.tokens / max(elapsed, 1e-9))
         metrics.TRAIN_LOSS.set(result.train_loss)
-        delta = (result.delta_sum / result.weight_sum).astype(np.float32)
-        val = float("nan") if result.val_loss is None else float(result.val_loss)
+        self.tokens_total += result.tokens
         if result.val_loss is not None:
-            metrics.VAL_LOSS.set(val)
+            self.val_loss = float(result.val_loss)
+            metrics.VAL_LOSS.set(self.val_loss)
+        run_delta = (result.delta_sum / max(result.weight_sum, 1e-12)).astype(np.float32)
+        with self._lock:
+            self._current = (start - run_delta).astype(np.float32)
+            delta = (self._base - self._current).astype(np.float32)
+            base_version = self._base_version
         return TrainedDelta(
             delta=delta,
-            base_version=version,
+            base_version=base_version,
             tokens=result.tokens,
             devices=result.devices,
             train_loss=result.train_loss,
-            val_loss=val,
-            drift=relative_drift(delta, theta),
         )

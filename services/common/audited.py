@@ -21,10 +21,8 @@ from echelon.audit.record import (
     Attributes,
     DeltaAttributes,
     DroppedAttributes,
-    MetadataAttributes,
     PayloadType,
 )
-from echelon_proto.boundary.v1 import boundary_pb2
 
 from .wire import le_bytes
 
@@ -41,11 +39,6 @@ class _Message(Protocol):
 
 def message_bytes(message: _Message) -> bytes:
     return message.SerializeToString(deterministic=True)
-
-
-def _metadata_fields(header: boundary_pb2.DeltaHeader) -> MetadataAttributes:
-    names = sorted(field.name for field, _ in header.metadata.ListFields())
-    return MetadataAttributes(fields=tuple(names))
 
 
 class AuditedPeer:
@@ -130,42 +123,4 @@ class AuditedPeer:
             str(staleness).encode(),
             DroppedAttributes(staleness=staleness),
             lambda: None,
-        )
-
-    def sent_delta(
-        self,
-        receiver: str,
-        window: int,
-        header: boundary_pb2.DeltaHeader,
-        vector: np.ndarray,
-        cohort_size: int,
-    ) -> None:
-        """Records a boundary contribution (the vector, then its metadata) before it leaves."""
-        provenance = DeltaAttributes(cohort_size=cohort_size, devices=header.metadata.devices)
-        self.sent_vector(header.payload_type, receiver, window, vector, provenance)
-        self.gate.send(
-            PayloadType.WINDOW_METADATA,
-            receiver,
-            window,
-            message_bytes(header.metadata),
-            _metadata_fields(header),
-            lambda: None,
-        )
-
-    def received_delta(
-        self,
-        sender: str,
-        window: int,
-        header: boundary_pb2.DeltaHeader,
-        vector: np.ndarray,
-        cohort_size: int,
-    ) -> None:
-        provenance = DeltaAttributes(cohort_size=cohort_size, devices=header.metadata.devices)
-        self.received_vector(header.payload_type, sender, window, vector, provenance)
-        self.gate.received(
-            PayloadType.WINDOW_METADATA,
-            sender,
-            window,
-            message_bytes(header.metadata),
-            _metadata_fields(header),
         )

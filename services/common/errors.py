@@ -38,7 +38,6 @@ from echelon.secagg import (
     WrongWindow,
 )
 from services.audit_log.client import RemoteAuditError
-from services.boundary_agent.runtime import WindowStateError
 from services.common.validate import RequestError, abort
 
 log = structlog.get_logger(__name__)
@@ -67,7 +66,7 @@ S = grpc.StatusCode
 # The first matching row wins, so a narrower error comes before its base class.
 STATUS: tuple[StatusRule, ...] = (
     # The window does not fit the state it arrived in.
-    StatusRule((WindowStateError, StageError, WrongWindow), S.FAILED_PRECONDITION),
+    StatusRule((StageError, WrongWindow), S.FAILED_PRECONDITION),
     # Policies refused: the boundary's export policy, a party's egress policy.
     StatusRule((ExportRefused,), S.FAILED_PRECONDITION, "export policy refused"),
     StatusRule((PolicyViolation,), S.FAILED_PRECONDITION, "egress policy refused"),

@@ -21,6 +21,7 @@ from echelon.audit.record import (
 )
 from echelon.protocol import messages as m
 
+from . import metrics
 from .wire import le_bytes
 
 P = PayloadType
@@ -62,7 +63,7 @@ def message_payload(message: m.Message) -> bytes:
     return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
 
 
-def _records(
+def records(
     message: m.Message, cohort_size: int
 ) -> list[tuple[PayloadType, bytes | memoryview, Attributes | None]]:
     if isinstance(message, m.ContributionSent):
@@ -79,15 +80,22 @@ def _records(
     return [(_TYPES[type(message)], message_payload(message), None)]
 
 
+def count_bytes(message: m.Message, *, sent: bool) -> None:
+    """Bytes crossing the boundary, by payload type and direction (Prometheus)."""
+    counter = metrics.BYTES_OUT if sent else metrics.BYTES_IN
+    for payload_type, payload, _ in records(message, 0):
+        counter.labels(payload_type.name).inc(len(payload))
+
+
 def record_sent(gate: EgressGate, message: m.Message, receiver: str, cohort_size: int) -> None:
     """Records `message` before it leaves; raises PolicyViolation or AuditError (then it
     must not be sent)."""
-    for payload_type, payload, attributes in _records(message, cohort_size):
+    for payload_type, payload, attributes in records(message, cohort_size):
         gate.send(payload_type, receiver, message.window, payload, attributes, lambda: None)
 
 
 def record_received(gate: EgressGate, message: m.Message, sender: str, cohort_size: int) -> None:
     """Records `message` as received; raises PolicyViolation (after recording) when it
     should not have crossed."""
-    for payload_type, payload, attributes in _records(message, cohort_size):
+    for payload_type, payload, attributes in records(message, cohort_size):
         gate.received(payload_type, sender, message.window, payload, attributes)

@@ -148,6 +148,7 @@ class _Assembler:
         self._receiver: VectorReceiver | None = None
         self._pending: object = None
         self._window = 0
+        self._what = ""
 
     def start(
         self,
@@ -157,28 +158,55 @@ class _Assembler:
         pending: object,
         want_length: int | None,
     ) -> None:
-        self._receiver = VectorReceiver(header, what, want_length)
+        try:
+            self._receiver = VectorReceiver(header, what, want_length)
+        except FrameError:
+            raise
+        except RequestError as exc:  # the peer's failure too: it ends the session
+            raise FrameError(exc.code, str(exc)) from None
         self._pending = pending
         self._window = window
+        self._what = what
 
     @property
     def busy(self) -> bool:
         return self._receiver is not None
 
-    def chunk(self, window: int, chunk: common_pb2.VectorChunk) -> tuple[object, np.ndarray] | None:
+    def chunk(
+        self, window: int, chunk: common_pb2.VectorChunk, header_kind: str
+    ) -> tuple[object, np.ndarray] | None:
         receiver = self._receiver
         if receiver is None:
-            raise FrameError(grpc.StatusCode.INVALID_ARGUMENT, "a chunk frame without a header")
+            raise FrameError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"a chunk frame without a header, want a {header_kind} frame before its chunks",
+            )
         if window != self._window:
             raise FrameError(
                 grpc.StatusCode.INVALID_ARGUMENT,
-                f"chunk frame of window {window} inside a vector of window {self._window}",
+                f"{self._what}: chunk frame of window {window} inside a vector of window "
+                f"{self._window}, want every chunk of window {self._window}",
             )
-        receiver.add(chunk)
-        if receiver.filled < receiver.total:
-            return None
-        self._receiver = None
-        return self._pending, receiver.finish()
+        try:
+            receiver.add(chunk)
+            if receiver.filled < receiver.total:
+                return None
+            self._receiver = None
+            return self._pending, receiver.finish()
+        except FrameError:
+            raise
+        except RequestError as exc:  # a bad offset or size, a digest mismatch: DATA_LOSS
+            raise FrameError(exc.code, str(exc)) from None
+
+    def inside(self, kind: str | None) -> FrameError:
+        """The error for a `kind` frame that arrived between a vector's header and its end."""
+        receiver = self._receiver
+        left = 0 if receiver is None else receiver.total - receiver.filled
+        return FrameError(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"a {kind} frame inside a vector ({self._what}), want its chunks first "
+            f"({left} bytes left)",
+        )
 
 
 class CoordinatorFrameReader:
@@ -202,9 +230,9 @@ class CoordinatorFrameReader:
         w = frame.context.window
         kind = frame.WhichOneof("body")
         if self._vector.busy and kind != "chunk":
-            raise FrameError(grpc.StatusCode.INVALID_ARGUMENT, f"a {kind} frame inside a vector")
+            raise self._vector.inside(kind)
         if kind == "chunk":
-            done = self._vector.chunk(w, frame.chunk)
+            done = self._vector.chunk(w, frame.chunk, "global_version")
             if done is None:
                 return None
             head, phi = done
@@ -272,9 +300,9 @@ class AgentFrameReader:
         w = frame.context.window
         kind = frame.WhichOneof("body")
         if self._vector.busy and kind != "chunk":
-            raise FrameError(grpc.StatusCode.INVALID_ARGUMENT, f"a {kind} frame inside a vector")
+            raise self._vector.inside(kind)
         if kind == "chunk":
-            done = self._vector.chunk(w, frame.chunk)
+            done = self._vector.chunk(w, frame.chunk, "contribution")
             if done is None:
                 return None
             head, vector = done

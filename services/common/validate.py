@@ -12,9 +12,6 @@ from typing import NoReturn
 
 import grpc
 
-from echelon.declaration import ModelIdentity
-from echelon_proto.coordinator.v1 import coordinator_pb2
-
 
 class RequestError(Exception):
     """A request that cannot be served; carries the gRPC status code and a message."""
@@ -33,19 +30,6 @@ def require(condition: bool, field: str, got: object, want: str) -> None:
     """Raises INVALID_ARGUMENT when `condition` is false."""
     if not condition:
         raise invalid(field, got, want)
-
-
-def registered_model(request: coordinator_pb2.RegisterRequest) -> ModelIdentity:
-    """The model a registration names; INVALID_ARGUMENT when a digest or the length is bad."""
-    try:
-        return ModelIdentity(
-            bytes(request.layout_digest),
-            bytes(request.base_model_digest),
-            bytes(request.tokenizer_digest),
-            int(request.dim),
-        )
-    except ValueError as exc:
-        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"RegisterRequest: {exc}") from exc
 
 
 def abort(context: grpc.ServicerContext, error: RequestError) -> NoReturn:

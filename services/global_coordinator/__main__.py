@@ -1,22 +1,31 @@
 """Runs the global coordinator: `python -m services.global_coordinator --config FILE.toml`.
 
 TOML tables: [server], [service] (data_dir, audit, metrics_port, log_level),
-[coordinator] (run_id, windows, rpc_timeout_s, token_unit), [inner], [window],
-[outer], [secagg], [staleness]. Flags override the listen address and service keys.
+[coordinator] (run_id, windows, token_unit, buffered, prekey, ...), [inner], [window],
+[outer], [secagg], [staleness], [controller]. Flags override the listen address and
+service keys. Agents dial in (`Coordinator.Session`); the coordinator connects to
+nothing but the audit log.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import sys
 import threading
+from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
+import numpy as np
 import structlog
 
-from echelon.audit.record import Role
+from echelon.audit.record import LOG_PARTY, PayloadType, Role, RunConfig
+from echelon.declaration import ModelIdentity
+from echelon.protocol import CoordinatorCore, CoordinatorState
 from echelon.tomlconfig import ConfigFileError, build
 from echelon_proto.coordinator.v1 import coordinator_pb2_grpc
+from services.common.audited import AuditedPeer
 from services.common.bootstrap import (
     audited_peer,
     common_arguments,
@@ -28,26 +37,76 @@ from services.common.identity import load_or_create_identity
 from services.common.obs import configure_logging, start_metrics
 from services.common.portfile import write_port_file
 from services.common.server import start_server, wait_for_signal
+from services.common.wire import vector_sha256
 
 from .config import CoordinatorConfig
-from .declaration import DeclarationPublisher
-from .driver import WindowDriver
-from .registry import Registry
 from .servicer import CoordinatorServicer
-from .store import CoordinatorStore
+from .session import CoordinatorSessions
+from .store import CoordinatorStore, VersionRecord
 
 PARTY = "coordinator"
+_RECORDED = "run_config_sha256"
 log = structlog.get_logger(__name__)
 
 
 def load_config(tables: dict[str, Any], windows: int | None) -> CoordinatorConfig:
     body = dict(tables.get("coordinator", {}))
-    for name in ("inner", "window", "outer", "secagg", "staleness", "controller"):
+    for name in ("inner", "window", "outer", "secagg", "staleness", "controller", "stats"):
         if name in tables:
             body[name] = tables[name]
     if windows is not None:
         body["windows"] = windows
     return build(CoordinatorConfig, body, "coordinator")
+
+
+def restore(store: CoordinatorStore, dim: int) -> CoordinatorState:
+    """The core's state from the durable store; version 0 (offset zero) on a fresh start."""
+    latest = store.latest_version()
+    if latest is None:
+        phi = np.zeros(dim, dtype=np.float32)
+        store.save_version(
+            VersionRecord(0, 0, vector_sha256(phi), (), 0.0, 0, b""), phi, None, None
+        )
+        return CoordinatorState()
+    window = int(store.get_meta("window") or latest.window)
+    return CoordinatorState(
+        window=window,
+        version=latest.version,
+        phi=store.load_adapter(latest.version),
+        momentum=store.load_momentum(latest.version),
+        contributors=latest.contributors,
+        committed=sum(1 for v in store.versions() if v.version > 0),
+    )
+
+
+def core_factory(
+    config: CoordinatorConfig, store: CoordinatorStore, audit: AuditedPeer
+) -> Callable[[ModelIdentity], tuple[CoordinatorCore, bytes]]:
+    """Builds the run's core once the model is pinned, recording the declaration once."""
+
+    def make(model: ModelIdentity) -> tuple[CoordinatorCore, bytes]:
+        declaration = config.declaration(model)
+        body = declaration.to_canonical_bytes()
+        digest = hashlib.sha256(body).hexdigest()
+        recorded = store.get_meta(_RECORDED)
+        if recorded is None:
+            audit.gate.send(
+                PayloadType.RUN_CONFIG, LOG_PARTY, 0, body, RunConfig(config=body), lambda: None
+            )
+            store.set_meta(_RECORDED, digest)
+        elif recorded != digest:
+            log.warning("run_config_changed", recorded=recorded, now=digest)
+        protocol = replace(
+            declaration.protocol(windows=config.windows),
+            retry_s=config.abort_backoff_s,
+            join_grace_s=config.join_grace_s,
+        )
+        core = CoordinatorCore(
+            protocol, dim=model.dim, identities={}, state=restore(store, model.dim)
+        )
+        return core, body
+
+    return make
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,20 +118,19 @@ def main(argv: list[str] | None = None) -> int:
         tables = load_tables(args)
         common = common_config(tables, args)
         config = load_config(tables, args.windows)
-    except ConfigFileError as exc:
+    except (ConfigFileError, ValueError) as exc:
         print(f"echelon-coordinator: configuration error: {exc}", file=sys.stderr)
         return 2
     configure_logging("coordinator", common.log_level)
     identity = load_or_create_identity(PARTY, common.data_dir / "identity")
-    policy = config.policy()
-    audit, audit_channel = audited_peer(PARTY, Role.COORDINATOR, identity, policy, common.audit)
-    store = CoordinatorStore(common.data_dir / "state")
-    registry = Registry(store)
-    driver = WindowDriver(config=config, store=store, registry=registry, audit=audit)
-    declaration = DeclarationPublisher(config=config, registry=registry, store=store, audit=audit)
-    servicer = CoordinatorServicer(
-        registry=registry, driver=driver, audit=audit, run_config=declaration
+    audit, audit_channel = audited_peer(
+        PARTY, Role.COORDINATOR, identity, config.policy(), common.audit
     )
+    store = CoordinatorStore(common.data_dir / "state")
+    sessions = CoordinatorSessions(
+        core_factory(config, store, audit), run_id=config.run_id, store=store, audit=audit
+    )
+    servicer = CoordinatorServicer(sessions=sessions, store=store)
     running = start_server(
         common.server,
         lambda server: coordinator_pb2_grpc.add_CoordinatorServicer_to_server(servicer, server),
@@ -81,21 +139,24 @@ def main(argv: list[str] | None = None) -> int:
     metrics_port = start_metrics(common.metrics_host, common.metrics_port)
     write_port_file(args.port_file, grpc=running.port, metrics=metrics_port)
     log.info(
-        "coordinator_ready",
-        port=running.port,
-        metrics_port=metrics_port,
-        run_id=config.run_id,
-        version=driver.version,
+        "coordinator_ready", port=running.port, metrics_port=metrics_port, run_id=config.run_id
     )
     stop = threading.Event()
-    loop = threading.Thread(target=driver.run, args=(stop,), name="windows", daemon=True)
-    loop.start()
     watch_audit_log(common, audit, audit_channel, stop)
+
+    def done() -> bool:
+        return stop.is_set() or (sessions.pinned and sessions.core.done)
+
+    def finish() -> None:
+        sessions.wait(done, float("inf"))
+        if not stop.is_set():
+            log.info("run_complete", windows=sessions.core.committed, version=sessions.core.version)
+
+    threading.Thread(target=finish, name="run-complete", daemon=True).start()
 
     def shutdown() -> None:
         stop.set()
-        loop.join(timeout=config.rpc_timeout_s)
-        driver.close()
+        sessions.stop()
         audit_channel.close()
         store.close()
 

@@ -16,6 +16,7 @@ from echelon.declaration import (
     egress_policy,
 )
 from echelon.outer import OuterConfig
+from echelon.protocol.stats import StatRanges
 from echelon.staleness import StalenessConfig
 from echelon.window import WindowConfig
 
@@ -26,10 +27,9 @@ __all__ = ["CoordinatorConfig", "InnerHyper", "SecureAggregationConfig"]
 class CoordinatorConfig:
     run_id: str = "echelon"
     windows: int = 0  # stop after this many completed windows; 0 = until stopped
-    rpc_timeout_s: float = 30.0
     token_unit: float = DEFAULT_TOKEN_UNIT  # w_b = tokens / token_unit * s(tau)
-    idle_poll_s: float = 0.5
-    abort_backoff_s: float = 2.0  # pause after an aborted window before opening the next
+    abort_backoff_s: float = 2.0  # pause after an aborted window (or none) before opening again
+    join_grace_s: float = 1.0  # a join opens a window this much later, so joins batch
     inner: InnerHyper = field(default_factory=InnerHyper)
     window: WindowConfig = field(default_factory=WindowConfig)
     outer: OuterConfig = field(default_factory=OuterConfig)
@@ -39,12 +39,21 @@ class CoordinatorConfig:
     adaptive_h: bool = False  # the drift-aware sync controller picks H (and mu) per window
     controller: SyncControllerConfig = field(default_factory=SyncControllerConfig)
     payloads: PayloadAllowList = field(default_factory=PayloadAllowList)
+    buffered: bool = False  # FedBuff: boundaries start again as soon as they submitted
+    prekey: bool = False  # the next window's key rounds overlap this one's unmasking
+    rebase_carry: float = 1.0
+    clip_norm: float = 10.0
+    stats: StatRanges = field(default_factory=StatRanges)
+    round_timeout_s: float = 30.0
 
     def __post_init__(self) -> None:
         if self.windows < 0:
             raise ValueError(f"CoordinatorConfig.windows: got {self.windows}, want >= 0")
-        if not self.rpc_timeout_s > 0:
-            raise ValueError(f"CoordinatorConfig.rpc_timeout_s: got {self.rpc_timeout_s}, want > 0")
+        if not (self.abort_backoff_s > 0 and self.join_grace_s >= 0):
+            raise ValueError(
+                f"CoordinatorConfig: got abort_backoff_s={self.abort_backoff_s}, join_grace_s="
+                f"{self.join_grace_s}; want > 0 and >= 0"
+            )
         if not self.token_unit > 0:
             raise ValueError(f"CoordinatorConfig.token_unit: got {self.token_unit}, want > 0")
         check_run_id(self.run_id)
@@ -72,4 +81,10 @@ class CoordinatorConfig:
             controller=self.controller,
             delay_aware=self.delay_aware,
             token_unit=self.token_unit,
+            buffered=self.buffered,
+            prekey=self.prekey,
+            rebase_carry=self.rebase_carry,
+            clip_norm=self.clip_norm,
+            stats=self.stats,
+            round_timeout_s=self.round_timeout_s,
         )

@@ -21,11 +21,9 @@ STALENESS = Histogram(
     "Staleness of contributions (versions behind)",
     buckets=(0, 1, 2, 3, 5, 8),
 )
-TOKENS = Counter("echelon_coordinator_tokens_total", "Tokens reported by contributions")
-TOKENS_PER_S = Gauge("echelon_coordinator_tokens_per_second", "Tokens/s over the last window")
-TRAIN_LOSS = Gauge("echelon_coordinator_train_loss", "Token-weighted train loss of the last window")
-VAL_LOSS = Gauge("echelon_coordinator_val_loss", "Validation loss per boundary", ["boundary"])
-DRIFT = Gauge("echelon_coordinator_drift", "Relative drift per boundary", ["boundary"])
+TRAIN_LOSS = Gauge(
+    "echelon_coordinator_train_loss", "Cohort mean train loss of the last window (masked sums)"
+)
 AGREEMENT = Gauge("echelon_coordinator_agreement", "||sum w delta|| / sum w ||delta||")
 H_DECISIONS = Counter(
     "echelon_coordinator_sync_decisions_total", "Sync-controller decisions by reason", ["reason"]

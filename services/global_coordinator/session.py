@@ -20,7 +20,7 @@ import structlog
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from echelon.audit.errors import AuditError
-from echelon.audit.record import KeyRegistration, PayloadType, Role
+from echelon.audit.record import KeyRegistration, PayloadType, Role, RunConfig
 from echelon.declaration import ModelIdentity
 from echelon.protocol import CoordinatorCore, WindowOutcome
 from echelon.protocol.events import (
@@ -39,14 +39,14 @@ from echelon.protocol.stats import STATS
 from echelon_proto.coordinator.v1 import coordinator_pb2_grpc
 from echelon_proto.coordinator.v1 import session_pb2 as pb
 from services.common.audited import AuditedPeer
-from services.common.session_audit import record_received, record_sent
+from services.common.session_audit import count_bytes, record_received, record_sent
 from services.common.session_wire import AgentFrameReader, FrameError, coordinator_frames
 from services.common.timers import Timers
 from services.common.validate import RequestError
 from services.common.wire import vector_sha256
 
 from . import metrics
-from .store import CoordinatorStore, VersionRecord
+from .store import CoordinatorStore, Registration, VersionRecord
 
 log = structlog.get_logger(__name__)
 
@@ -56,6 +56,19 @@ _CLOSE = object()
 #: Builds the run's core once the model is pinned (by configuration or the first Hello);
 #: returns the core and the canonical bytes of the run's declaration for Welcome.
 CoreFactory = Callable[[ModelIdentity], tuple[CoordinatorCore, bytes]]
+
+
+@dataclass(frozen=True)
+class SessionsStatus:
+    """O(1) status for operators: no statistic of any boundary."""
+
+    version: int
+    window: int
+    inner_steps: int
+    sessions: tuple[str, ...]  # agents with an open session
+    known: tuple[str, ...]  # agents whose identity key is pinned
+    committed: int
+    aborted: int
 
 
 @dataclass(frozen=True)
@@ -108,6 +121,10 @@ class CoordinatorSessions:
     def _pin(self, model: ModelIdentity) -> None:
         self.model = model
         self._core, self._run_config = self.make_core(model)
+        if self.store is not None:  # identities pinned before a restart stay pinned
+            for boundary, reg in self.store.registrations().items():
+                key = Ed25519PublicKey.from_public_bytes(reg.identity_key)
+                self._core.identities.setdefault(boundary, key)
         log.info("model_pinned", dim=model.dim, version=self._core.version)
 
     # -- the core ----------------------------------------------------------------------------
@@ -160,6 +177,7 @@ class CoordinatorSessions:
                 return
         for frame in coordinator_frames(message, self.run_id, self._identity_key):
             out.put(frame)
+        count_bytes(message, sent=True)
         metrics.FRAMES_OUT.labels(type(message).__name__).inc()
 
     def _outcome(self, outcome: WindowOutcome) -> None:
@@ -211,7 +229,7 @@ class CoordinatorSessions:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return False
-                self._changed.wait(timeout=left)
+                self._changed.wait(timeout=min(left, 3600.0))
             return True
 
     def stop(self) -> None:
@@ -222,17 +240,18 @@ class CoordinatorSessions:
             self._sessions.clear()
             self._changed.notify_all()
 
-    def status(self) -> dict[str, object]:
+    def status(self) -> SessionsStatus:
         with self._lock:
             core = self._core
-            return {
-                "pinned": core is not None,
-                "version": -1 if core is None else core.version,
-                "window": 0 if core is None else core.window_id,
-                "inner_steps": 0 if core is None else core.inner_steps,
-                "sessions": sorted(self._sessions),
-                "committed": 0 if core is None else core.committed,
-            }
+            return SessionsStatus(
+                version=-1 if core is None else core.version,
+                window=0 if core is None else core.window_id,
+                inner_steps=0 if core is None else core.inner_steps,
+                sessions=tuple(sorted(self._sessions)),
+                known=() if core is None else tuple(sorted(core.identities)),
+                committed=0 if core is None else core.committed,
+                aborted=sum(1 for o in self.outcomes if not o.committed),
+            )
 
     # -- one agent's session -----------------------------------------------------------------
     def session(
@@ -262,7 +281,12 @@ class CoordinatorSessions:
             )
             if self.audit is not None:
                 self.audit.gate.send(
-                    PayloadType.RUN_CONFIG, boundary, 0, self._run_config, None, lambda: None
+                    PayloadType.RUN_CONFIG,
+                    boundary,
+                    0,
+                    self._run_config,
+                    RunConfig(config=self._run_config),
+                    lambda: None,
                 )
             metrics.SESSIONS.set(len(self._sessions))
         log.info("session_open", boundary=boundary)
@@ -333,6 +357,9 @@ class CoordinatorSessions:
                     KeyRegistration(role=Role.BOUNDARY, signing_key=bytes(hello.identity_key)),
                 )
             self.core.identities[hello.boundary] = key
+            if self.store is not None and pinned is None:
+                reg = Registration(hello.boundary, "", bytes(hello.identity_key), hello.devices)
+                self.store.register(reg, int(self.clock() * 1000))
         return str(hello.boundary)
 
     def _read(
@@ -349,6 +376,7 @@ class CoordinatorSessions:
                     with self._lock:
                         size = self._cohort_size(message.window)
                     record_received(self.audit.gate, message, boundary, size)
+                count_bytes(message, sent=False)
                 self._handle(Received(boundary, message))
         except FrameError as exc:
             reason = f"protocol violation: {exc}"

@@ -110,7 +110,7 @@ def run_exchange(
             delta = hashlib.sha256(f"{name}/{window}".encode()).digest() * 64
             attrs = DeltaAttributes(cohort_size=len(boundaries), devices=max(2, policy.k_min))
             crossing(gate, coord, delta_type, window, delta, attrs)
-            meta = MetadataAttributes(fields=("devices", "staleness", "tokens"))
+            meta = MetadataAttributes(fields=("base_version", "devices"))
             crossing(gate, coord, PayloadType.WINDOW_METADATA, window, b"meta" + delta[:8], meta)
         adapter = hashlib.sha256(f"global/{window}".encode()).digest() * 128
         for gate in gates.values():

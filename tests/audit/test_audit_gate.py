@@ -164,6 +164,22 @@ def test_a_delta_from_a_small_cohort_is_refused() -> None:
         )
 
 
+@pytest.mark.parametrize(
+    "statistic", ["tokens", "weight", "drift", "delta_norm", "train_loss", "val_loss", "staleness"]
+)
+def test_a_statistic_in_the_clear_is_refused(statistic: str) -> None:
+    # Every statistic of a boundary crosses masked (docs/protocol.md); in the clear it is
+    # refused, recorded as refused, and the verifier reports it.
+    boundary, _, sink = _gates()
+    attrs = MetadataAttributes(fields=tuple(sorted(("base_version", "devices", statistic))))
+    with pytest.raises(PolicyViolation, match=statistic):
+        boundary.send(PayloadType.WINDOW_METADATA, COORDINATOR, 1, b"m", attrs, lambda: None)
+    assert not _last(sink).verdict.accepted
+    clean = MetadataAttributes(fields=("base_version", "devices"))
+    boundary.send(PayloadType.WINDOW_METADATA, COORDINATOR, 1, b"m", clean, lambda: None)
+    assert _last(sink).verdict.accepted
+
+
 def test_metadata_with_an_extra_field_is_refused() -> None:
     boundary, _, sink = _gates()
     attrs = MetadataAttributes(fields=("per_device_loss", "tokens"))

@@ -73,7 +73,7 @@ EXAMPLES = [
     ),
     (PayloadType.RUN_CONFIG, RunConfig(config=b'{"policy":{}}')),
     (PayloadType.PLAIN_DELTA, DeltaAttributes(cohort_size=2, devices=9)),
-    (PayloadType.WINDOW_METADATA, MetadataAttributes(fields=("drift", "tokens"))),
+    (PayloadType.WINDOW_METADATA, MetadataAttributes(fields=("base_version", "devices"))),
     (PayloadType.CONTRIBUTION_DROPPED, DroppedAttributes(staleness=4)),
     (PayloadType.WINDOW_ACK, NoAttributes()),
 ]

@@ -5,51 +5,33 @@ failure: the window commits without it or aborts and rolls over, and the next on
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import replace
 
 import numpy as np
 import pytest
 
 from echelon.protocol import CoordinatorCore
-from echelon.protocol.events import CommitVersion
 from echelon.protocol.messages import (
     ContributionSent,
     GlobalVersion,
     KeysAdvertised,
     KeySetup,
     Message,
-    SharesReleased,
     SharesSent,
-    SurvivorsSigned,
 )
-from echelon.staleness import staleness_factor
-from tests.protocol.harness import DIM, TOKENS, World, make_world, protocol_config
+from tests.protocol.harness import (
+    DIM,
+    HOSTILE,
+    HOSTILE_IDS,
+    TOKENS,
+    TOL,
+    corrupt,
+    expected_phi,
+    make_world,
+    protocol_config,
+)
 
 pytestmark = pytest.mark.timeout(60)
-
-#: Fixed point 2^-16 per coordinate and party, plus the outer step's float32.
-TOL = 1e-4
-
-
-def expected_phi(world: World, commit: CommitVersion, previous: np.ndarray) -> np.ndarray:
-    """The FedAvg step the cores must have taken: the contributors' weighted mean delta."""
-    cfg = world.coordinator.config
-    version = commit.version - 1
-    num = np.zeros(DIM, dtype=np.float64)
-    den = 0.0
-    for b in commit.contributors:
-        sent = [d for d in world.trainers[b].produced if d.base_version <= version]
-        d = sent[-1] if sent else None
-        assert d is not None
-        weight = (
-            d.tokens
-            / cfg.token_unit
-            * (staleness_factor(version - d.base_version, cfg.staleness) or 0)
-        )
-        num += weight * np.clip(d.delta, -cfg.secagg.clip, cfg.secagg.clip)
-        den += weight
-    return (previous - num / den).astype(np.float32)
 
 
 def test_three_boundaries_commit_their_weighted_average() -> None:
@@ -59,7 +41,11 @@ def test_three_boundaries_commit_their_weighted_average() -> None:
     assert all(o.contributors == ("org-a", "org-b", "org-c") for o in trace.outcomes)
     previous = np.zeros(DIM, dtype=np.float32)
     for commit in trace.commits:
-        np.testing.assert_allclose(commit.phi, expected_phi(world, commit, previous), atol=TOL)
+        np.testing.assert_allclose(
+            commit.phi,
+            expected_phi(world.coordinator.config, world.trainers, commit, previous),
+            atol=TOL,
+        )
         previous = commit.phi
     # The coordinator saw only masked vectors: never a boundary's delta or statistic.
     sent = [m for _, s, r, m in trace.messages if isinstance(m, ContributionSent)]
@@ -85,67 +71,7 @@ def test_plain_baseline_gives_the_same_versions_as_secure_aggregation() -> None:
     assert all(m.vector.dtype == np.float64 for m in sent)
 
 
-def corrupt(kind: type, party: str, how: str) -> Callable[[str, str, Message], Message | None]:
-    """A fault that rewrites `party`'s first message of `kind`, per `how`."""
-    fired: list[bool] = []
-
-    def fault(sender: str, receiver: str, message: Message) -> Message | None:
-        if sender != party or not isinstance(message, kind) or fired:
-            return message
-        fired.append(True)
-        if how == "silent":
-            return None
-        if how == "window":
-            return replace(message, window=message.window + 7)
-        if isinstance(message, KeysAdvertised):
-            raw = bytearray(message.advertisement)
-            if how == "garbage":
-                return replace(message, advertisement=bytes(raw[:9]))
-            raw[-1] ^= 1  # the signature's last bit
-            return replace(message, advertisement=bytes(raw))
-        if isinstance(message, SharesSent):
-            if how == "garbage":
-                return replace(message, shares=(b"\x00" * 5,))
-            first = bytearray(message.shares[0])
-            first[-1] ^= 1  # breaks the AES-GCM tag of one share
-            return replace(message, shares=(bytes(first), *message.shares[1:]))
-        if isinstance(message, ContributionSent):
-            if how == "garbage":
-                return replace(message, vector=message.vector[:-3])
-            return replace(message, vector=message.vector.astype(np.float64))
-        if isinstance(message, SurvivorsSigned):
-            sig = bytearray(message.signature)
-            sig[0] ^= 1
-            return replace(message, signature=bytes(sig) if how == "signature" else b"\x01")
-        if isinstance(message, SharesReleased):
-            raw = bytearray(message.shares)
-            return replace(message, shares=bytes(raw[: len(raw) // 2]))
-        raise AssertionError(kind)
-
-    return fault
-
-
-HOSTILE = [
-    (KeysAdvertised, "garbage"),
-    (KeysAdvertised, "signature"),
-    (KeysAdvertised, "window"),
-    (KeysAdvertised, "silent"),
-    (SharesSent, "garbage"),
-    (SharesSent, "signature"),
-    (SharesSent, "silent"),
-    (ContributionSent, "garbage"),
-    (ContributionSent, "signature"),
-    (ContributionSent, "window"),
-    (ContributionSent, "silent"),
-    (SurvivorsSigned, "signature"),
-    (SurvivorsSigned, "garbage"),
-    (SurvivorsSigned, "silent"),
-    (SharesReleased, "garbage"),
-    (SharesReleased, "silent"),
-]
-
-
-@pytest.mark.parametrize(("kind", "how"), HOSTILE, ids=[f"{k.__name__}-{h}" for k, h in HOSTILE])
+@pytest.mark.parametrize(("kind", "how"), HOSTILE, ids=HOSTILE_IDS)
 def test_a_hostile_party_fails_alone(kind: type, how: str) -> None:
     world = make_world(fault=corrupt(kind, "org-b", how))
     trace = world.run()
@@ -168,7 +94,12 @@ def test_a_hostile_party_fails_alone(kind: type, how: str) -> None:
     assert "org-b" in dict(first.failed), first.failed
     np.testing.assert_allclose(
         trace.commits[0].phi,
-        expected_phi(world, trace.commits[0], np.zeros(DIM, dtype=np.float32)),
+        expected_phi(
+            world.coordinator.config,
+            world.trainers,
+            trace.commits[0],
+            np.zeros(DIM, dtype=np.float32),
+        ),
         atol=TOL,
     )
     # The coordinator goes on: every later window commits with all three.

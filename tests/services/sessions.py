@@ -11,7 +11,7 @@ import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from echelon.protocol import BoundaryCore, CoordinatorCore, ProtocolConfig, TrainedDelta
-from echelon.protocol.events import Train
+from echelon.protocol.events import Command, CommitVersion, Event, Train
 from echelon.protocol.messages import ToCoordinator
 from echelon_proto.coordinator.v1 import coordinator_pb2_grpc
 from services.boundary_agent.session import AgentSession, Backoff, Hello
@@ -23,12 +23,31 @@ LAYOUT, BASE, TOKENIZER = b"\x01" * 32, b"\x02" * 32, b"\x03" * 32
 Gate = Callable[["Sites", str, Train], None]
 
 
+class RecordingCore(CoordinatorCore):
+    """The coordinator's core, keeping every version it commits (for the tests' checks)."""
+
+    def __init__(self, config: ProtocolConfig) -> None:
+        super().__init__(config, dim=DIM, identities={})
+        self.commits: list[CommitVersion] = []
+
+    def handle(self, event: Event, now: float) -> list[Command]:
+        commands = super().handle(event, now)
+        self.commits.extend(c for c in commands if isinstance(c, CommitVersion))
+        return commands
+
+
 @dataclass
 class Sites:
     coordinator: CoordinatorSessions
     server: RunningServer
     agents: dict[str, AgentSession]
     trainers: dict[str, ScriptedTrainer]
+
+    @property
+    def commits(self) -> list[CommitVersion]:
+        core = self.coordinator.core
+        assert isinstance(core, RecordingCore)
+        return core.commits
 
     @property
     def address(self) -> str:
@@ -54,7 +73,7 @@ def start_sites(
 ) -> Sites:
     """Starts the coordinator and the agents; `gate(sites, boundary, train)` may hold a
     training run until a protocol event (it is called in the agent's training thread)."""
-    core = CoordinatorCore(config, dim=DIM, identities={})
+    core = RecordingCore(config)
     sessions = CoordinatorSessions(lambda model: (core, b""), run_id=config.run_id)
     server = start_server(
         ServerConfig(),

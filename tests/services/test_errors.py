@@ -16,7 +16,6 @@ from echelon.audit.errors import (
 from echelon.policy import ExportRefused
 from echelon.secagg import InvalidSignature, MalformedMessage, StageError
 from services.audit_log.client import InvalidRecord, RemoteAppendRefused, RemoteCounterReplay
-from services.boundary_agent.runtime import WindowStateError
 from services.common.errors import status_of
 from services.common.validate import RequestError
 
@@ -26,7 +25,6 @@ S = grpc.StatusCode
 @pytest.mark.parametrize(
     ("error", "code"),
     [
-        (WindowStateError("ref.window: got 3, want 4"), S.FAILED_PRECONDITION),
         (StageError("unmask before masked input"), S.FAILED_PRECONDITION),
         (ExportRefused("devices: got 1, want >= 2"), S.FAILED_PRECONDITION),
         (PolicyViolation("MASKED_DELTA", "cohort too small", index=3), S.FAILED_PRECONDITION),

@@ -31,6 +31,7 @@ class Scenario:
     name: str
     config: ProtocolConfig
     names: tuple[str, ...] = ("org-a", "org-b", "org-c")
+    # boundary -> virtual seconds of each training run that the services hold (others: 1 s)
     sim_seconds: dict[str, float] = field(default_factory=dict)
     # boundary -> (is this training held?, until when)
     hold: dict[str, tuple[Callable[[Train], bool], Callable[[Sites], bool]]] = field(
@@ -86,10 +87,14 @@ def simulated(scenario: Scenario, config: ProtocolConfig | None = None) -> list[
             return message
         return fault(sender, message)
 
+    def seconds(boundary: str, slow: float) -> Callable[[Train], float]:
+        held = scenario.hold.get(boundary)
+        return lambda command: slow if held is None or held[0](command) else 1.0
+
     world = make_world(
         scenario.names,
         config=config or scenario.config,
-        seconds=scenario.sim_seconds,
+        seconds={b: seconds(b, s) for b, s in scenario.sim_seconds.items()},
         fault=sim_fault,
     )
     trace = world.run()

@@ -25,69 +25,17 @@ _sym_db = _symbol_database.Default()
 from echelon_proto.common.v1 import common_pb2 as echelon_dot_common_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"echelon/boundary/v1/boundary.proto\x12\x13\x65\x63helon.boundary.v1\x1a\x1e\x65\x63helon/common/v1/common.proto\"E\n\x0c\x43ohortMember\x12\x10\n\x08\x62oundary\x18\x01 \x01(\t\x12\r\n\x05party\x18\x02 \x01(\r\x12\x14\n\x0cidentity_key\x18\x03 \x01(\x0c\"O\n\x10InnerHyperparams\x12\n\n\x02lr\x18\x01 \x01(\x01\x12\n\n\x02mu\x18\x02 \x01(\x01\x12\x12\n\nbatch_size\x18\x03 \x01(\r\x12\x0f\n\x07seq_len\x18\x04 \x01(\r\"\xd6\x01\n\x0cSecAggParams\x12/\n\x06levels\x18\x01 \x01(\x0b\x32\x1f.echelon.common.v1.SecAggLevels\x12\x1a\n\x12threshold_fraction\x18\x02 \x01(\x01\x12\x12\n\nneighbours\x18\x03 \x01(\r\x12\x11\n\tfrac_bits\x18\x04 \x01(\r\x12\x0c\n\x04\x63lip\x18\x05 \x01(\x01\x12\x12\n\nmax_weight\x18\x06 \x01(\x01\x12\x12\n\ngraph_seed\x18\x07 \x01(\x0c\x12\r\n\x05m_min\x18\x08 \x01(\r\x12\r\n\x05k_min\x18\t \x01(\r\"\xae\x02\n\x11OpenWindowRequest\x12)\n\x03ref\x18\x01 \x01(\x0b\x32\x1c.echelon.common.v1.WindowRef\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x31\n\x06\x63ohort\x18\x03 \x03(\x0b\x32!.echelon.boundary.v1.CohortMember\x12\x18\n\x10\x64\x65\x61\x64line_unix_ms\x18\x04 \x01(\x04\x12\x13\n\x0binner_steps\x18\x05 \x01(\r\x12\x34\n\x05inner\x18\x06 \x01(\x0b\x32%.echelon.boundary.v1.InnerHyperparams\x12\x31\n\x06secagg\x18\x07 \x01(\x0b\x32!.echelon.boundary.v1.SecAggParams\x12\x12\n\ntoken_unit\x18\x08 \x01(\x01\"\xac\x01\n\x12OpenWindowResponse\x12)\n\x03ref\x18\x01 \x01(\x0b\x32\x1c.echelon.common.v1.WindowRef\x12\x14\n\x0cheld_version\x18\x02 \x01(\x04\x12\x19\n\x11has_pending_delta\x18\x03 \x01(\x08\x12\x1c\n\x14pending_base_version\x18\x04 \x01(\x04\x12\x1c\n\x14holds_window_version\x18\x05 \x01(\x08\"\x91\x01\n\x0cGlobalHeader\x12)\n\x03ref\x18\x01 \x01(\x0b\x32\x1c.echelon.common.v1.WindowRef\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12/\n\x06vector\x18\x03 \x01(\x0b\x32\x1f.echelon.common.v1.VectorHeader\x12\x14\n\x0c\x63ontributors\x18\x04 \x03(\t\"\x84\x01\n\x14\x44\x65liverGlobalRequest\x12\x33\n\x06header\x18\x01 \x01(\x0b\x32!.echelon.boundary.v1.GlobalHeaderH\x00\x12/\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x1e.echelon.common.v1.VectorChunkH\x00\x42\x06\n\x04part\"X\n\x15\x44\x65liverGlobalResponse\x12)\n\x03ref\x18\x01 \x01(\x0b\x32\x1c.echelon.common.v1.WindowRef\x12\x14\n\x0cheld_version\x18\x02 \x01(\x04\"A\n\x14\x41\x64vertiseKeysRequest\x12)\n\x03ref\x18\x01 \x01(\x0b\x32\x1c.echelon.common.v1.WindowRef\"2\n\x10KeyAdvertisement\x12\r\n\x05party\x18\x01 \x01(\r\x12\x0f\n\x07\x65ncoded\x18\x02 \x01(\x0c\"\x80\x01\n\x15\x41\x64vertiseKeysResponse\x12)\n\x03ref\x18\x01 \x01(\x0b\x32\x1c.echelon.common.v1.WindowRef\x12<\n\radvertisement\x18\x02 \x01(\x0b\x32%.echelon.boundary.v1.KeyAdvertisement\"|\n\x10ShareKeysRequest\x12)\n\x03ref\x18\x01 \x01(\x0b\x32\x1c.echelon.common.v1.WindowRef\x12=\n\x0e\x61\x64vertisements\x18\x02 \x03(\x0b\x32%.echelon.boundary.v1.KeyAdvertisement\"D\n\x0e\x45ncryptedShare\x12\x0e\n\x06sender\x18\x01 \x01(\r\x12\x11\n\trecipient\x18\x02 \x01(\r\x12\x0f\n\x07\x65ncoded\x18\x03 \x01(\x0c\"s\n\x11ShareKeysResponse\x12)\n\x03ref\x18\x01 \x01(\x0b\x32\x1c.echelon.common.v1.WindowRef\x12\x33\n\x06shares\x18\x02 \x03(\x0b\x32#.echelon.boundary.v1.EncryptedShare\"v\n\x14\x44\x65liverSharesRequest\x12)\n\x03ref\x18\x01 \x01(\x0b\x32\x1c.echelon.common.v1.WindowRef\x12\x33\n\x06shares\x18\x02 \x03(\x0b\x32#.echelon.boundary.v1.EncryptedShare\"B\n\x15\x44\x65liverSharesResponse\x12)\n\x03ref\x18\x01 \x01(\x0b\x32\x1c.echelon.common.v1.WindowRef\"@\n\x13\x43ollectDeltaRequest\x12)\n\x03ref\x18\x01 \x01(\x0b\x32\x1c.echelon.common.v1.WindowRef\"\xf5\x01\n\x0b\x44\x65ltaHeader\x12)\n\x03ref\x18\x01 \x01(\x0b\x32\x1c.echelon.common.v1.WindowRef\x12\x10\n\x08\x62oundary\x18\x02 \x01(\t\x12\r\n\x05party\x18\x03 \x01(\r\x12\x34\n\x0cpayload_type\x18\x04 \x01(\x0e\x32\x1e.echelon.common.v1.PayloadType\x12/\n\x06vector\x18\x05 \x01(\x0b\x32\x1f.echelon.common.v1.VectorHeader\x12\x33\n\x08metadata\x18\x06 \x01(\x0b\x32!.echelon.common.v1.WindowMetadata\"\x83\x01\n\x14\x43ollectDeltaResponse\x12\x32\n\x06header\x18\x01 \x01(\x0b\x32 .echelon.boundary.v1.DeltaHeaderH\x00\x12/\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x1e.echelon.common.v1.VectorChunkH\x00\x42\x06\n\x04part\"W\n\x17\x43onfirmSurvivorsRequest\x12)\n\x03ref\x18\x01 \x01(\x0b\x32\x1c.echelon.common.v1.WindowRef\x12\x11\n\tsurvivors\x18\x02 \x03(\r\"5\n\x11SurvivorSignature\x12\r\n\x05party\x18\x01 \x01(\r\x12\x11\n\tsignature\x18\x02 \x01(\x0c\"\x80\x01\n\x18\x43onfirmSurvivorsResponse\x12)\n\x03ref\x18\x01 \x01(\x0b\x32\x1c.echelon.common.v1.WindowRef\x12\x39\n\tsignature\x18\x02 \x01(\x0b\x32&.echelon.boundary.v1.SurvivorSignature\"\x89\x01\n\rUnmaskRequest\x12)\n\x03ref\x18\x01 \x01(\x0b\x32\x1c.echelon.common.v1.WindowRef\x12\x11\n\tsurvivors\x18\x02 \x03(\r\x12:\n\nsignatures\x18\x03 \x03(\x0b\x32&.echelon.boundary.v1.SurvivorSignature\"[\n\x0eUnmaskResponse\x12)\n\x03ref\x18\x01 \x01(\x0b\x32\x1c.echelon.common.v1.WindowRef\x12\r\n\x05party\x18\x02 \x01(\r\x12\x0f\n\x07\x65ncoded\x18\x03 \x01(\x0c\"O\n\x12\x41\x62ortWindowRequest\x12)\n\x03ref\x18\x01 \x01(\x0b\x32\x1c.echelon.common.v1.WindowRef\x12\x0e\n\x06reason\x18\x02 \x01(\t\"T\n\x13\x41\x62ortWindowResponse\x12)\n\x03ref\x18\x01 \x01(\x0b\x32\x1c.echelon.common.v1.WindowRef\x12\x12\n\ndelta_kept\x18\x02 \x01(\x08\"=\n\x10GetStatusRequest\x12)\n\x03ref\x18\x01 \x01(\x0b\x32\x1c.echelon.common.v1.WindowRef\"\xc0\x01\n\x0e\x42oundaryStatus\x12\x10\n\x08\x62oundary\x18\x01 \x01(\t\x12\x14\n\x0cheld_version\x18\x02 \x01(\x04\x12\x0e\n\x06window\x18\x03 \x01(\x04\x12\x15\n\rworkers_alive\x18\x04 \x01(\r\x12\x19\n\x11has_pending_delta\x18\x05 \x01(\x08\x12\x1c\n\x14pending_base_version\x18\x06 \x01(\x04\x12\x14\n\x0ctokens_total\x18\x07 \x01(\x04\x12\x10\n\x08val_loss\x18\x08 \x01(\x01\x32\xea\x07\n\rBoundaryAgent\x12]\n\nOpenWindow\x12&.echelon.boundary.v1.OpenWindowRequest\x1a\'.echelon.boundary.v1.OpenWindowResponse\x12h\n\rDeliverGlobal\x12).echelon.boundary.v1.DeliverGlobalRequest\x1a*.echelon.boundary.v1.DeliverGlobalResponse(\x01\x12\x66\n\rAdvertiseKeys\x12).echelon.boundary.v1.AdvertiseKeysRequest\x1a*.echelon.boundary.v1.AdvertiseKeysResponse\x12Z\n\tShareKeys\x12%.echelon.boundary.v1.ShareKeysRequest\x1a&.echelon.boundary.v1.ShareKeysResponse\x12\x66\n\rDeliverShares\x12).echelon.boundary.v1.DeliverSharesRequest\x1a*.echelon.boundary.v1.DeliverSharesResponse\x12\x65\n\x0c\x43ollectDelta\x12(.echelon.boundary.v1.CollectDeltaRequest\x1a).echelon.boundary.v1.CollectDeltaResponse0\x01\x12o\n\x10\x43onfirmSurvivors\x12,.echelon.boundary.v1.ConfirmSurvivorsRequest\x1a-.echelon.boundary.v1.ConfirmSurvivorsResponse\x12Q\n\x06Unmask\x12\".echelon.boundary.v1.UnmaskRequest\x1a#.echelon.boundary.v1.UnmaskResponse\x12`\n\x0b\x41\x62ortWindow\x12\'.echelon.boundary.v1.AbortWindowRequest\x1a(.echelon.boundary.v1.AbortWindowResponse\x12W\n\tGetStatus\x12%.echelon.boundary.v1.GetStatusRequest\x1a#.echelon.boundary.v1.BoundaryStatusb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"echelon/boundary/v1/boundary.proto\x12\x13\x65\x63helon.boundary.v1\x1a\x1e\x65\x63helon/common/v1/common.proto\"=\n\x10GetStatusRequest\x12)\n\x03ref\x18\x01 \x01(\x0b\x32\x1c.echelon.common.v1.WindowRef\"\x80\x02\n\x0e\x42oundaryStatus\x12\x10\n\x08\x62oundary\x18\x01 \x01(\t\x12\x14\n\x0cheld_version\x18\x02 \x01(\x03\x12\x0e\n\x06window\x18\x03 \x01(\x04\x12\x15\n\rworkers_alive\x18\x04 \x01(\r\x12\x19\n\x11has_pending_delta\x18\x05 \x01(\x08\x12\x1c\n\x14pending_base_version\x18\x06 \x01(\x04\x12\x14\n\x0ctokens_total\x18\x07 \x01(\x04\x12\x10\n\x08val_loss\x18\x08 \x01(\x01\x12\x11\n\tconnected\x18\t \x01(\x08\x12\x13\n\x0b\x64\x65ltas_lost\x18\n \x01(\x04\x12\x16\n\x0e\x64\x65ltas_dropped\x18\x0b \x01(\x04\x32h\n\rBoundaryAgent\x12W\n\tGetStatus\x12%.echelon.boundary.v1.GetStatusRequest\x1a#.echelon.boundary.v1.BoundaryStatusb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'echelon.boundary.v1.boundary_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_COHORTMEMBER']._serialized_start=91
-  _globals['_COHORTMEMBER']._serialized_end=160
-  _globals['_INNERHYPERPARAMS']._serialized_start=162
-  _globals['_INNERHYPERPARAMS']._serialized_end=241
-  _globals['_SECAGGPARAMS']._serialized_start=244
-  _globals['_SECAGGPARAMS']._serialized_end=458
-  _globals['_OPENWINDOWREQUEST']._serialized_start=461
-  _globals['_OPENWINDOWREQUEST']._serialized_end=763
-  _globals['_OPENWINDOWRESPONSE']._serialized_start=766
-  _globals['_OPENWINDOWRESPONSE']._serialized_end=938
-  _globals['_GLOBALHEADER']._serialized_start=941
-  _globals['_GLOBALHEADER']._serialized_end=1086
-  _globals['_DELIVERGLOBALREQUEST']._serialized_start=1089
-  _globals['_DELIVERGLOBALREQUEST']._serialized_end=1221
-  _globals['_DELIVERGLOBALRESPONSE']._serialized_start=1223
-  _globals['_DELIVERGLOBALRESPONSE']._serialized_end=1311
-  _globals['_ADVERTISEKEYSREQUEST']._serialized_start=1313
-  _globals['_ADVERTISEKEYSREQUEST']._serialized_end=1378
-  _globals['_KEYADVERTISEMENT']._serialized_start=1380
-  _globals['_KEYADVERTISEMENT']._serialized_end=1430
-  _globals['_ADVERTISEKEYSRESPONSE']._serialized_start=1433
-  _globals['_ADVERTISEKEYSRESPONSE']._serialized_end=1561
-  _globals['_SHAREKEYSREQUEST']._serialized_start=1563
-  _globals['_SHAREKEYSREQUEST']._serialized_end=1687
-  _globals['_ENCRYPTEDSHARE']._serialized_start=1689
-  _globals['_ENCRYPTEDSHARE']._serialized_end=1757
-  _globals['_SHAREKEYSRESPONSE']._serialized_start=1759
-  _globals['_SHAREKEYSRESPONSE']._serialized_end=1874
-  _globals['_DELIVERSHARESREQUEST']._serialized_start=1876
-  _globals['_DELIVERSHARESREQUEST']._serialized_end=1994
-  _globals['_DELIVERSHARESRESPONSE']._serialized_start=1996
-  _globals['_DELIVERSHARESRESPONSE']._serialized_end=2062
-  _globals['_COLLECTDELTAREQUEST']._serialized_start=2064
-  _globals['_COLLECTDELTAREQUEST']._serialized_end=2128
-  _globals['_DELTAHEADER']._serialized_start=2131
-  _globals['_DELTAHEADER']._serialized_end=2376
-  _globals['_COLLECTDELTARESPONSE']._serialized_start=2379
-  _globals['_COLLECTDELTARESPONSE']._serialized_end=2510
-  _globals['_CONFIRMSURVIVORSREQUEST']._serialized_start=2512
-  _globals['_CONFIRMSURVIVORSREQUEST']._serialized_end=2599
-  _globals['_SURVIVORSIGNATURE']._serialized_start=2601
-  _globals['_SURVIVORSIGNATURE']._serialized_end=2654
-  _globals['_CONFIRMSURVIVORSRESPONSE']._serialized_start=2657
-  _globals['_CONFIRMSURVIVORSRESPONSE']._serialized_end=2785
-  _globals['_UNMASKREQUEST']._serialized_start=2788
-  _globals['_UNMASKREQUEST']._serialized_end=2925
-  _globals['_UNMASKRESPONSE']._serialized_start=2927
-  _globals['_UNMASKRESPONSE']._serialized_end=3018
-  _globals['_ABORTWINDOWREQUEST']._serialized_start=3020
-  _globals['_ABORTWINDOWREQUEST']._serialized_end=3099
-  _globals['_ABORTWINDOWRESPONSE']._serialized_start=3101
-  _globals['_ABORTWINDOWRESPONSE']._serialized_end=3185
-  _globals['_GETSTATUSREQUEST']._serialized_start=3187
-  _globals['_GETSTATUSREQUEST']._serialized_end=3248
-  _globals['_BOUNDARYSTATUS']._serialized_start=3251
-  _globals['_BOUNDARYSTATUS']._serialized_end=3443
-  _globals['_BOUNDARYAGENT']._serialized_start=3446
-  _globals['_BOUNDARYAGENT']._serialized_end=4448
+  _globals['_GETSTATUSREQUEST']._serialized_start=91
+  _globals['_GETSTATUSREQUEST']._serialized_end=152
+  _globals['_BOUNDARYSTATUS']._serialized_start=155
+  _globals['_BOUNDARYSTATUS']._serialized_end=411
+  _globals['_BOUNDARYAGENT']._serialized_start=413
+  _globals['_BOUNDARYAGENT']._serialized_end=517
 # @@protoc_insertion_point(module_scope)

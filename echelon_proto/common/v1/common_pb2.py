@@ -24,29 +24,29 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x65\x63helon/common/v1/common.proto\x12\x11\x65\x63helon.common.v1\"*\n\tWindowRef\x12\x0e\n\x06window\x18\x01 \x01(\x04\x12\r\n\x05nonce\x18\x02 \x01(\x0c\".\n\x0cSecAggLevels\x12\x0e\n\x06level1\x18\x01 \x01(\x08\x12\x0e\n\x06level2\x18\x02 \x01(\x08\"\xb3\x01\n\x0eWindowMetadata\x12\x0e\n\x06tokens\x18\x01 \x01(\x04\x12\x11\n\tstaleness\x18\x02 \x01(\r\x12\x14\n\x0c\x62\x61se_version\x18\x03 \x01(\x04\x12\r\n\x05\x64rift\x18\x04 \x01(\x01\x12\x12\n\ndelta_norm\x18\x05 \x01(\x01\x12\x12\n\ntrain_loss\x18\x06 \x01(\x01\x12\x10\n\x08val_loss\x18\x07 \x01(\x01\x12\x0f\n\x07\x64\x65vices\x18\x08 \x01(\r\x12\x0e\n\x06weight\x18\t \x01(\x01\"\x89\x01\n\x0cVectorHeader\x12-\n\x08\x65ncoding\x18\x01 \x01(\x0e\x32\x1b.echelon.common.v1.Encoding\x12\x0e\n\x06length\x18\x02 \x01(\x04\x12\x13\n\x0btotal_bytes\x18\x03 \x01(\x04\x12\x0e\n\x06sha256\x18\x04 \x01(\x0c\x12\x15\n\rlayout_digest\x18\x05 \x01(\x0c\"+\n\x0bVectorChunk\x12\x0e\n\x06offset\x18\x01 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\".\n\tSignature\x12\x0e\n\x06signer\x18\x01 \x01(\t\x12\x11\n\tsignature\x18\x02 \x01(\x0c\"!\n\x03\x41\x63k\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x0e\n\x06\x64\x65tail\x18\x02 \x01(\t*\xf0\x04\n\x0bPayloadType\x12\x1c\n\x18PAYLOAD_TYPE_UNSPECIFIED\x10\x00\x12!\n\x1dPAYLOAD_TYPE_KEY_REGISTRATION\x10\x01\x12\x1b\n\x17PAYLOAD_TYPE_RUN_CONFIG\x10\x02\x12\x1c\n\x18PAYLOAD_TYPE_WINDOW_OPEN\x10\x03\x12\x1b\n\x17PAYLOAD_TYPE_WINDOW_ACK\x10\x04\x12\"\n\x1ePAYLOAD_TYPE_KEY_ADVERTISEMENT\x10\x05\x12!\n\x1dPAYLOAD_TYPE_ENCRYPTED_SHARES\x10\x06\x12\x1d\n\x19PAYLOAD_TYPE_MASKED_DELTA\x10\x07\x12\x1c\n\x18PAYLOAD_TYPE_PLAIN_DELTA\x10\x08\x12 \n\x1cPAYLOAD_TYPE_WINDOW_METADATA\x10\t\x12\x1e\n\x1aPAYLOAD_TYPE_SURVIVOR_LIST\x10\n\x12#\n\x1fPAYLOAD_TYPE_SURVIVOR_SIGNATURE\x10\x0b\x12!\n\x1dPAYLOAD_TYPE_UNMASKING_SHARES\x10\x0c\x12\x1f\n\x1bPAYLOAD_TYPE_GLOBAL_ADAPTER\x10\r\x12\x1d\n\x19PAYLOAD_TYPE_WINDOW_ABORT\x10\x0e\x12\x17\n\x13PAYLOAD_TYPE_STATUS\x10\x0f\x12\x1a\n\x16PAYLOAD_TYPE_TREE_HEAD\x10\x10\x12%\n!PAYLOAD_TYPE_CONTRIBUTION_DROPPED\x10\x11\x12\x1e\n\x1aPAYLOAD_TYPE_ROUND_REQUEST\x10\x12*n\n\x08\x45ncoding\x12\x18\n\x14\x45NCODING_UNSPECIFIED\x10\x00\x12\x17\n\x13\x45NCODING_FLOAT32_LE\x10\x01\x12\x16\n\x12\x45NCODING_UINT32_LE\x10\x02\x12\x17\n\x13\x45NCODING_FLOAT64_LE\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x65\x63helon/common/v1/common.proto\x12\x11\x65\x63helon.common.v1\"*\n\tWindowRef\x12\x0e\n\x06window\x18\x01 \x01(\x04\x12\r\n\x05nonce\x18\x02 \x01(\x0c\".\n\x0cSecAggLevels\x12\x0e\n\x06level1\x18\x01 \x01(\x08\x12\x0e\n\x06level2\x18\x02 \x01(\x08\"\xa5\x01\n\x0eWindowMetadata\x12\x14\n\x0c\x62\x61se_version\x18\x03 \x01(\x04\x12\x0f\n\x07\x64\x65vices\x18\x08 \x01(\rJ\x04\x08\x01\x10\x02J\x04\x08\x02\x10\x03J\x04\x08\x04\x10\x05J\x04\x08\x05\x10\x06J\x04\x08\x06\x10\x07J\x04\x08\x07\x10\x08J\x04\x08\t\x10\nR\x06tokensR\tstalenessR\x05\x64riftR\ndelta_normR\ntrain_lossR\x08val_lossR\x06weight\"\x89\x01\n\x0cVectorHeader\x12-\n\x08\x65ncoding\x18\x01 \x01(\x0e\x32\x1b.echelon.common.v1.Encoding\x12\x0e\n\x06length\x18\x02 \x01(\x04\x12\x13\n\x0btotal_bytes\x18\x03 \x01(\x04\x12\x0e\n\x06sha256\x18\x04 \x01(\x0c\x12\x15\n\rlayout_digest\x18\x05 \x01(\x0c\"+\n\x0bVectorChunk\x12\x0e\n\x06offset\x18\x01 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\".\n\tSignature\x12\x0e\n\x06signer\x18\x01 \x01(\t\x12\x11\n\tsignature\x18\x02 \x01(\x0c\"!\n\x03\x41\x63k\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x0e\n\x06\x64\x65tail\x18\x02 \x01(\t*\xf0\x04\n\x0bPayloadType\x12\x1c\n\x18PAYLOAD_TYPE_UNSPECIFIED\x10\x00\x12!\n\x1dPAYLOAD_TYPE_KEY_REGISTRATION\x10\x01\x12\x1b\n\x17PAYLOAD_TYPE_RUN_CONFIG\x10\x02\x12\x1c\n\x18PAYLOAD_TYPE_WINDOW_OPEN\x10\x03\x12\x1b\n\x17PAYLOAD_TYPE_WINDOW_ACK\x10\x04\x12\"\n\x1ePAYLOAD_TYPE_KEY_ADVERTISEMENT\x10\x05\x12!\n\x1dPAYLOAD_TYPE_ENCRYPTED_SHARES\x10\x06\x12\x1d\n\x19PAYLOAD_TYPE_MASKED_DELTA\x10\x07\x12\x1c\n\x18PAYLOAD_TYPE_PLAIN_DELTA\x10\x08\x12 \n\x1cPAYLOAD_TYPE_WINDOW_METADATA\x10\t\x12\x1e\n\x1aPAYLOAD_TYPE_SURVIVOR_LIST\x10\n\x12#\n\x1fPAYLOAD_TYPE_SURVIVOR_SIGNATURE\x10\x0b\x12!\n\x1dPAYLOAD_TYPE_UNMASKING_SHARES\x10\x0c\x12\x1f\n\x1bPAYLOAD_TYPE_GLOBAL_ADAPTER\x10\r\x12\x1d\n\x19PAYLOAD_TYPE_WINDOW_ABORT\x10\x0e\x12\x17\n\x13PAYLOAD_TYPE_STATUS\x10\x0f\x12\x1a\n\x16PAYLOAD_TYPE_TREE_HEAD\x10\x10\x12%\n!PAYLOAD_TYPE_CONTRIBUTION_DROPPED\x10\x11\x12\x1e\n\x1aPAYLOAD_TYPE_ROUND_REQUEST\x10\x12*n\n\x08\x45ncoding\x12\x18\n\x14\x45NCODING_UNSPECIFIED\x10\x00\x12\x17\n\x13\x45NCODING_FLOAT32_LE\x10\x01\x12\x16\n\x12\x45NCODING_UINT32_LE\x10\x02\x12\x17\n\x13\x45NCODING_FLOAT64_LE\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'echelon.common.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PAYLOADTYPE']._serialized_start=596
-  _globals['_PAYLOADTYPE']._serialized_end=1220
-  _globals['_ENCODING']._serialized_start=1222
-  _globals['_ENCODING']._serialized_end=1332
+  _globals['_PAYLOADTYPE']._serialized_start=582
+  _globals['_PAYLOADTYPE']._serialized_end=1206
+  _globals['_ENCODING']._serialized_start=1208
+  _globals['_ENCODING']._serialized_end=1318
   _globals['_WINDOWREF']._serialized_start=53
   _globals['_WINDOWREF']._serialized_end=95
   _globals['_SECAGGLEVELS']._serialized_start=97
   _globals['_SECAGGLEVELS']._serialized_end=143
   _globals['_WINDOWMETADATA']._serialized_start=146
-  _globals['_WINDOWMETADATA']._serialized_end=325
-  _globals['_VECTORHEADER']._serialized_start=328
-  _globals['_VECTORHEADER']._serialized_end=465
-  _globals['_VECTORCHUNK']._serialized_start=467
-  _globals['_VECTORCHUNK']._serialized_end=510
-  _globals['_SIGNATURE']._serialized_start=512
-  _globals['_SIGNATURE']._serialized_end=558
-  _globals['_ACK']._serialized_start=560
-  _globals['_ACK']._serialized_end=593
+  _globals['_WINDOWMETADATA']._serialized_end=311
+  _globals['_VECTORHEADER']._serialized_start=314
+  _globals['_VECTORHEADER']._serialized_end=451
+  _globals['_VECTORCHUNK']._serialized_start=453
+  _globals['_VECTORCHUNK']._serialized_end=496
+  _globals['_SIGNATURE']._serialized_start=498
+  _globals['_SIGNATURE']._serialized_end=544
+  _globals['_ACK']._serialized_start=546
+  _globals['_ACK']._serialized_end=579
 # @@protoc_insertion_point(module_scope)

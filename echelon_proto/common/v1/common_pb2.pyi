@@ -191,55 +191,30 @@ Global___SecAggLevels: _TypeAlias = SecAggLevels  # noqa: Y015
 
 @_typing.final
 class WindowMetadata(_message.Message):
-    """O(1) coordination metadata of one boundary's contribution: a fixed set of
-    scalars, never per-device values. Any other field is refused by the egress gate.
+    """The O(1) metadata of one boundary's contribution that may cross in the clear: not a
+    statistic of anyone's data. Every statistic of a boundary (tokens, weight, drift,
+    delta norm, losses) travels as a masked coordinate of its vector instead, so the
+    coordinator learns only cohort sums; the egress gate and the verifier treat any
+    other field as a finding.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
 
-    TOKENS_FIELD_NUMBER: _builtins.int
-    STALENESS_FIELD_NUMBER: _builtins.int
     BASE_VERSION_FIELD_NUMBER: _builtins.int
-    DRIFT_FIELD_NUMBER: _builtins.int
-    DELTA_NORM_FIELD_NUMBER: _builtins.int
-    TRAIN_LOSS_FIELD_NUMBER: _builtins.int
-    VAL_LOSS_FIELD_NUMBER: _builtins.int
     DEVICES_FIELD_NUMBER: _builtins.int
-    WEIGHT_FIELD_NUMBER: _builtins.int
-    tokens: _builtins.int
-    """tokens processed inside the boundary this window"""
-    staleness: _builtins.int
-    """versions behind the window's version (tau)"""
     base_version: _builtins.int
-    """global version the delta was computed from"""
-    drift: _builtins.float
-    """||theta_b - theta_v|| / ||theta_v||"""
-    delta_norm: _builtins.float
-    """||delta_b|| after clipping"""
-    train_loss: _builtins.float
-    """mean inner training loss"""
-    val_loss: _builtins.float
-    """boundary validation loss (NaN when not measured)"""
+    """global version the delta was computed from (staleness)"""
     devices: _builtins.int
-    """number of devices whose updates are in the sum (k)"""
-    weight: _builtins.float
-    """contribution weight w_b = tokens/unit * s(tau)"""
+    """devices in the boundary's sum: the sender's statement for k_min"""
     def __init__(
         self,
         *,
-        tokens: _builtins.int = ...,
-        staleness: _builtins.int = ...,
         base_version: _builtins.int = ...,
-        drift: _builtins.float = ...,
-        delta_norm: _builtins.float = ...,
-        train_loss: _builtins.float = ...,
-        val_loss: _builtins.float = ...,
         devices: _builtins.int = ...,
-        weight: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_version", b"base_version", "delta_norm", b"delta_norm", "devices", b"devices", "drift", b"drift", "staleness", b"staleness", "tokens", b"tokens", "train_loss", b"train_loss", "val_loss", b"val_loss", "weight", b"weight"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_version", b"base_version", "devices", b"devices"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -26,37 +26,29 @@ from echelon_proto.common.v1 import common_pb2 as echelon_dot_common_dot_v1_dot_
 from echelon_proto.coordinator.v1 import session_pb2 as echelon_dot_coordinator_dot_v1_dot_session__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n(echelon/coordinator/v1/coordinator.proto\x12\x16\x65\x63helon.coordinator.v1\x1a\x1e\x65\x63helon/common/v1/common.proto\x1a$echelon/coordinator/v1/session.proto\"\xdf\x01\n\x0fRegisterRequest\x12)\n\x03ref\x18\x01 \x01(\x0b\x32\x1c.echelon.common.v1.WindowRef\x12\x10\n\x08\x62oundary\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\x14\n\x0cidentity_key\x18\x04 \x01(\x0c\x12\x0f\n\x07\x64\x65vices\x18\x05 \x01(\r\x12\x15\n\rlayout_digest\x18\x06 \x01(\x0c\x12\x19\n\x11\x62\x61se_model_digest\x18\x07 \x01(\x0c\x12\x18\n\x10tokenizer_digest\x18\x08 \x01(\x0c\x12\x0b\n\x03\x64im\x18\t \x01(\x04\"\x95\x01\n\x10RegisterResponse\x12)\n\x03ref\x18\x01 \x01(\x0b\x32\x1c.echelon.common.v1.WindowRef\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12\x17\n\x0f\x63urrent_version\x18\x03 \x01(\x04\x12\x12\n\nrun_config\x18\x04 \x01(\x0c\x12\x19\n\x11run_config_sha256\x18\x05 \x01(\x0c\"e\n\x10HeartbeatRequest\x12)\n\x03ref\x18\x01 \x01(\x0b\x32\x1c.echelon.common.v1.WindowRef\x12\x10\n\x08\x62oundary\x18\x02 \x01(\t\x12\x14\n\x0cheld_version\x18\x03 \x01(\x04\"o\n\x11HeartbeatResponse\x12)\n\x03ref\x18\x01 \x01(\x0b\x32\x1c.echelon.common.v1.WindowRef\x12\x17\n\x0f\x63urrent_version\x18\x02 \x01(\x04\x12\x16\n\x0e\x63urrent_window\x18\x03 \x01(\x04\"P\n\x12\x46\x65tchGlobalRequest\x12)\n\x03ref\x18\x01 \x01(\x0b\x32\x1c.echelon.common.v1.WindowRef\x12\x0f\n\x07version\x18\x02 \x01(\x04\"\x8d\x01\n\x13\x46\x65tchGlobalResponse\x12=\n\x06header\x18\x01 \x01(\x0b\x32+.echelon.coordinator.v1.GlobalVersionHeaderH\x00\x12/\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x1e.echelon.common.v1.VectorChunkH\x00\x42\x06\n\x04part\"W\n\x13GlobalVersionHeader\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12/\n\x06vector\x18\x02 \x01(\x0b\x32\x1f.echelon.common.v1.VectorHeader\"=\n\x10GetStatusRequest\x12)\n\x03ref\x18\x01 \x01(\x0b\x32\x1c.echelon.common.v1.WindowRef\"\xaf\x01\n\x11\x43oordinatorStatus\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0e\n\x06window\x18\x02 \x01(\x04\x12\x0f\n\x07version\x18\x03 \x01(\x04\x12\x13\n\x0binner_steps\x18\x04 \x01(\r\x12\x12\n\nregistered\x18\x05 \x03(\t\x12\x0c\n\x04live\x18\x06 \x03(\t\x12\x19\n\x11windows_completed\x18\x07 \x01(\x04\x12\x17\n\x0fwindows_aborted\x18\x08 \x01(\x04\"@\n\x13ListVersionsRequest\x12)\n\x03ref\x18\x01 \x01(\x0b\x32\x1c.echelon.common.v1.WindowRef\"\x81\x01\n\x0bVersionInfo\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x0e\n\x06window\x18\x02 \x01(\x04\x12\x0e\n\x06sha256\x18\x03 \x01(\x0c\x12\x14\n\x0c\x63ontributors\x18\x04 \x03(\t\x12\x12\n\nweight_sum\x18\x05 \x01(\x01\x12\x17\n\x0f\x63reated_unix_ms\x18\x06 \x01(\x04\"M\n\x14ListVersionsResponse\x12\x35\n\x08versions\x18\x01 \x03(\x0b\x32#.echelon.coordinator.v1.VersionInfo2\xe2\x04\n\x0b\x43oordinator\x12[\n\x07Session\x12\".echelon.coordinator.v1.AgentFrame\x1a(.echelon.coordinator.v1.CoordinatorFrame(\x01\x30\x01\x12]\n\x08Register\x12\'.echelon.coordinator.v1.RegisterRequest\x1a(.echelon.coordinator.v1.RegisterResponse\x12`\n\tHeartbeat\x12(.echelon.coordinator.v1.HeartbeatRequest\x1a).echelon.coordinator.v1.HeartbeatResponse\x12h\n\x0b\x46\x65tchGlobal\x12*.echelon.coordinator.v1.FetchGlobalRequest\x1a+.echelon.coordinator.v1.FetchGlobalResponse0\x01\x12`\n\tGetStatus\x12(.echelon.coordinator.v1.GetStatusRequest\x1a).echelon.coordinator.v1.CoordinatorStatus\x12i\n\x0cListVersions\x12+.echelon.coordinator.v1.ListVersionsRequest\x1a,.echelon.coordinator.v1.ListVersionsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n(echelon/coordinator/v1/coordinator.proto\x12\x16\x65\x63helon.coordinator.v1\x1a\x1e\x65\x63helon/common/v1/common.proto\x1a$echelon/coordinator/v1/session.proto\"P\n\x12\x46\x65tchGlobalRequest\x12)\n\x03ref\x18\x01 \x01(\x0b\x32\x1c.echelon.common.v1.WindowRef\x12\x0f\n\x07version\x18\x02 \x01(\x04\"\x8d\x01\n\x13\x46\x65tchGlobalResponse\x12=\n\x06header\x18\x01 \x01(\x0b\x32+.echelon.coordinator.v1.GlobalVersionHeaderH\x00\x12/\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x1e.echelon.common.v1.VectorChunkH\x00\x42\x06\n\x04part\"W\n\x13GlobalVersionHeader\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12/\n\x06vector\x18\x02 \x01(\x0b\x32\x1f.echelon.common.v1.VectorHeader\"=\n\x10GetStatusRequest\x12)\n\x03ref\x18\x01 \x01(\x0b\x32\x1c.echelon.common.v1.WindowRef\"\xaf\x01\n\x11\x43oordinatorStatus\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0e\n\x06window\x18\x02 \x01(\x04\x12\x0f\n\x07version\x18\x03 \x01(\x04\x12\x13\n\x0binner_steps\x18\x04 \x01(\r\x12\x12\n\nregistered\x18\x05 \x03(\t\x12\x0c\n\x04live\x18\x06 \x03(\t\x12\x19\n\x11windows_completed\x18\x07 \x01(\x04\x12\x17\n\x0fwindows_aborted\x18\x08 \x01(\x04\"@\n\x13ListVersionsRequest\x12)\n\x03ref\x18\x01 \x01(\x0b\x32\x1c.echelon.common.v1.WindowRef\"\x81\x01\n\x0bVersionInfo\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x0e\n\x06window\x18\x02 \x01(\x04\x12\x0e\n\x06sha256\x18\x03 \x01(\x0c\x12\x14\n\x0c\x63ontributors\x18\x04 \x03(\t\x12\x12\n\nweight_sum\x18\x05 \x01(\x01\x12\x17\n\x0f\x63reated_unix_ms\x18\x06 \x01(\x04\"M\n\x14ListVersionsResponse\x12\x35\n\x08versions\x18\x01 \x03(\x0b\x32#.echelon.coordinator.v1.VersionInfo2\xa1\x03\n\x0b\x43oordinator\x12[\n\x07Session\x12\".echelon.coordinator.v1.AgentFrame\x1a(.echelon.coordinator.v1.CoordinatorFrame(\x01\x30\x01\x12h\n\x0b\x46\x65tchGlobal\x12*.echelon.coordinator.v1.FetchGlobalRequest\x1a+.echelon.coordinator.v1.FetchGlobalResponse0\x01\x12`\n\tGetStatus\x12(.echelon.coordinator.v1.GetStatusRequest\x1a).echelon.coordinator.v1.CoordinatorStatus\x12i\n\x0cListVersions\x12+.echelon.coordinator.v1.ListVersionsRequest\x1a,.echelon.coordinator.v1.ListVersionsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'echelon.coordinator.v1.coordinator_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_REGISTERREQUEST']._serialized_start=139
-  _globals['_REGISTERREQUEST']._serialized_end=362
-  _globals['_REGISTERRESPONSE']._serialized_start=365
-  _globals['_REGISTERRESPONSE']._serialized_end=514
-  _globals['_HEARTBEATREQUEST']._serialized_start=516
-  _globals['_HEARTBEATREQUEST']._serialized_end=617
-  _globals['_HEARTBEATRESPONSE']._serialized_start=619
-  _globals['_HEARTBEATRESPONSE']._serialized_end=730
-  _globals['_FETCHGLOBALREQUEST']._serialized_start=732
-  _globals['_FETCHGLOBALREQUEST']._serialized_end=812
-  _globals['_FETCHGLOBALRESPONSE']._serialized_start=815
-  _globals['_FETCHGLOBALRESPONSE']._serialized_end=956
-  _globals['_GLOBALVERSIONHEADER']._serialized_start=958
-  _globals['_GLOBALVERSIONHEADER']._serialized_end=1045
-  _globals['_GETSTATUSREQUEST']._serialized_start=1047
-  _globals['_GETSTATUSREQUEST']._serialized_end=1108
-  _globals['_COORDINATORSTATUS']._serialized_start=1111
-  _globals['_COORDINATORSTATUS']._serialized_end=1286
-  _globals['_LISTVERSIONSREQUEST']._serialized_start=1288
-  _globals['_LISTVERSIONSREQUEST']._serialized_end=1352
-  _globals['_VERSIONINFO']._serialized_start=1355
-  _globals['_VERSIONINFO']._serialized_end=1484
-  _globals['_LISTVERSIONSRESPONSE']._serialized_start=1486
-  _globals['_LISTVERSIONSRESPONSE']._serialized_end=1563
-  _globals['_COORDINATOR']._serialized_start=1566
-  _globals['_COORDINATOR']._serialized_end=2176
+  _globals['_FETCHGLOBALREQUEST']._serialized_start=138
+  _globals['_FETCHGLOBALREQUEST']._serialized_end=218
+  _globals['_FETCHGLOBALRESPONSE']._serialized_start=221
+  _globals['_FETCHGLOBALRESPONSE']._serialized_end=362
+  _globals['_GLOBALVERSIONHEADER']._serialized_start=364
+  _globals['_GLOBALVERSIONHEADER']._serialized_end=451
+  _globals['_GETSTATUSREQUEST']._serialized_start=453
+  _globals['_GETSTATUSREQUEST']._serialized_end=514
+  _globals['_COORDINATORSTATUS']._serialized_start=517
+  _globals['_COORDINATORSTATUS']._serialized_end=692
+  _globals['_LISTVERSIONSREQUEST']._serialized_start=694
+  _globals['_LISTVERSIONSREQUEST']._serialized_end=758
+  _globals['_VERSIONINFO']._serialized_start=761
+  _globals['_VERSIONINFO']._serialized_end=890
+  _globals['_LISTVERSIONSRESPONSE']._serialized_start=892
+  _globals['_LISTVERSIONSRESPONSE']._serialized_end=969
+  _globals['_COORDINATOR']._serialized_start=972
+  _globals['_COORDINATOR']._serialized_end=1389
 # @@protoc_insertion_point(module_scope)

@@ -40,16 +40,6 @@ class CoordinatorStub:
                 request_serializer=echelon_dot_coordinator_dot_v1_dot_session__pb2.AgentFrame.SerializeToString,
                 response_deserializer=echelon_dot_coordinator_dot_v1_dot_session__pb2.CoordinatorFrame.FromString,
                 _registered_method=True)
-        self.Register = channel.unary_unary(
-                '/echelon.coordinator.v1.Coordinator/Register',
-                request_serializer=echelon_dot_coordinator_dot_v1_dot_coordinator__pb2.RegisterRequest.SerializeToString,
-                response_deserializer=echelon_dot_coordinator_dot_v1_dot_coordinator__pb2.RegisterResponse.FromString,
-                _registered_method=True)
-        self.Heartbeat = channel.unary_unary(
-                '/echelon.coordinator.v1.Coordinator/Heartbeat',
-                request_serializer=echelon_dot_coordinator_dot_v1_dot_coordinator__pb2.HeartbeatRequest.SerializeToString,
-                response_deserializer=echelon_dot_coordinator_dot_v1_dot_coordinator__pb2.HeartbeatResponse.FromString,
-                _registered_method=True)
         self.FetchGlobal = channel.unary_stream(
                 '/echelon.coordinator.v1.Coordinator/FetchGlobal',
                 request_serializer=echelon_dot_coordinator_dot_v1_dot_coordinator__pb2.FetchGlobalRequest.SerializeToString,
@@ -72,26 +62,6 @@ class CoordinatorServicer:
 
     def Session(self, request_iterator, context):
         """The window session (session.proto): an agent's one long-lived stream.
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def Register(self, request, context):
-        """Registers a boundary (or re-registers it after a restart). INVALID_ARGUMENT
-        when the boundary id is empty or malformed, the address is not host:port, or
-        the identity key is not 32 bytes; FAILED_PRECONDITION when the boundary's
-        adapter layout, base model or tokenizer digest differs from the run's
-        declared configuration (the answer names the expected digest);
-        PERMISSION_DENIED when the id is registered with a different identity key.
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def Heartbeat(self, request, context):
-        """Liveness: a boundary that has not sent a heartbeat within the liveness
-        timeout leaves the next cohort. NOT_FOUND for an unregistered boundary.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -126,16 +96,6 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.Session,
                     request_deserializer=echelon_dot_coordinator_dot_v1_dot_session__pb2.AgentFrame.FromString,
                     response_serializer=echelon_dot_coordinator_dot_v1_dot_session__pb2.CoordinatorFrame.SerializeToString,
-            ),
-            'Register': grpc.unary_unary_rpc_method_handler(
-                    servicer.Register,
-                    request_deserializer=echelon_dot_coordinator_dot_v1_dot_coordinator__pb2.RegisterRequest.FromString,
-                    response_serializer=echelon_dot_coordinator_dot_v1_dot_coordinator__pb2.RegisterResponse.SerializeToString,
-            ),
-            'Heartbeat': grpc.unary_unary_rpc_method_handler(
-                    servicer.Heartbeat,
-                    request_deserializer=echelon_dot_coordinator_dot_v1_dot_coordinator__pb2.HeartbeatRequest.FromString,
-                    response_serializer=echelon_dot_coordinator_dot_v1_dot_coordinator__pb2.HeartbeatResponse.SerializeToString,
             ),
             'FetchGlobal': grpc.unary_stream_rpc_method_handler(
                     servicer.FetchGlobal,
@@ -180,60 +140,6 @@ class Coordinator:
             '/echelon.coordinator.v1.Coordinator/Session',
             echelon_dot_coordinator_dot_v1_dot_session__pb2.AgentFrame.SerializeToString,
             echelon_dot_coordinator_dot_v1_dot_session__pb2.CoordinatorFrame.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def Register(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/echelon.coordinator.v1.Coordinator/Register',
-            echelon_dot_coordinator_dot_v1_dot_coordinator__pb2.RegisterRequest.SerializeToString,
-            echelon_dot_coordinator_dot_v1_dot_coordinator__pb2.RegisterResponse.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def Heartbeat(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/echelon.coordinator.v1.Coordinator/Heartbeat',
-            echelon_dot_coordinator_dot_v1_dot_coordinator__pb2.HeartbeatRequest.SerializeToString,
-            echelon_dot_coordinator_dot_v1_dot_coordinator__pb2.HeartbeatResponse.FromString,
             options,
             channel_credentials,
             insecure,
