@@ -31,23 +31,56 @@ def test_generated_code_is_fresh(tmp_path: Path) -> None:
     assert stale == [], f"stale generated files {stale}: run `make proto` and commit"
 
 
-def test_no_message_can_carry_device_state() -> None:
-    """Every bytes field of the boundary service names an aggregate-level payload."""
-    from echelon_proto.boundary.v1 import boundary_pb2
+def _bytes_fields(root: object) -> dict[str, str]:
+    """Every bytes field reachable from message descriptor `root`, as name -> owner."""
+    seen: dict[str, str] = {}
+    todo, visited = [root], set()
+    while todo:
+        message = todo.pop()
+        if message.full_name in visited:  # type: ignore[attr-defined]
+            continue
+        visited.add(message.full_name)  # type: ignore[attr-defined]
+        for field in message.fields:  # type: ignore[attr-defined]
+            if field.type == field.TYPE_BYTES:
+                seen[field.name] = message.full_name  # type: ignore[attr-defined]
+            elif field.type == field.TYPE_MESSAGE:
+                todo.append(field.message_type)
+    return seen
+
+
+def test_no_agent_frame_can_carry_device_state() -> None:
+    """Everything an agent can send (its window session's frames) is aggregate-level: each
+    bytes field names a key-agreement payload, a digest, or a chunk of the one vector an
+    agent sends, its masked boundary contribution (ContributionHeader + VectorChunk)."""
+    from echelon_proto.coordinator.v1 import session_pb2
 
     allowed = {
-        "nonce",
-        "identity_key",
-        "graph_seed",
-        "encoded",
-        "signature",
-        "sha256",
-        "layout_digest",
-        "data",
+        "nonce": "FrameContext: a fresh nonce",
+        "cohort_digest": "FrameContext: a digest",
+        "witness_head": "FrameContext: a signed tree head",
+        "identity_key": "Hello: a public key",
+        "layout_digest": "Hello / VectorHeader: a digest",
+        "base_model_digest": "Hello: a digest",
+        "tokenizer_digest": "Hello: a digest",
+        "proof_of_possession": "Hello: a signature",
+        "advertisement": "KeysAdvertised: public keys",
+        "shares": "SharesSent / SharesReleased: encrypted or unmasking shares",
+        "signature": "SurvivorsSigned: a signature",
+        "sha256": "VectorHeader: a digest",
+        "data": "VectorChunk: a chunk of the masked contribution",
     }
-    seen = set()
+    seen = _bytes_fields(session_pb2.AgentFrame.DESCRIPTOR)
+    assert set(seen) <= set(allowed), f"unexpected bytes fields {set(seen) - set(allowed)}"
+    bodies = {f.name for f in session_pb2.AgentFrame.DESCRIPTOR.oneofs_by_name["body"].fields}
+    assert bodies == {
+        "hello", "joined", "keys_advertised", "shares_sent", "contribution", "chunk",
+        "survivors_signed", "shares_released", "declined",
+    }  # fmt: skip
+
+
+def test_the_agents_own_service_carries_no_payload() -> None:
+    """The agent's local status service has no bytes field at all."""
+    from echelon_proto.boundary.v1 import boundary_pb2
+
     for message in boundary_pb2.DESCRIPTOR.message_types_by_name.values():
-        for field in message.fields:
-            if field.type == field.TYPE_BYTES:
-                seen.add(field.name)
-    assert seen <= allowed, f"unexpected bytes fields {seen - allowed}"
+        assert _bytes_fields(message.fields[0].containing_type).keys() <= {"nonce"}

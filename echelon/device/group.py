@@ -1,5 +1,6 @@
 """The gloo group between a boundary agent (rank 0) and its worker processes, built from
-public `torch.distributed` APIs: a `TCPStore` rendezvous on a free loopback port, a
+public `torch.distributed` APIs: a `TCPStore` rendezvous on a free loopback port (bound to
+loopback only), a
 `PrefixStore` per membership generation, and a `ProcessGroupGloo` with a timeout of seconds
 (gloo's default is 30 minutes), so that a dead peer becomes an error quickly. Tensors travel
 point-to-point, so a dead or slow worker cannot wedge the others; the pool rebuilds the group,
@@ -8,6 +9,7 @@ on a fresh store port, whenever membership changes.
 
 from __future__ import annotations
 
+import socket
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Protocol, cast
@@ -30,14 +32,25 @@ class GroupInfo:
 
 
 def new_store(world_size: int, timeout_s: float) -> dist.TCPStore:
-    """Agent side: a rendezvous store on a free ephemeral loopback port."""
+    """Agent side: a rendezvous store on a free ephemeral port of loopback only.
+
+    torch's store would listen on every interface; it is handed a socket bound to
+    127.0.0.1 instead, so nothing outside the machine can reach a boundary's device plane.
+    """
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind((LOOPBACK, 0))
+    listener.listen(128)
+    port = listener.getsockname()[1]
     return dist.TCPStore(
         LOOPBACK,
-        0,
+        port,
         world_size,
         True,
         timeout=timedelta(seconds=timeout_s),
         wait_for_workers=False,
+        master_listen_fd=listener.detach(),  # the store owns the socket from here on
+        use_libuv=False,
     )
 
 

@@ -370,6 +370,7 @@ class CoordinatorCore:
             version=self.version,
             failed=self._failures(win),
             inner_steps=win.inner_steps,
+            opened_s=win.opened,
         )
         self.outcomes.append(outcome)
         out.append(outcome)
@@ -419,6 +420,7 @@ class CoordinatorCore:
             failed=self._failures(win),
             inner_steps=win.inner_steps,
             signals={**signals, "staleness_max": float(stale)},
+            opened_s=win.opened,
         )
         self.outcomes.append(outcome)
         log.info("window_committed", window=win.id, version=self.version, contributors=list(names))

@@ -125,6 +125,7 @@ class WindowOutcome:
     failed: tuple[tuple[str, str], ...] = ()
     inner_steps: int = 0
     signals: dict[str, float] = field(default_factory=dict)
+    opened_s: float = 0.0  # when the window opened (the core's clock)
 
 
 @dataclass(frozen=True, kw_only=True)

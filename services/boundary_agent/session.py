@@ -279,12 +279,23 @@ class AgentSession:
                 )
 
     def _train(self, command: Train) -> None:
+        started = time.monotonic()
         try:
             result = self._train_fn(command)
         except Exception as exc:
             log.exception("training_failed", window=command.window)
             self._handle(TrainingFailed(f"{type(exc).__name__}: {exc}"))
             return
+        core = self.core
+        log.info(
+            "delta_ready",
+            window=command.window if core is None else core.last_window,
+            base=result.base_version,
+            tokens=result.tokens,
+            train_loss=round(result.train_loss, 4),
+            train_s=round(time.monotonic() - started, 3),
+            fresh=command.fresh,
+        )
         self._handle(TrainingFinished(result))
 
     # -- the session -------------------------------------------------------------------------

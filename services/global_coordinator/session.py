@@ -182,6 +182,8 @@ class CoordinatorSessions:
 
     def _outcome(self, outcome: WindowOutcome) -> None:
         self.outcomes.append(outcome)
+        seconds = self.clock() - outcome.opened_s
+        metrics.WINDOW_SECONDS.observe(seconds)
         metrics.WINDOWS.labels("committed" if outcome.committed else "aborted").inc()
         metrics.WINDOW.set(outcome.window)
         metrics.INNER_STEPS.set(self.core.inner_steps)
@@ -202,6 +204,7 @@ class CoordinatorSessions:
             version=outcome.version,
             contributors=list(outcome.contributors),
             failed=[f"{b}: {r}" for b, r in outcome.failed],
+            seconds=round(seconds, 3),
         )
 
     def _commit(self, command: CommitVersion) -> None:

@@ -23,6 +23,8 @@ from echelon_tools.evaluate import generate_sample, heldout_losses
 from echelon_tools.launcher import Deployment, DeploymentSpec, Site
 from services.common.wire import new_ref
 
+from .sockets import is_loopback, process_sockets
+
 WINDOWS = 3
 pytestmark = pytest.mark.timeout(600)
 
@@ -54,12 +56,16 @@ def finished(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Deploym
     with deployment:
         deployment.start(timeout_s=240)
         deployment.wait_windows(WINDOWS, timeout_s=420)
+        sockets = {
+            name: process_sockets(service.process.pid)
+            for name, service in deployment.services.items()
+        }
         with grpc.insecure_channel(deployment.services["coordinator"].address) as channel:
             versions = coordinator_pb2_grpc.CoordinatorStub(channel).ListVersions(
                 coordinator_pb2.ListVersionsRequest(ref=new_ref(0)), timeout=5
             )
         codes = deployment.stop()
-    yield deployment, {"versions": versions, "codes": codes}
+    yield deployment, {"versions": versions, "codes": codes, "sockets": sockets}
 
 
 def test_every_process_stops_cleanly(finished: tuple[Deployment, dict]) -> None:
@@ -110,3 +116,35 @@ def test_heldout_loss_falls_and_adapter_exports(finished: tuple[Deployment, dict
     text = generate_sample(deployment, "org-a", deployment.spec.root / "export", tokens=8)
     assert text.startswith("In the beginning") and len(text) > len("In the beginning")
     assert (deployment.spec.root / "export" / "adapter" / "adapter_config.json").exists()
+
+
+def test_organizations_dial_out_and_the_coordinator_dials_only_the_audit_log(
+    finished: tuple[Deployment, dict],
+) -> None:
+    deployment, facts = finished
+    sockets = facts["sockets"]
+    services = deployment.services
+    port = {name: s.ports["grpc"] for name, s in services.items()}
+    listening = {
+        name: {s.local[1] for s in socks if s.listening} for name, socks in sockets.items()
+    }
+    for site in ("org-a", "org-b"):
+        # An agent listens only on loopback: its own status, health and metrics endpoints
+        # (and its device workers' gloo store), nothing another organization can reach.
+        exposed = [s for s in sockets[site] if s.listening and not is_loopback(s.local[0])]
+        assert exposed == [], exposed
+        # It dials out to the coordinator and the audit log.
+        remote = {s.remote[1] for s in sockets[site] if s.established}
+        assert {port["coordinator"], port["audit-log"]} <= remote
+        # Nobody is connected to an agent's listening ports from outside it.
+        for other, socks in sockets.items():
+            if other != site:
+                assert not {s.remote[1] for s in socks if s.established} & listening[site]
+    # The coordinator's own connections go only to the audit log; every other one is an
+    # agent's session into the coordinator's port.
+    outbound = [
+        s
+        for s in sockets["coordinator"]
+        if s.established and s.local[1] not in listening["coordinator"]
+    ]
+    assert outbound and {s.remote[1] for s in outbound} == {port["audit-log"]}
