@@ -4,8 +4,10 @@ policy, staleness weights, Echelon-DA's overlap and re-base, and FedBuff's resta
 
 A delta waits inside the boundary until a version that lists this boundary as a
 contributor consumes it; an aborted or missed window loses nothing, unless the delta was
-already spent (its unmasking shares left: the core says so with `DeltaSpent` before they
-do, and it is never sent again). `BoundaryCore.handle(event, now)` returns commands.
+already spent (a survivor list named it, so other survivors' shares can unmask it: the
+core says so with `DeltaSpent` before its signature and shares
+do, and it is never sent again). `BoundaryCore.handle(event, now)` returns commands;
+`state()` is what the agent persists, and a core built from it resumes after a restart.
 """
 
 from __future__ import annotations
@@ -74,6 +76,20 @@ class _Overlap:
     phi: np.ndarray | None = None
 
 
+@dataclass(frozen=True, kw_only=True)
+class BoundaryState:
+    """What a boundary agent persists to resume after a restart: the version it holds, the
+    deltas that wait inside it, and its counters. A delta that was in flight (submitted,
+    fate unknown) is not resumed: it may have been unmasked, so it is counted lost."""
+
+    held_version: int = -1
+    phi: np.ndarray | None = None
+    pending: tuple[TrainedDelta, ...] = ()
+    last_window: int = 0
+    lost: int = 0
+    dropped: int = 0
+
+
 class BoundaryCore:
     """One organization's side of the window protocol."""
 
@@ -86,6 +102,7 @@ class BoundaryCore:
         identity: Ed25519PrivateKey | None,
         identities: dict[str, Ed25519PublicKey],
         rounding_seed: int = 0,
+        state: BoundaryState | None = None,
     ) -> None:
         """`theta0` is the shared initial adapter (the base of relative drift);
         `rounding_seed` seeds stochastic rounding per (run, window, party)."""
@@ -111,6 +128,34 @@ class BoundaryCore:
         self.last_window = 0
         self.lost = 0  # spent deltas whose window then failed
         self.dropped = 0  # deltas too stale or refused by the export policy
+        if state is not None:
+            self._resume(state)
+
+    def _resume(self, state: BoundaryState) -> None:
+        self.held_version = state.held_version
+        if state.phi is not None:
+            if state.phi.shape != (self.dim,):
+                raise ValueError(f"BoundaryState.phi: length {state.phi.size}, want {self.dim}")
+            self.phi = state.phi.astype(np.float32)
+        self.pending = deque(state.pending)
+        self.last_window = state.last_window
+        self.lost, self.dropped = state.lost, state.dropped
+
+    def state(self) -> BoundaryState:
+        """The state to persist (see `BoundaryState`); an in-flight delta counts as lost."""
+        lap = self.overlap
+        in_flight = self.submitted is not None or (
+            lap is not None and lap.included_in is None and not lap.excluded
+        )
+        pending = tuple(self.pending)
+        return BoundaryState(
+            held_version=self.held_version,
+            phi=self.phi.copy(),
+            pending=pending,
+            last_window=self.last_window,
+            lost=self.lost + int(in_flight),
+            dropped=self.dropped,
+        )
 
     # -- the one entry point -----------------------------------------------------------------
     def start(self, now: float) -> list[Command]:
@@ -297,20 +342,20 @@ class BoundaryCore:
         self._maybe_train(out)
 
     def _survivors(self, message: SurvivorsAnnounced, out: list[Command]) -> None:
+        """A survivor list that names this boundary: its masked vector is in a fixed sum that
+        the other survivors' shares can unmask from now on, so the delta is spent before the
+        signature (and later the shares) leave, and is never sent again."""
         rounds = self._rounds(message.window)
-        out.append(Send(COORDINATOR, rounds.on_survivors(message)))
+        signature = rounds.on_survivors(message)  # raises before anything is released
+        sub = self.submitted
+        if sub is not None and sub.window == message.window and rounds.party in message.survivors:
+            sub.spent = True
+            out.append(DeltaSpent(window=sub.window, base_version=sub.delta.base_version))
+        out.append(Send(COORDINATOR, signature))
 
     def _unmask(self, message: UnmaskRequested, out: list[Command]) -> None:
         rounds = self._rounds(message.window)
-        sub = self.submitted
-        me = rounds.party
-        if sub is not None and sub.window == message.window and me in message.survivors:
-            reply = rounds.on_unmask(message)  # raises before anything is released
-            sub.spent = True
-            out.append(DeltaSpent(window=sub.window, base_version=sub.delta.base_version))
-            out.append(Send(COORDINATOR, reply))
-        else:
-            out.append(Send(COORDINATOR, rounds.on_unmask(message)))
+        out.append(Send(COORDINATOR, rounds.on_unmask(message)))
 
     # -- training and submission -------------------------------------------------------------
     def _trained(self, result: TrainedDelta, out: list[Command]) -> None:

@@ -135,6 +135,10 @@ class VirtualExecutor:
             self._execute(name, core.start(self.now))
         self.now = 0.0
 
+    def start_one(self, name: str) -> None:
+        """Boundary `name` (re)joins now, e.g. after its core was restarted from its state."""
+        self._execute(name, self.boundaries[name].start(self.now))
+
     def run(self, *, until: Callable[[], bool], max_time_s: float = float("inf")) -> Trace:
         """Processes events in time order until `until()` holds or nothing is left."""
         while self._events and not until():

@@ -49,6 +49,7 @@ from services.common.portfile import write_port_file
 from services.common.server import start_server, wait_for_signal
 
 from .session import AgentSession, Backoff, Hello
+from .state import load_state, save_state
 from .status import AgentStatusServicer
 from .training import (
     DevicesConfig,
@@ -135,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         facts.layout.numel,
     )
     trainer = PoolTrainer(setup.inner, facts.theta0)
+    state_dir = data_dir / "state"
     pools: list[DevicePool] = []
     failed = threading.Event()
     session: AgentSession | None = None
@@ -163,6 +165,18 @@ def main(argv: list[str] | None = None) -> int:
         threading.Thread(
             target=start_devices, args=(declaration,), name="devices", daemon=True
         ).start()
+        try:
+            saved = load_state(state_dir)
+        except (OSError, ValueError, KeyError) as exc:
+            log.error("state_unreadable", path=str(state_dir), error=str(exc))
+            saved = None
+        if saved is not None:
+            log.info(
+                "state_resumed",
+                version=saved.held_version,
+                pending=len(saved.pending),
+                lost=saved.lost,
+            )
         return BoundaryCore(
             protocol,
             boundary=agent.boundary,
@@ -170,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
             identity=identity.key,
             identities={},
             rounding_seed=secrets.randbits(63),
+            state=saved,
         )
 
     session = AgentSession(
@@ -188,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         train=trainer,
         rebase=trainer.rebase,
         audit=audit,
+        persist=lambda state: save_state(state_dir, state),
         ready=False,
         backoff=Backoff(max_s=agent.reconnect_max_s),
     )

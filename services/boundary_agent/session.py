@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from echelon.audit.errors import AuditError
 from echelon.audit.record import KeyRegistration, PayloadType, Role, RunConfig
 from echelon.protocol import COORDINATOR, BoundaryCore
+from echelon.protocol.boundary import BoundaryState
 from echelon.protocol.events import (
     Command,
     DeltaSpent,
@@ -122,6 +123,7 @@ class AgentSession:
         fault: Fault | None = None,
         backoff: Backoff = Backoff(),
         audit: AuditedPeer | None = None,
+        persist: Callable[[BoundaryState], None] | None = None,
         ready: bool = True,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -129,6 +131,8 @@ class AgentSession:
         a later session must declare the same run). With `ready` False the agent joins no
         window until `mark_ready()` (its devices are up)."""
         self.make_core = make_core
+        self.persist = persist
+        self._persisted: tuple[object, ...] = ()
         self.core: BoundaryCore | None = None
         self.run_config_sha256 = b""
         self.audit = audit
@@ -180,7 +184,25 @@ class AgentSession:
         with self._lock:
             assert self.core is not None
             self._execute(self.core.handle(event, self.clock()))
+            self._save_if_changed()
             self._changed.notify_all()
+
+    def _save_if_changed(self, force: bool = False) -> None:
+        """Persists the core's state when what a restart needs has changed."""
+        core = self.core
+        if self.persist is None or core is None:
+            return
+        mark = (
+            core.held_version,
+            tuple(id(d) for d in core.pending),
+            core.submitted is not None,
+            core.last_window,
+            core.lost,
+            core.dropped,
+        )
+        if force or mark != self._persisted:
+            self.persist(core.state())
+            self._persisted = mark
 
     def _cohort_size(self, window: int) -> int:
         core = self.core
@@ -270,6 +292,7 @@ class AgentSession:
                 self._rebase_fn(command)
             elif isinstance(command, DeltaSpent):
                 self.log.spent.append(command)
+                self._save_if_changed(force=True)  # durable before the signature leaves
             elif isinstance(command, Note):
                 self.log.notes.append(command)
                 if command.kind == "dropped" and self.audit is not None:

@@ -10,7 +10,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from echelon.protocol import CoordinatorCore
+from echelon.protocol import BoundaryCore, CoordinatorCore
 from echelon.protocol.messages import (
     ContributionSent,
     GlobalVersion,
@@ -201,3 +201,57 @@ def test_pre_keying_runs_the_next_key_rounds_during_unmasking() -> None:
     for a, b in zip(late.commits, early.commits, strict=True):
         np.testing.assert_allclose(a.phi, b.phi, atol=TOL)
     assert pre_keyed.executor.now < keyed.executor.now
+
+
+def test_a_spent_delta_stays_spent_across_an_agent_restart() -> None:
+    # org-b crashes right after it signed window 1's survivor list (its delta is spent);
+    # it restarts from its persisted state while the coordinator lies about window 1.
+    def lie(sender: str, receiver: str, message: Message) -> Message | None:
+        if isinstance(message, GlobalVersion) and message.version == 1:
+            return replace(message, contributors=("org-a", "org-c"))
+        return message
+
+    world = make_world(fault=lie)
+    spent = lambda: any(s == "org-b" for s, _ in world.executor.trace.spent)  # noqa: E731
+    world.executor.run(until=spent)
+    saved = world.boundaries["org-b"].state()
+    assert saved.lost == 1  # in flight when it crashed: never resent
+    old = world.boundaries["org-b"]
+    restarted = BoundaryCore(
+        old.config,
+        boundary="org-b",
+        theta0=old.theta0,
+        identity=old.identity,
+        identities=old.identities,
+        rounding_seed=7,
+        state=saved,
+    )
+    world.executor.boundaries["org-b"] = restarted
+    world.executor.start_one("org-b")
+    trace = world.run()
+    assert [o.committed for o in trace.outcomes][-1]
+    sent = [
+        m
+        for _, s, _, m in trace.messages
+        if s == "org-b" and isinstance(m, ContributionSent) and m.base_version == 0
+    ]
+    assert len(sent) == 1  # never again, although the coordinator left it out
+    assert restarted.lost == 1
+
+
+def test_a_boundary_state_round_trips_and_keeps_waiting_deltas() -> None:
+    world = make_world(seconds={"org-c": 15.0})
+    world.run()
+    core = world.boundaries["org-c"]
+    state = core.state()
+    again = BoundaryCore(
+        core.config,
+        boundary="org-c",
+        theta0=core.theta0,
+        identity=core.identity,
+        identities=core.identities,
+        state=state,
+    )
+    assert again.state().held_version == state.held_version
+    assert len(again.pending) == len(state.pending)
+    np.testing.assert_array_equal(again.phi, core.phi)
