@@ -399,7 +399,7 @@ class CoordinatorCore:
         self.committed += 1
         self.contributors = names
         self.current = None
-        signals = self._control(g, total, stats)
+        signals, decision = self._control(g, total, stats)
         out.append(
             CommitVersion(
                 window=win.id,
@@ -421,6 +421,7 @@ class CoordinatorCore:
             inner_steps=win.inner_steps,
             signals={**signals, "staleness_max": float(stale)},
             opened_s=win.opened,
+            decision=decision,
         )
         self.outcomes.append(outcome)
         log.info("window_committed", window=win.id, version=self.version, contributors=list(names))
@@ -431,7 +432,9 @@ class CoordinatorCore:
         out.append(outcome)
         self._try_open(now, out)
 
-    def _control(self, g: np.ndarray, total: WindowSum, stats: CohortStats) -> dict[str, float]:
+    def _control(
+        self, g: np.ndarray, total: WindowSum, stats: CohortStats
+    ) -> tuple[dict[str, float], str]:
         """The closed window's cohort-level signals; the controller's next H and mu."""
         norms = stats.delta_norm * total.weight_sum
         signals = SyncSignals(
@@ -449,8 +452,10 @@ class CoordinatorCore:
             "tokens_mean": stats.tokens,
             "weight_sum": total.weight_sum,
         }
+        reason = ""
         if self.controller is not None and self.config.controller is not None:
             decision = decide(self.controller, signals, self.config.controller)
+            reason = decision.reason.value
             self.controller = decision.state
             self.inner_steps, self.mu = decision.inner_steps, decision.mu
             log.info(
@@ -460,7 +465,7 @@ class CoordinatorCore:
                 reason=decision.reason.value,
                 detail=decision.detail,
             )
-        return report
+        return report, reason
 
     def state(self) -> CoordinatorState:
         """What to persist to resume after a restart (an open window is not resumed: its

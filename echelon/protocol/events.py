@@ -126,6 +126,7 @@ class WindowOutcome:
     inner_steps: int = 0
     signals: dict[str, float] = field(default_factory=dict)
     opened_s: float = 0.0  # when the window opened (the core's clock)
+    decision: str = ""  # the sync controller's reason for the next H, when it runs
 
 
 @dataclass(frozen=True, kw_only=True)

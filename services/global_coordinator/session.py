@@ -196,6 +196,8 @@ class CoordinatorSessions:
             metrics.TRAIN_LOSS.set(signals.get("train_loss", 0.0))
             metrics.DRIFT_RMS.set(signals.get("drift_rms", 0.0))
             metrics.MU.set(self.core.mu)
+            if outcome.decision:
+                metrics.H_DECISIONS.labels(outcome.decision).inc()
         log.info(
             "window_done",
             window=outcome.window,
