@@ -62,6 +62,29 @@ def test_library_imports_no_transport_service_or_tool() -> None:
     assert _offending("echelon", forbidden) == []
 
 
+def test_protocol_core_is_sans_io() -> None:
+    """The window protocol's cores take the time as a parameter and return commands: no
+    clock, thread, socket, process, file or device is reachable from `echelon/protocol`."""
+    forbidden = (
+        "time",
+        "threading",
+        "socket",
+        "asyncio",
+        "select",
+        "selectors",
+        "multiprocessing",
+        "subprocess",
+        "concurrent",
+        "os",
+        "pathlib",
+        "sqlite3",
+        "torch",
+        "echelon.device",
+        "echelon.sim",
+    )
+    assert [m for m in _offending("echelon", forbidden) if m.startswith("echelon.protocol")] == []
+
+
 def test_services_import_no_tool() -> None:
     assert _offending("services", ("echelon_tools",)) == []
 

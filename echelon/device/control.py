@@ -2,9 +2,10 @@
 
 Control messages travel over one multiprocessing Pipe per worker (picklable frozen
 dataclasses, no model state except the public global adapter for evaluation); with level-1
-secure aggregation on, the key material of each window (the library's fixed-layout bytes:
-advertisements, encrypted shares, survivor-list signatures, unmasking shares) travels there
-too. Tensors (the global adapter theta_v and the contributions) travel over the gloo group of
+secure aggregation on, the round messages of each window travel there too: the window
+protocol's own (`echelon.protocol.messages`: keys, shares, survivor signatures, unmasking
+shares as the library's fixed-layout bytes; `WindowAborted` when the agent refuses the sum).
+Tensors (the global adapter theta_v and the contributions) travel over the gloo group of
 `group.py`, in which the agent is rank 0.
 """
 
@@ -17,6 +18,8 @@ from typing import Literal
 import numpy as np
 
 from echelon.device.group import GroupInfo
+from echelon.protocol.messages import WindowAborted
+from echelon.protocol.rounds import PartyMessage, RoundReply
 from echelon.secagg import SecAggConfig
 from echelon.training.data import DataConfig
 from echelon.training.inner import InnerConfig
@@ -81,47 +84,6 @@ class StartWindow:
 
 
 @dataclass(frozen=True, kw_only=True)
-class RelayAdvertisements:
-    """Agent -> worker: every cohort member's `KeyAdvertisement.to_bytes()`."""
-
-    window: int
-    advertisements: tuple[bytes, ...]
-
-
-@dataclass(frozen=True, kw_only=True)
-class RelayShares:
-    """Agent -> worker: the `EncryptedShare.to_bytes()` addressed to this worker."""
-
-    window: int
-    shares: tuple[bytes, ...]
-
-
-@dataclass(frozen=True, kw_only=True)
-class SignSurvivors:
-    """Agent -> worker: the parties whose masked vector arrived; sign this list."""
-
-    window: int
-    survivors: tuple[int, ...]
-
-
-@dataclass(frozen=True, kw_only=True)
-class ReleaseShares:
-    """Agent -> worker: the signed survivor list; release unmasking shares for it."""
-
-    window: int
-    survivors: tuple[int, ...]
-    signatures: tuple[tuple[int, bytes], ...]
-
-
-@dataclass(frozen=True, kw_only=True)
-class AbortWindow:
-    """Agent -> worker: the window's sum is refused; keep local state and end the window."""
-
-    window: int
-    reason: str
-
-
-@dataclass(frozen=True, kw_only=True)
 class Evaluate:
     """Validation loss of the boundary's held-out text under the (global) adapter `theta`."""
 
@@ -155,38 +117,6 @@ class WindowDone:
 
 
 @dataclass(frozen=True, kw_only=True)
-class Advertised:
-    """Worker -> agent: `KeyAdvertisement.to_bytes()` of this window."""
-
-    window: int
-    advertisement: bytes
-
-
-@dataclass(frozen=True, kw_only=True)
-class SharesSent:
-    """Worker -> agent: `EncryptedShare.to_bytes()` for each neighbour, to relay."""
-
-    window: int
-    shares: tuple[bytes, ...]
-
-
-@dataclass(frozen=True, kw_only=True)
-class SurvivorsSigned:
-    """Worker -> agent: Ed25519 signature over the announced survivor list."""
-
-    window: int
-    signature: bytes
-
-
-@dataclass(frozen=True, kw_only=True)
-class SharesReleased:
-    """Worker -> agent: `UnmaskingShares.to_bytes()`."""
-
-    window: int
-    shares: bytes
-
-
-@dataclass(frozen=True, kw_only=True)
 class EvalResult:
     loss: float
 
@@ -198,7 +128,6 @@ class WorkerError:
     message: str
 
 
-SecureToWorker = RelayAdvertisements | RelayShares | SignSurvivors | ReleaseShares | AbortWindow
-SecureFromWorker = Advertised | SharesSent | SurvivorsSigned | SharesReleased
+SecureToWorker = RoundReply | WindowAborted
 ToWorker = JoinGroup | StartWindow | Evaluate | Stop | SecureToWorker
-FromWorker = Ready | Joined | WindowDone | EvalResult | WorkerError | SecureFromWorker
+FromWorker = Ready | Joined | WindowDone | EvalResult | WorkerError | PartyMessage

@@ -1,5 +1,5 @@
-"""Worker side of level-1 secure aggregation: one fresh `Participant` per window (fresh keys,
-window bound in), driven by the agent's control messages over the worker's Pipe; it masks
+"""Worker side of level-1 secure aggregation: one fresh `PartyRounds` per window (fresh keys,
+window bound in), driven by the agent's round messages over the worker's Pipe; it masks
 `x = [delta (numel), train_loss / LOSS_RANGE * clip]` with weight `w = tokens / token_unit`
 (the library appends `w`). See `secure.py` for the agent side.
 """
@@ -14,19 +14,15 @@ import structlog
 import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from echelon.device.control import (
-    AbortWindow,
-    Advertised,
-    RelayAdvertisements,
-    RelayShares,
-    ReleaseShares,
-    SharesReleased,
-    SharesSent,
-    SignSurvivors,
-    StartWindow,
-    SurvivorsSigned,
+from echelon.device.control import StartWindow
+from echelon.protocol.messages import (
+    KeysRelayed,
+    SharesRelayed,
+    SurvivorsAnnounced,
+    UnmaskRequested,
+    WindowAborted,
 )
-from echelon.secagg import EncryptedShare, KeyAdvertisement, Participant
+from echelon.protocol.rounds import PartyRounds
 
 log = structlog.get_logger(__name__)
 
@@ -34,7 +30,7 @@ log = structlog.get_logger(__name__)
 #: exactly (up to quantization), larger ones are clipped.
 LOSS_RANGE = 32.0
 
-_R = TypeVar("_R", RelayAdvertisements, RelayShares, SignSurvivors, ReleaseShares)
+_R = TypeVar("_R", KeysRelayed, SharesRelayed, SurvivorsAnnounced, UnmaskRequested)
 
 
 def level1_vector(
@@ -50,8 +46,8 @@ def level1_vector(
 
 
 class DeviceMasking:
-    """Worker side of one level-1 window: a fresh `Participant` (fresh keys, window bound in),
-    driven by the agent's control messages over the worker's Pipe."""
+    """Worker side of one level-1 window: a `PartyRounds` (fresh keys, window bound in) fed
+    the agent's round messages from the worker's Pipe; its answers go back the same way."""
 
     def __init__(
         self, *, conn: Connection, start: StartWindow, shard: int, identity: Ed25519PrivateKey
@@ -63,33 +59,28 @@ class DeviceMasking:
         self._conn = conn
         self._secure = secure
         self._timeout_s = start.send_timeout_s
-        self._participant = Participant(
-            party_id=shard,
+        self._rounds = PartyRounds(
+            party=shard,
             window=start.window,
             cohort=secure.cohort,
-            identity=identity,
-            peer_identities={
-                p: Ed25519PublicKey.from_public_bytes(k) for p, k in secure.identities
-            },
             config=secure.config,
+            secure=True,
+            identity=identity,
+            identities={p: Ed25519PublicKey.from_public_bytes(k) for p, k in secure.identities},
             graph_seed=secure.graph_seed,
         )
 
     def exchange_keys(self) -> bool:
         """Advertise, share keys, receive shares. False when the agent refused the window."""
-        ad = self._participant.advertise()
-        self._conn.send(Advertised(window=self.window, advertisement=ad.to_bytes()))
-        relay = self._expect(RelayAdvertisements)
+        self._conn.send(self._rounds.advertise())
+        relay = self._expect(KeysRelayed)
         if relay is None:
             return False
-        ads = [KeyAdvertisement.from_bytes(b) for b in relay.advertisements]
-        shares = self._participant.share_keys({a.party: a for a in ads})
-        out = tuple(s.to_bytes() for _, s in sorted(shares.items()))
-        self._conn.send(SharesSent(window=self.window, shares=out))
-        routed = self._expect(RelayShares)
+        self._conn.send(self._rounds.on_keys(relay))
+        routed = self._expect(SharesRelayed)
         if routed is None:
             return False
-        self._participant.receive_shares([EncryptedShare.from_bytes(b) for b in routed.shares])
+        self._rounds.on_shares(routed)
         return True
 
     def weight(self, tokens: int) -> float:
@@ -104,26 +95,26 @@ class DeviceMasking:
         clipped = int(np.count_nonzero(np.abs(x[:-1]) > clip))
         if clipped:
             log.info("worker_delta_clipped", window=self.window, coordinates=clipped, clip=clip)
-        masked = self._participant.mask(x, self.weight(tokens), np.random.default_rng())
-        return torch.from_numpy(masked.view(np.int32))
+        sent = self._rounds.contribute(
+            x, self.weight(tokens), np.random.default_rng(), base_version=0, devices=1
+        )
+        return torch.from_numpy(sent.vector.view(np.int32))
 
     def finish(self) -> bool:
         """Sign the survivor list and release unmasking shares. False when the agent refused
-        the window instead (AbortWindow): then no share was released."""
-        sign = self._expect(SignSurvivors)
-        if sign is None:
+        the window instead (WindowAborted): then no share was released."""
+        announced = self._expect(SurvivorsAnnounced)
+        if announced is None:
             return False
-        signature = self._participant.sign_survivors(sign.survivors)
-        self._conn.send(SurvivorsSigned(window=self.window, signature=signature))
-        release = self._expect(ReleaseShares)
-        if release is None:
+        self._conn.send(self._rounds.on_survivors(announced))
+        request = self._expect(UnmaskRequested)
+        if request is None:
             return False
-        shares = self._participant.unmask(release.survivors, dict(release.signatures))
-        self._conn.send(SharesReleased(window=self.window, shares=shares.to_bytes()))
+        self._conn.send(self._rounds.on_unmask(request))
         return True
 
     def _expect(self, kind: type[_R]) -> _R | None:
-        """The agent's next message if it is a `kind` of this window; None on AbortWindow.
+        """The agent's next message if it is a `kind` of this window; None on WindowAborted.
 
         Raises:
             TimeoutError: nothing arrived in time (the agent is gone or stuck).
@@ -132,7 +123,7 @@ class DeviceMasking:
         if not self._conn.poll(self._timeout_s):
             raise TimeoutError(f"window {self.window}: no {kind.__name__} in {self._timeout_s} s")
         msg = self._conn.recv()
-        if isinstance(msg, AbortWindow) and msg.window == self.window:
+        if isinstance(msg, WindowAborted) and msg.window == self.window:
             log.info("worker_window_refused", window=self.window, reason=msg.reason)
             return None
         if isinstance(msg, kind) and msg.window == self.window:

@@ -16,16 +16,12 @@ import structlog
 import torch.distributed as dist
 
 from echelon.device.control import (
-    Advertised,
     EvalResult,
     FromWorker,
     Joined,
     JoinGroup,
     Ready,
-    SharesReleased,
-    SharesSent,
     Stop,
-    SurvivorsSigned,
     ToWorker,
     WindowDone,
     WorkerError,
@@ -43,10 +39,6 @@ _M = TypeVar(
     Joined,
     WindowDone,
     EvalResult,
-    Advertised,
-    SharesSent,
-    SurvivorsSigned,
-    SharesReleased,
 )
 POLL_S = 0.05
 _REBUILD_ATTEMPTS = 3

@@ -21,7 +21,6 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from echelon.device.contribution import THETA_TAG, encode_contribution, send_contribution
 from echelon.device.control import (
-    AbortWindow,
     EvalResult,
     Evaluate,
     Joined,
@@ -35,6 +34,7 @@ from echelon.device.control import (
 )
 from echelon.device.group import GroupInfo, PointToPointGroup, client_store, connect
 from echelon.device.masking import DeviceMasking
+from echelon.protocol.messages import WindowAborted
 from echelon.training.data import (
     BatchSampler,
     TokenBlocks,
@@ -234,7 +234,7 @@ def worker_main(spec: WorkerSpec, conn: Connection) -> None:
             break
         if isinstance(msg, Stop):
             break
-        if isinstance(msg, AbortWindow):
+        if isinstance(msg, WindowAborted):
             continue  # a refusal that crossed this worker's last reply: the window is over
         try:
             if isinstance(msg, JoinGroup):

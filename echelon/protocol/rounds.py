@@ -9,13 +9,19 @@ off (a baseline), only collection runs, over plain float vectors.
 
 Any failure of a party (bytes that do not parse, a bad signature, a vector of the wrong
 length or type, a message for another window or stage, silence) is that party's failure:
-it is recorded with a reason and the round goes on without it; only the library's verdict
-that too few parties remain ends the round (ABORTED, with the reason).
+it is recorded with a reason and the round goes on without it. The round ends without a
+result (ABORTED, `aborted` says why) when too few parties remain: fewer than the owner's
+`min_parties` (its k_min), or too few holders or signers to remove every mask (the library's
+threshold t). The latter is checked before each stage's messages go out, so a round that
+cannot complete is refused before any unmasking share is released.
+
+Event-driven executors (the coordinator, the simulator) call the round directly; a blocking
+one drives it with `echelon.device.drive.run_rounds` over a transport (level 1's pipes).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping, Sequence, Set
 from dataclasses import dataclass
 from enum import Enum, auto
 
@@ -71,6 +77,24 @@ class PartyRefused(Exception):
     """A party's message was refused; the party is out of the round."""
 
 
+@dataclass(frozen=True, kw_only=True)
+class RoundAborted:
+    """Why a round ended without a result: `expected` parties (holders, signers) were
+    needed, `found` remained (-1 when unknown); `below_minimum` when fewer than the owner's
+    `min_parties` remained (its policy), else the library's threshold could not be met."""
+
+    reason: str
+    expected: int
+    found: int
+    below_minimum: bool = False
+
+
+class _Short(Exception):
+    def __init__(self, aborted: RoundAborted) -> None:
+        super().__init__(aborted.reason)
+        self.aborted = aborted
+
+
 _EXPECTED: dict[RoundStage, type] = {
     RoundStage.KEYS: KeysAdvertised,
     RoundStage.SHARES: SharesSent,
@@ -92,16 +116,20 @@ class AggregatorRounds:
         config: SecAggConfig | None,
         graph_seed: bytes = b"",
         identities: Mapping[int, Ed25519PublicKey] | None = None,
+        min_parties: int = 1,
     ) -> None:
         """`length` is the contribution's unweighted length (the vector is `length + 1`
-        with the weight); `config` None means level 2 off (plain float sums)."""
+        with the weight); `config` None means level 2 off (plain float sums). A secure round
+        with fewer than `min_parties` parties left (keys, shares, vectors) is aborted."""
         self.window = window
         self.cohort = tuple(sorted(cohort))
         self.length = length
         self.secure = config is not None
+        self.min_parties = min_parties
         self.failed: dict[int, str] = {}
-        self.abort_reason: str | None = None
+        self.aborted: RoundAborted | None = None
         self.result: WindowSum | None = None
+        self.error_bound = 0.0  # of one coordinate of `result.weighted_sum` (quantization)
         self._answered: set[int] = set()
         self._collected: set[int] = set()
         self._plain: PlainAggregator | None = None
@@ -138,6 +166,10 @@ class AggregatorRounds:
     @property
     def finished(self) -> bool:
         return self.stage in (RoundStage.DONE, RoundStage.ABORTED)
+
+    @property
+    def abort_reason(self) -> str | None:
+        return None if self.aborted is None else self.aborted.reason
 
     # -- events ----------------------------------------------------------------------------
     def receive(self, party: int, message: PartyMessage) -> list[Outbound]:
@@ -228,28 +260,68 @@ class AggregatorRounds:
         self._expected = tuple(sorted(expected))
         self._answered = set()
 
-    def _abort(self, reason: str) -> list[Outbound]:
+    def _abort(self, aborted: RoundAborted) -> list[Outbound]:
         self.stage = RoundStage.ABORTED
-        self.abort_reason = reason
+        self.aborted = aborted
         return []
 
     def _advance(self) -> list[Outbound]:
         try:
             return self._next_stage()
+        except _Short as short:
+            return self._abort(short.aborted)
         except SecAggError as exc:
-            return self._abort(f"secure aggregation aborted: {exc}")
+            reason = f"secure aggregation aborted: {exc}"
+            return self._abort(
+                RoundAborted(
+                    reason=reason, expected=_as_int(exc.expected), found=_as_int(exc.found)
+                )
+            )
+
+    def _require(self, present: Set[int], what: str) -> None:
+        """Raises _Short when `present` has fewer than `min_parties` parties."""
+        if len(present) < self.min_parties:
+            raise _Short(
+                RoundAborted(
+                    reason=f"{len(present)} {what}, want >= {self.min_parties}",
+                    expected=self.min_parties,
+                    found=len(present),
+                    below_minimum=True,
+                )
+            )
+
+    def _require_holders(self, owners: Set[int], holders: Set[int], what: str) -> None:
+        """Raises _Short unless each owner's secret has t holders among `holders`."""
+        assert self._agg is not None
+        short = self._agg.graph.short_of(owners, holders)
+        if short is not None:
+            owner, have, want = short
+            raise _Short(
+                RoundAborted(
+                    reason=f"secure aggregation cannot complete: {what}: party {owner} has "
+                    f"{have} of the {want} holders it needs",
+                    expected=want,
+                    found=have,
+                )
+            )
 
     def _next_stage(self) -> list[Outbound]:
         w = self.window
         if self.stage is RoundStage.KEYS:
             assert self._agg is not None
             ads = self._agg.close_advertisements()
+            present = set(ads) - set(self.failed)
+            self._require(present, "parties advertised keys")
+            self._require_holders(present, present, "advertised keys")
             relayed = tuple(ad.to_bytes() for _, ad in sorted(ads.items()))
             self._set_stage(RoundStage.SHARES, sorted(ads))
             return [Outbound(p, KeysRelayed(window=w, advertisements=relayed)) for p in sorted(ads)]
         if self.stage is RoundStage.SHARES:
             assert self._agg is not None
             routed = self._agg.route_shares()
+            present = set(routed) - set(self.failed)
+            self._require(present, "parties exchanged shares")
+            self._require_holders(present, present, "exchanged shares")
             self._set_stage(RoundStage.COLLECT, sorted(routed))
             return [
                 Outbound(p, SharesRelayed(window=w, shares=tuple(s.to_bytes() for s in shares)))
@@ -262,6 +334,7 @@ class AggregatorRounds:
                 self.stage = RoundStage.DONE
                 return []
             assert self._agg is not None
+            self._require(self._collected, "masked vectors")
             self._survivors = tuple(self._agg.fix_survivors())
             self._set_stage(RoundStage.CONFIRM, self._survivors)
             return [
@@ -273,7 +346,12 @@ class AggregatorRounds:
             signatures = self._agg.survivor_signatures()
             self._set_stage(RoundStage.UNMASK, sorted(signatures))
             if not signatures:
-                return self._abort("no survivor signed the survivor list")
+                raise _Short(
+                    RoundAborted(reason="no survivor signed the survivor list", expected=1, found=0)
+                )
+            signers = set(signatures) - set(self.failed)
+            self._require_holders(signers, signers, "survivor signatures")
+            self._require_holders(self._agg.secrets_due, signers, "signers holding shares")
             request = UnmaskRequested(
                 window=w, survivors=self._survivors, signatures=tuple(sorted(signatures.items()))
             )
@@ -286,6 +364,7 @@ class AggregatorRounds:
                 weight_sum=result.weight_sum,
                 contributors=tuple(result.contributors),
             )
+            self.error_bound = result.quantization_bound
             self.stage = RoundStage.DONE
             return []
         return []
@@ -296,6 +375,10 @@ class AggregatorRounds:
         if self._plain is not None:
             return tuple(sorted(self._collected))
         return self._survivors
+
+
+def _as_int(value: object) -> int:
+    return value if isinstance(value, int) else -1
 
 
 class PartyRounds:
@@ -408,5 +491,6 @@ __all__ = [
     "Outbound",
     "PartyRefused",
     "PartyRounds",
+    "RoundAborted",
     "RoundStage",
 ]
