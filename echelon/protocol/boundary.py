@@ -219,10 +219,12 @@ class BoundaryCore:
     def _install(self, message: GlobalVersion, out: list[Command]) -> None:
         if message.phi.shape != (self.dim,):
             raise ValueError(f"global adapter length {message.phi.size}, want {self.dim}")
-        if message.version == self.held_version:
-            return
         if message.version < self.held_version:
             raise PartyRefused(f"version {message.version} < held {self.held_version}")
+        if self.window is not None and message.window >= self.window.window:
+            self.rounds = None  # that window is over: nothing more goes to it
+        if message.version == self.held_version:
+            return
         self.held_version = message.version
         self.phi = message.phi.astype(np.float32)
         sub = self.submitted
@@ -374,6 +376,9 @@ class BoundaryCore:
         waiting = self.pending or (self.submitted is not None and not self.config.buffered)
         if busy or waiting or self.held_version < 0:
             return
+        win = self.window
+        if self.config.controller is not None and (win is None or win.version < self.held_version):
+            return  # the window that opens on this version says its H and mu: train with them
         self.training = True
         out.append(
             Train(

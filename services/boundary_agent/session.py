@@ -346,21 +346,21 @@ class AgentSession:
                 grpc.StatusCode.DATA_LOSS, "Welcome.run_config does not match its SHA-256"
             )
         with self._lock:
-            if self.core is None:
-                self.run_id = self.run_id or welcome.run_id
-                if self.audit is not None:
-                    body = bytes(welcome.run_config)
-                    self.audit.gate.received(
-                        PayloadType.RUN_CONFIG, COORDINATOR, 0, body, RunConfig(config=body)
-                    )
-                self.core = self.make_core(welcome)
-                self.run_config_sha256 = digest
-            elif digest != self.run_config_sha256:
+            if self.core is not None and digest != self.run_config_sha256:
                 raise FrameError(
                     grpc.StatusCode.FAILED_PRECONDITION,
                     "Welcome: the coordinator declares another run than the one this agent "
                     "joined; restart the agent for a new run",
                 )
+            if self.audit is not None:  # every Welcome's copy, as the coordinator records it
+                body = bytes(welcome.run_config)
+                self.audit.gate.received(
+                    PayloadType.RUN_CONFIG, COORDINATOR, 0, body, RunConfig(config=body)
+                )
+            if self.core is None:
+                self.run_id = self.run_id or welcome.run_id
+                self.core = self.make_core(welcome)
+                self.run_config_sha256 = digest
             return self.core
 
     def _run(self) -> None:

@@ -17,12 +17,11 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
-import numpy as np
 import structlog
 
 from echelon.audit.record import LOG_PARTY, PayloadType, Role, RunConfig
 from echelon.declaration import ModelIdentity
-from echelon.protocol import CoordinatorCore, CoordinatorState
+from echelon.protocol import CoordinatorCore
 from echelon.tomlconfig import ConfigFileError, build
 from echelon_proto.coordinator.v1 import coordinator_pb2_grpc
 from services.common.audited import AuditedPeer
@@ -37,12 +36,11 @@ from services.common.identity import load_or_create_identity
 from services.common.obs import configure_logging, start_metrics
 from services.common.portfile import write_port_file
 from services.common.server import start_server, wait_for_signal
-from services.common.wire import vector_sha256
 
 from .config import CoordinatorConfig
 from .servicer import CoordinatorServicer
 from .session import CoordinatorSessions
-from .store import CoordinatorStore, VersionRecord
+from .store import CoordinatorStore, restore_state
 
 PARTY = "coordinator"
 _RECORDED = "run_config_sha256"
@@ -57,26 +55,6 @@ def load_config(tables: dict[str, Any], windows: int | None) -> CoordinatorConfi
     if windows is not None:
         body["windows"] = windows
     return build(CoordinatorConfig, body, "coordinator")
-
-
-def restore(store: CoordinatorStore, dim: int) -> CoordinatorState:
-    """The core's state from the durable store; version 0 (offset zero) on a fresh start."""
-    latest = store.latest_version()
-    if latest is None:
-        phi = np.zeros(dim, dtype=np.float32)
-        store.save_version(
-            VersionRecord(0, 0, vector_sha256(phi), (), 0.0, 0, b""), phi, None, None
-        )
-        return CoordinatorState()
-    window = int(store.get_meta("window") or latest.window)
-    return CoordinatorState(
-        window=window,
-        version=latest.version,
-        phi=store.load_adapter(latest.version),
-        momentum=store.load_momentum(latest.version),
-        contributors=latest.contributors,
-        committed=sum(1 for v in store.versions() if v.version > 0),
-    )
 
 
 def core_factory(
@@ -102,7 +80,7 @@ def core_factory(
             join_grace_s=config.join_grace_s,
         )
         core = CoordinatorCore(
-            protocol, dim=model.dim, identities={}, state=restore(store, model.dim)
+            protocol, dim=model.dim, identities={}, state=restore_state(store, model.dim)
         )
         return core, body
 

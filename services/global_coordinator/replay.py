@@ -2,9 +2,10 @@
 aggregates and the run's declared outer optimizer, and check it against the audit log.
 
 Each version is `OuterOptimizer.step` applied to the previous one with the window's
-pseudo-gradient `sum w_b delta_b / sum w_b`; the same code and float32 arithmetic give
-the same bytes, so the rebuilt adapter's SHA-256 must equal the digest that sender
-and receivers recorded on the audit log when the version was distributed.
+pseudo-gradient `sum w_b delta_b / sum w_b` (the stored aggregate also holds the cohort's
+masked statistics, split off as the coordinator's core does); the same code and float32
+arithmetic give the same bytes, so the rebuilt adapter's SHA-256 must equal the digest
+that sender and receivers recorded on the audit log when the version was distributed.
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ from echelon.aggregation import WindowSum
 from echelon.audit.record import AuditRecord, PayloadType, RunConfig
 from echelon.audit.store import read_records
 from echelon.declaration import DeclarationError, RunDeclaration
-from echelon.outer import OuterConfig, OuterOptimizer
+from echelon.outer import OuterOptimizer
+from echelon.protocol import ProtocolConfig
+from echelon.protocol.stats import split_sum
 from services.common.wire import vector_sha256
 
 from .store import CoordinatorStore
@@ -35,12 +38,13 @@ class ReplayedVersion:
     audited_by: int  # audit records (sent and received) that carry this digest
 
 
-def _declared_outer(records: list[AuditRecord]) -> OuterConfig:
+def _declared(records: list[AuditRecord]) -> ProtocolConfig:
+    """The protocol the run declared: its outer optimizer and its masked statistics."""
     for record in records:
         if isinstance(record.attributes, RunConfig):
             try:
-                return RunDeclaration.from_canonical_bytes(record.attributes.config).outer
-            except DeclarationError as exc:
+                return RunDeclaration.from_canonical_bytes(record.attributes.config).protocol()
+            except (DeclarationError, ValueError) as exc:
                 raise ReplayMismatch(f"the RUN_CONFIG record does not parse: {exc}") from exc
     raise ReplayMismatch("the audit log holds no RUN_CONFIG record to replay against")
 
@@ -55,9 +59,9 @@ def replay(
         versions = store.versions()
         if not versions:
             raise ReplayMismatch("the coordinator stored no version")
-        outer = _declared_outer(records)
+        declared = _declared(records)
         phi = store.load_adapter(0)
-        optimizer = OuterOptimizer(outer, phi.size)
+        optimizer = OuterOptimizer(declared.outer, phi.size)
         done: list[ReplayedVersion] = []
         for info in versions[1:]:
             if upto is not None and info.version > upto:
@@ -67,7 +71,12 @@ def replay(
                 raise ReplayMismatch(
                     f"window {info.window}: stored aggregate does not match its recorded digest"
                 )
-            total = WindowSum(aggregate[:-1], float(aggregate[-1]), ())
+            # the aggregate is `sum w x` (the delta, then the masked statistics) and `sum w`
+            weight_sum = float(aggregate[-1])
+            delta_sum, _ = split_sum(
+                aggregate[:-1], weight_sum, declared.stats, declared.secagg.clip
+            )
+            total = WindowSum(delta_sum, weight_sum, ())
             phi = optimizer.step(phi, total.pseudo_gradient())
             digest = vector_sha256(phi)
             if digest != info.sha256:

@@ -104,6 +104,7 @@ class CoordinatorSessions:
         self._lock = threading.RLock()
         self._changed = threading.Condition(self._lock)
         self._sessions: dict[str, queue.Queue[object]] = {}
+        self._cohorts: dict[int, int] = {}  # window -> cohort size, of recent windows
         self._timers = Timers(self._timer, clock)
         if model is not None:
             self._pin(model)
@@ -137,11 +138,16 @@ class CoordinatorSessions:
         self._handle(TimerFired(key))
 
     def _cohort_size(self, window: int) -> int:
+        """The cohort size of `window`, also after it closed (a late frame of a closed
+        window is recorded with its window's provenance, as its sender recorded it)."""
         core = self.core
         for win in (core.current, core.next):
             if win is not None and win.id == window:
+                self._cohorts[window] = len(win.cohort)
+                while len(self._cohorts) > 16:
+                    del self._cohorts[min(self._cohorts)]
                 return len(win.cohort)
-        return 0
+        return self._cohorts.get(window, 0)
 
     def _identity_key(self, boundary: str) -> bytes:
         return self.core.identities[boundary].public_bytes_raw()

@@ -18,6 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
+from echelon.protocol import CoordinatorState
+from services.common.wire import vector_sha256
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS boundaries (
     boundary TEXT PRIMARY KEY,
@@ -206,3 +209,23 @@ def stored_adapter(root: Path, version: int | None = None) -> tuple[int, np.ndar
         return chosen, store.load_adapter(chosen)
     finally:
         store.close()
+
+
+def restore_state(store: CoordinatorStore, dim: int) -> CoordinatorState:
+    """The core's state from the durable store; version 0 (offset zero) on a fresh start."""
+    latest = store.latest_version()
+    if latest is None:
+        phi = np.zeros(dim, dtype=np.float32)
+        store.save_version(
+            VersionRecord(0, 0, vector_sha256(phi), (), 0.0, 0, b""), phi, None, None
+        )
+        return CoordinatorState()
+    window = int(store.get_meta("window") or latest.window)
+    return CoordinatorState(
+        window=window,
+        version=latest.version,
+        phi=store.load_adapter(latest.version),
+        momentum=store.load_momentum(latest.version),
+        contributors=latest.contributors,
+        committed=sum(1 for v in store.versions() if v.version > 0),
+    )

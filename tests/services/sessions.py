@@ -1,33 +1,71 @@
 """Real window sessions in this process: a coordinator gRPC server on an ephemeral port
 running `CoordinatorSessions`, and agents that dial out to it with `AgentSession`, each
-running the protocol cores with scripted deltas (tests/protocol/harness.py)."""
+running the protocol cores with scripted deltas (tests/protocol/harness.py). With `audit`
+set, a real audit log server runs too, every party records what crosses on it (its
+identity key signs both its records and its protocol messages), and the coordinator
+declares a real run (`RunDeclaration`) in Welcome."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 
+import grpc
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from echelon.protocol import BoundaryCore, CoordinatorCore, ProtocolConfig, TrainedDelta
+from echelon.audit.record import AuditRecord, Role
+from echelon.audit.store import read_records
+from echelon.controller import SyncControllerConfig
+from echelon.declaration import ModelIdentity, RunDeclaration, SecureAggregationConfig
+from echelon.protocol import (
+    COORDINATOR,
+    BoundaryCore,
+    CoordinatorCore,
+    CoordinatorState,
+    ProtocolConfig,
+    TrainedDelta,
+)
 from echelon.protocol.events import Command, CommitVersion, Event, Train
 from echelon.protocol.messages import ToCoordinator
 from echelon_proto.coordinator.v1 import coordinator_pb2_grpc
+from services.audit_log.server import AuditLogConfig, AuditLogServer, create_server
 from services.boundary_agent.session import AgentSession, Backoff, Hello
+from services.common.audited import AuditedPeer
+from services.common.bootstrap import audited_peer
+from services.common.identity import load_or_create_identity
 from services.common.server import RunningServer, ServerConfig, start_server
 from services.global_coordinator.session import CoordinatorSessions, SessionServicer
-from tests.protocol.harness import DIM, ScriptedTrainer
+from services.global_coordinator.store import CoordinatorStore, restore_state
+from tests.protocol.harness import DIM, ScriptedTrainer, protocol_config
 
 LAYOUT, BASE, TOKENIZER = b"\x01" * 32, b"\x02" * 32, b"\x03" * 32
+MODEL = ModelIdentity(LAYOUT, BASE, TOKENIZER, DIM)
 Gate = Callable[["Sites", str, Train], None]
+AUDIT_DB = Path("audit") / "log.db"
+ORGS = ("org-a", "org-b", "org-c")
+
+
+def federation_config(**overrides: object) -> ProtocolConfig:
+    """One window (unless overridden) that opens only with the whole federation joined (so
+    its cohort does not depend on which session came up first); silence costs a stage (1 s)
+    or the deadline (2 s)."""
+    base = protocol_config()
+    config = replace(
+        base,
+        window=replace(base.window, deadline_s=2.0, min_cohort=3),
+        round_timeout_s=1.0,
+        windows=1,
+    )
+    return replace(config, **overrides)  # type: ignore[arg-type]
 
 
 class RecordingCore(CoordinatorCore):
     """The coordinator's core, keeping every version it commits (for the tests' checks)."""
 
-    def __init__(self, config: ProtocolConfig) -> None:
-        super().__init__(config, dim=DIM, identities={})
+    def __init__(self, config: ProtocolConfig, state: CoordinatorState | None = None) -> None:
+        super().__init__(config, dim=DIM, identities={}, state=state)
         self.commits: list[CommitVersion] = []
 
     def handle(self, event: Event, now: float) -> list[Command]:
@@ -36,12 +74,57 @@ class RecordingCore(CoordinatorCore):
         return commands
 
 
+def declaration(config: ProtocolConfig) -> RunDeclaration:
+    """The run declaration that states `config`'s rules (and so the audit policy)."""
+    return RunDeclaration(
+        run_id=config.run_id,
+        model=MODEL,
+        secagg=SecureAggregationConfig(
+            level2=config.level2, k_min=config.policy.k_min, clip=config.secagg.clip
+        ),
+        window=config.window,
+        staleness=config.staleness,
+        outer=config.outer,
+        adaptive_h=config.controller is not None,
+        controller=config.controller or SyncControllerConfig(),
+        delay_aware=config.delay_aware,
+        buffered=config.buffered,
+        token_unit=config.token_unit,
+        clip_norm=config.policy.clip_norm,
+        stats=config.stats,
+        round_timeout_s=config.round_timeout_s,
+    )
+
+
+@dataclass
+class Audit:
+    """A real audit log server and each party's audited wire."""
+
+    root: Path
+    server: AuditLogServer
+    peers: dict[str, AuditedPeer] = field(default_factory=dict)
+    channels: list[grpc.Channel] = field(default_factory=list)
+
+    @property
+    def db(self) -> Path:
+        return self.root / AUDIT_DB
+
+    def records(self) -> list[AuditRecord]:
+        return read_records(self.db)
+
+    def close(self) -> None:
+        for channel in self.channels:
+            channel.close()
+        self.server.stop(0)
+
+
 @dataclass
 class Sites:
     coordinator: CoordinatorSessions
     server: RunningServer
     agents: dict[str, AgentSession]
     trainers: dict[str, ScriptedTrainer]
+    audit: Audit | None = None
 
     @property
     def commits(self) -> list[CommitVersion]:
@@ -57,43 +140,84 @@ class Sites:
         c = self.coordinator
         return c.wait(lambda: c.pinned and c.core.done, timeout_s)
 
+    def records(self) -> list[AuditRecord]:
+        assert self.audit is not None, "start_sites(..., audit=path) for an audit log"
+        return self.audit.records()
+
     def close(self) -> None:
         for agent in self.agents.values():
             agent.stop()
         self.coordinator.stop()
         self.server.stop(0)
+        if self.coordinator.store is not None:
+            self.coordinator.store.close()
+        if self.audit is not None:
+            self.audit.close()
 
 
 def start_sites(
     config: ProtocolConfig,
-    names: tuple[str, ...] = ("org-a", "org-b", "org-c"),
+    names: tuple[str, ...] = ORGS,
     *,
     gate: Gate | None = None,
     fault: Callable[[str, ToCoordinator], ToCoordinator | None] | None = None,
+    audit: Path | None = None,
+    configs: Mapping[str, ProtocolConfig] | None = None,
+    trainer: Callable[[str], ScriptedTrainer] = ScriptedTrainer,
+    state: Path | None = None,
 ) -> Sites:
     """Starts the coordinator and the agents; `gate(sites, boundary, train)` may hold a
-    training run until a protocol event (it is called in the agent's training thread)."""
-    core = RecordingCore(config)
-    sessions = CoordinatorSessions(lambda model: (core, b""), run_id=config.run_id)
+    training run until a protocol event (it is called in the agent's training thread).
+    `audit` (a directory) starts an audit log server there that every party records on;
+    `configs` gives a boundary's core another configuration than `config` (e.g. its own
+    staleness bound); `trainer(boundary)` makes each boundary's scripted trainer; `state`
+    (a directory) gives the coordinator a durable store there, as its main has, which it
+    resumes from and commits every version to."""
+    store = None if state is None else CoordinatorStore(state)
+    core = RecordingCore(config, None if store is None else restore_state(store, DIM))
+    log: Audit | None = None
+    run_config = b""
+    keys: dict[str, Ed25519PrivateKey] = {}
+    if audit is not None:
+        declared = declaration(config)
+        run_config = declared.to_canonical_bytes()
+        log = Audit(
+            audit,
+            create_server(AuditLogConfig(data_dir=audit / "audit", origin="echelon.test/sites")),
+        )
+        address = f"127.0.0.1:{log.server.port}"
+        for party, role in [(COORDINATOR, Role.COORDINATOR)] + [(b, Role.BOUNDARY) for b in names]:
+            identity = load_or_create_identity(party, audit / party / "identity")
+            peer, channel = audited_peer(party, role, identity, declared.policy(), address)
+            log.peers[party], keys[party] = peer, identity.key
+            log.channels.append(channel)
+    sessions = CoordinatorSessions(
+        lambda model: (core, run_config),
+        run_id=config.run_id,
+        store=store,
+        audit=None if log is None else log.peers[COORDINATOR],
+    )
     server = start_server(
         ServerConfig(),
         lambda s: coordinator_pb2_grpc.add_CoordinatorServicer_to_server(
-            SessionServicer(sessions), s
+            SessionServicer(sessions),  # type: ignore[abstract]
+            s,
         ),
         ["echelon.coordinator.v1.Coordinator"],
     )
-    keys = {b: Ed25519PrivateKey.generate() for b in names}
-    public = {b: k.public_key() for b, k in keys.items()}
-    sites = Sites(sessions, server, {}, {})
+    for b in names:
+        keys.setdefault(b, Ed25519PrivateKey.generate())
+    public = {b: keys[b].public_key() for b in names}
+    sites = Sites(sessions, server, {}, {}, log)
     theta0 = np.zeros(DIM, dtype=np.float32)
     for b in names:
-        trainer = ScriptedTrainer(b)
-        sites.trainers[b] = trainer
+        scripted = trainer(b)
+        sites.trainers[b] = scripted
 
-        def train(command: Train, b: str = b, trainer: ScriptedTrainer = trainer) -> TrainedDelta:
+        def train(command: Train, b: str = b, scripted: ScriptedTrainer = scripted) -> TrainedDelta:
             if gate is not None:
                 gate(sites, b, command)
-            result, _ = trainer.train(command, 0.0)
+            result, _ = scripted.train(command, 0.0)
             return result
 
         boundary_fault = None
@@ -104,15 +228,20 @@ def start_sites(
                 return fault(b, message)
 
         core_b = BoundaryCore(
-            config, boundary=b, theta0=theta0, identity=keys[b], identities=public, rounding_seed=7
+            (configs or {}).get(b, config),
+            boundary=b,
+            theta0=theta0,
+            identity=keys[b],
+            identities=public,
+            rounding_seed=7,
         )
         agent = AgentSession(
-            lambda welcome, core_b=core_b: core_b,
+            _built(core_b),
             address=sites.address,
             hello=Hello(
                 boundary=b,
                 identity_key=public[b].public_bytes_raw(),
-                devices=trainer.devices,
+                devices=scripted.devices,
                 dim=DIM,
                 layout_digest=LAYOUT,
                 base_model_digest=BASE,
@@ -120,14 +249,19 @@ def start_sites(
             ),
             run_id=config.run_id,
             train=train,
-            rebase=trainer.rebase,
+            rebase=scripted.rebase,
             fault=boundary_fault,
             backoff=Backoff(first_s=0.05, max_s=0.5),
+            audit=None if log is None else log.peers[b],
         )
         sites.agents[b] = agent
     for agent in sites.agents.values():
         agent.start()
     return sites
+
+
+def _built(core: BoundaryCore) -> Callable[[object], BoundaryCore]:
+    return lambda welcome: core
 
 
 def hold_until(predicate: Callable[[Sites], bool]) -> Callable[[Sites], None]:
