@@ -252,12 +252,11 @@ class Deployment:
         raise LaunchError(f"{windows} windows not done within {timeout_s:.0f}s")
 
     def stop(self, grace_s: float = 20.0) -> dict[str, int | None]:
-        """SIGTERM to every service (agents first), then SIGKILL after `grace_s`."""
+        """SIGTERM to every service (agents first), then SIGKILL after `grace_s`; the WAN
+        links stay up until every service stopped (an agent's last audit appends cross
+        them on its way out)."""
         order = [s for n, s in self.services.items() if n not in ("coordinator", "audit-log")]
         order += [self.services[n] for n in ("coordinator", "audit-log") if n in self.services]
-        if self._wan is not None:
-            self._wan.stop()
-            self._wan = None
         codes: dict[str, int | None] = {}
         for service in order:
             if service.process.poll() is None:
@@ -267,4 +266,7 @@ class Deployment:
             except subprocess.TimeoutExpired:
                 os.killpg(service.process.pid, signal.SIGKILL)
                 codes[service.name] = service.process.wait()
+        if self._wan is not None:
+            self._wan.stop()
+            self._wan = None
         return codes

@@ -28,6 +28,7 @@ log = structlog.get_logger(__name__)
 # Entries a log appends before it signs a tree head unasked. Asking (`tree_head`) always
 # signs one that covers every entry, so this bounds only what a crash can leave uncovered.
 DEFAULT_CHECKPOINT_EVERY = 64
+PENDING = -1  # the index of an append the log has not answered yet
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -37,12 +38,14 @@ class AppendResult:
     Heads are signed lazily, so `tree_head` covers the record only when
     `tree_head.size > index`; `TransparencyLog.tree_head()` (the service's
     GetTreeHead) returns one that does. `record` is the decoded record when the log
-    itself produced the result (None when it came over the wire).
+    itself produced the result (None when it came over the wire). A pipelined append
+    (`services.common.pipelined`) answers before the log does: index -1 (`PENDING`) and
+    no tree head.
     """
 
     index: int
     leaf_hash: bytes
-    tree_head: SignedTreeHead
+    tree_head: SignedTreeHead | None
     record: AuditRecord | None = None
 
 

@@ -116,6 +116,25 @@ class AuditClient:
             tree_head=_tree_head(response.tree_head),
         )
 
+    def append_stream(self, records: Iterator[tuple[bytes, bytes]]) -> Iterator[AppendResult]:
+        """Appends each (record, signature) that `records` yields, in order, over one
+        stream (no deadline: it lives as long as the party), yielding each result in the
+        same order. Raises as `append` does for the first refused record, which ends the
+        stream (the ones before it stay appended)."""
+        requests = (
+            audit_pb2.AppendRequest(ref=new_ref(0), record=record, signature=signature)
+            for record, signature in records
+        )
+        try:
+            for response in self._stub.AppendStream(requests):
+                yield AppendResult(
+                    index=response.index,
+                    leaf_hash=bytes(response.leaf_hash),
+                    tree_head=_tree_head(response.tree_head),
+                )
+        except grpc.RpcError as error:
+            _raise(error)
+
     def tree_head(self) -> SignedTreeHead:
         request = audit_pb2.GetTreeHeadRequest(ref=new_ref(0))
         response = self._call(lambda: self._stub.GetTreeHead(request, timeout=self._timeout_s))

@@ -7,6 +7,7 @@ handler can map one differently.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable, Iterator
 from typing import TypeVar
@@ -53,19 +54,20 @@ def _tree_head(head: SignedTreeHead) -> audit_pb2.SignedTreeHead:
     )
 
 
-def validate_append(request: audit_pb2.AppendRequest) -> None:
-    """The request's shape; the record's content is validated by `AuditRecord.decode`."""
+def validate_append(request: audit_pb2.AppendRequest, what: str = "AppendRequest") -> None:
+    """The request's shape (`what` names it in errors); the record's content is validated
+    by `AuditRecord.decode`."""
     size = len(request.record)
     require(
         0 < size <= MAX_RECORD_BYTES,
-        "AppendRequest.record",
+        f"{what}.record",
         f"{size} bytes",
         f"1..{MAX_RECORD_BYTES} bytes",
     )
     signature = len(request.signature)
     require(
         signature == SIGNATURE_BYTES,
-        "AppendRequest.signature",
+        f"{what}.signature",
         f"{signature} bytes",
         f"{SIGNATURE_BYTES} bytes",
     )
@@ -81,7 +83,8 @@ class AuditLogServicer(audit_pb2_grpc.AuditLogServicer):
 
     def _serve(self, context: grpc.ServicerContext, message: str, call: Callable[[], T]) -> T:
         def refused(error: RequestError) -> None:
-            REFUSED.labels(rpc=message.removesuffix("Request"), code=error.code.name).inc()
+            rpc = re.split(r"[.\[]", message)[0].removesuffix("Request")  # one label per RPC
+            REFUSED.labels(rpc=rpc, code=error.code.name).inc()
 
         with status_on_error(context, message, refused):
             return call()
@@ -96,14 +99,34 @@ class AuditLogServicer(audit_pb2_grpc.AuditLogServicer):
     ) -> audit_pb2.AppendResponse:
         """`tree_head` is the latest signed head, which covers the record only when its
         size exceeds `index` (heads are signed lazily); GetTreeHead returns one that does."""
-        started = time.perf_counter()
 
-        def append() -> AppendResult:
+        def append() -> audit_pb2.AppendResponse:
             self._ref("AppendRequest", request.ref, request.HasField("ref"))
-            validate_append(request)
-            return self._log.append(bytes(request.record), bytes(request.signature))
+            return self._append(request, "AppendRequest")
 
-        result = self._serve(context, "AppendRequest", append)
+        return self._serve(context, "AppendRequest", append)
+
+    def AppendStream(
+        self, request_iterator: Iterator[audit_pb2.AppendRequest], context: grpc.ServicerContext
+    ) -> Iterator[audit_pb2.AppendResponse]:
+        """Appends each request in order and answers it; the first refused one ends the
+        stream with its status, naming its position."""
+        for i, request in enumerate(request_iterator):
+            what = f"AppendRequest[{i}]"  # its position on the stream, in errors
+
+            def append(
+                request: audit_pb2.AppendRequest = request, what: str = what
+            ) -> audit_pb2.AppendResponse:
+                self._ref(what, request.ref, request.HasField("ref"))
+                return self._append(request, what)
+
+            yield self._serve(context, what, append)
+
+    def _append(self, request: audit_pb2.AppendRequest, what: str) -> audit_pb2.AppendResponse:
+        started = time.perf_counter()
+        validate_append(request, what)
+        result = self._log.append(bytes(request.record), bytes(request.signature))
+        assert result.tree_head is not None, "the log itself always answers with a head"
         self._observe(result, time.perf_counter() - started)
         return audit_pb2.AppendResponse(
             index=result.index, leaf_hash=result.leaf_hash, tree_head=_tree_head(result.tree_head)

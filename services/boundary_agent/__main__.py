@@ -126,8 +126,14 @@ def main(argv: list[str] | None = None) -> int:
     facts = model_facts(setup, data_dir)
     identity = load_or_create_identity(agent.boundary, data_dir / "identity")
     # The gate's policy is tightened to the run's declared one once the coordinator says it.
+    # Pipelined: the log is across the wide-area link, off the window's critical path.
     audit, audit_channel = audited_peer(
-        agent.boundary, Role.BOUNDARY, identity, Policy(k_min=export.k_min), common.audit
+        agent.boundary,
+        Role.BOUNDARY,
+        identity,
+        Policy(k_min=export.k_min),
+        common.audit,
+        pipelined=True,
     )
     model = ModelIdentity(
         bytes.fromhex(facts.layout.digest()),
@@ -222,6 +228,7 @@ def main(argv: list[str] | None = None) -> int:
         session.stop()
         for pool in pools:
             pool.close()
+        audit.close()  # what the pipeline still holds reaches the log
         audit_channel.close()
 
     session.start()

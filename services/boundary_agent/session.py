@@ -280,8 +280,11 @@ class AgentSession:
                         record_sent(
                             self.audit.gate, message, COORDINATOR, self._cohort_size(message.window)
                         )
+                        self.audit.before_egress()
                     except AuditError as exc:
                         log.error("egress_refused", kind=type(message).__name__, error=str(exc))
+                        if self.audit.halted is not None:
+                            out.put(_END)  # a halted party ends its session; _run stops
                         continue
                 for frame in agent_frames(message, self.run_id):
                     out.put(frame)
@@ -385,6 +388,15 @@ class AgentSession:
                 log.info("session_lost", code=str(code))
             except FrameError as exc:
                 log.warning("coordinator_protocol_violation", error=str(exc))
+            except AuditError as exc:
+                if self.audit is not None and self.audit.halted is not None:
+                    # the party stopped all egress (its log failed): it stays stopped
+                    self.log.refused = f"egress halted: {self.audit.halted}"
+                    log.error("session_halted", reason=self.log.refused)
+                    with self._changed:
+                        self._changed.notify_all()
+                    return
+                log.warning("session_record_refused", error=str(exc))
             if self._stop.wait(delay):
                 return
             delay = min(self.backoff.max_s, delay * self.backoff.factor)
@@ -401,6 +413,7 @@ class AgentSession:
                 KeyRegistration(role=Role.BOUNDARY, signing_key=self.hello.identity_key),
                 lambda: None,
             )
+            self.audit.before_egress()
         out.put(hello)
 
         def requests() -> Iterator[pb.AgentFrame]:

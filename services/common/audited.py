@@ -24,6 +24,7 @@ from echelon.audit.record import (
     PayloadType,
 )
 
+from .pipelined import PipelinedSink
 from .wire import le_bytes
 
 T = TypeVar("T")
@@ -44,11 +45,35 @@ def message_bytes(message: _Message) -> bytes:
 class AuditedPeer:
     """One party's audited view of the wire; every method records before or on crossing."""
 
-    def __init__(self, gate: EgressGate, rebuild: Callable[[Policy], EgressGate]) -> None:
+    def __init__(
+        self,
+        gate: EgressGate,
+        rebuild: Callable[[Policy], EgressGate],
+        pipeline: PipelinedSink | None = None,
+    ) -> None:
+        """`pipeline` is the gate's sink when this party's appends are pipelined."""
         self._gate = gate
         self.party = gate.party
         self._rebuild = rebuild
         self._halted: str | None = None
+        self.pipeline = pipeline
+
+    def before_egress(self) -> None:
+        """Called before each message this party sends: raises EgressHalted when it
+        stopped, and with pipelined appends keeps their invariant (`PipelinedSink.egress`):
+        a party whose earlier records did not reach the log sends nothing more."""
+        _ = self.gate  # raises once halted
+        if self.pipeline is not None:
+            try:
+                self.pipeline.egress()
+            except AuditError as exc:
+                self.halt(str(exc))
+                raise EgressHalted(str(exc)) from exc
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        """Appends what the pipeline still holds (a clean stop)."""
+        if self.pipeline is not None:
+            self.pipeline.close(timeout_s)
 
     @property
     def gate(self) -> EgressGate:
@@ -56,6 +81,11 @@ class AuditedPeer:
         if self._halted is not None:
             raise EgressHalted(self._halted)
         return self._gate
+
+    @property
+    def halted(self) -> str | None:
+        """Why this party stopped all egress, or None."""
+        return self._halted
 
     def halt(self, reason: str) -> None:
         """Stops every further crossing (fail closed), e.g. when the audit log forked."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -11,13 +12,14 @@ from typing import Any
 import grpc
 import structlog
 
-from echelon.audit.gate import EgressGate, wall_clock_ms
+from echelon.audit.gate import AuditSink, EgressGate, wall_clock_ms
 from echelon.audit.policy import Policy
 from echelon.audit.record import LOG_PARTY, KeyRegistration, PayloadType, Role
 from echelon.tomlconfig import build, load_toml
 
 from .audited import AuditedPeer
 from .identity import Identity
+from .pipelined import PipelinedSink
 from .server import ServerConfig
 
 log = structlog.get_logger(__name__)
@@ -72,26 +74,38 @@ def common_config(tables: dict[str, Any], args: argparse.Namespace) -> CommonCon
 
 
 def audited_peer(
-    party: str, role: Role, identity: Identity, policy: Policy, audit_address: str
+    party: str,
+    role: Role,
+    identity: Identity,
+    policy: Policy,
+    audit_address: str,
+    *,
+    pipelined: bool = False,
 ) -> tuple[AuditedPeer, grpc.Channel]:
-    """Connects to the audit log, registers the party's key, returns its audited wire."""
+    """Connects to the audit log, registers the party's key (one synchronous append),
+    returns its audited wire. `pipelined` (a party across a wide-area link from the log:
+    a boundary agent) appends its later records in the background under the invariant of
+    `services.common.pipelined`."""
     from services.audit_log.client import AuditClient
 
     channel = grpc.insecure_channel(audit_address)
-    sink = AuditClient(channel)
+    client = AuditClient(channel)
+    halt: list[Callable[[str], None]] = []
+    pipeline = (
+        PipelinedSink(client, on_failure=lambda reason: halt[0](reason)) if pipelined else None
+    )
 
-    def make_gate(with_policy: Policy) -> EgressGate:
+    def make_gate(with_policy: Policy, sink: AuditSink | None = None) -> EgressGate:
         return EgressGate(
             party=party,
             role=role,
             signer=identity.signer,
             policy=with_policy,
-            sink=sink,
+            sink=sink or pipeline or client,
             clock=wall_clock_ms,
         )
 
-    gate = make_gate(policy)
-    gate.send(
+    make_gate(policy, client).send(
         PayloadType.KEY_REGISTRATION,
         LOG_PARTY,
         0,
@@ -99,7 +113,9 @@ def audited_peer(
         KeyRegistration(role=role, signing_key=identity.public_key),
         lambda: None,
     )
-    return AuditedPeer(gate, make_gate), channel
+    peer = AuditedPeer(make_gate(policy), make_gate, pipeline)
+    halt.append(peer.halt)
+    return peer, channel
 
 
 def watch_audit_log(

@@ -109,10 +109,19 @@ class Audit:
     def db(self) -> Path:
         return self.root / AUDIT_DB
 
+    def flush(self) -> None:
+        """Waits until every party's pipelined records are on the log."""
+        for party, peer in self.peers.items():
+            if peer.pipeline is not None:
+                assert peer.pipeline.flush(30.0), f"{party}'s records did not reach the log"
+
     def records(self) -> list[AuditRecord]:
+        self.flush()
         return read_records(self.db)
 
     def close(self) -> None:
+        for peer in self.peers.values():
+            peer.close()
         for channel in self.channels:
             channel.close()
         self.server.stop(0)
@@ -188,7 +197,15 @@ def start_sites(
         address = f"127.0.0.1:{log.server.port}"
         for party, role in [(COORDINATOR, Role.COORDINATOR)] + [(b, Role.BOUNDARY) for b in names]:
             identity = load_or_create_identity(party, audit / party / "identity")
-            peer, channel = audited_peer(party, role, identity, declared.policy(), address)
+            # agents pipeline their appends, as their main does; the coordinator does not
+            peer, channel = audited_peer(
+                party,
+                role,
+                identity,
+                declared.policy(),
+                address,
+                pipelined=role is Role.BOUNDARY,
+            )
             log.peers[party], keys[party] = peer, identity.key
             log.channels.append(channel)
     sessions = CoordinatorSessions(

@@ -92,6 +92,7 @@ def check_versions(sites: Sites) -> None:
 
 def verify_audit_log(sites: Sites, tmp_path: Path) -> None:
     assert sites.audit is not None
+    sites.audit.flush()
     report = tmp_path / "report.json"
     code = audit_cli(["verify", "--db", str(sites.audit.db), "--json", str(report)])
     assert code == 0, report.read_text()

@@ -39,6 +39,11 @@ class AuditLogStub:
                 request_serializer=echelon_dot_audit_dot_v1_dot_audit__pb2.AppendRequest.SerializeToString,
                 response_deserializer=echelon_dot_audit_dot_v1_dot_audit__pb2.AppendResponse.FromString,
                 _registered_method=True)
+        self.AppendStream = channel.stream_stream(
+                '/echelon.audit.v1.AuditLog/AppendStream',
+                request_serializer=echelon_dot_audit_dot_v1_dot_audit__pb2.AppendRequest.SerializeToString,
+                response_deserializer=echelon_dot_audit_dot_v1_dot_audit__pb2.AppendResponse.FromString,
+                _registered_method=True)
         self.GetTreeHead = channel.unary_unary(
                 '/echelon.audit.v1.AuditLog/GetTreeHead',
                 request_serializer=echelon_dot_audit_dot_v1_dot_audit__pb2.GetTreeHeadRequest.SerializeToString,
@@ -72,6 +77,17 @@ class AuditLogServicer:
         the key registered for the record's sender (a KEY_REGISTRATION record is
         verified with the key it carries, and a sender registers once);
         ALREADY_EXISTS when the sender's counter was already used (a replay).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AppendStream(self, request_iterator, context):
+        """Pipelined appends: one long-lived stream per party, each request appended
+        exactly as Append would, in the order sent, and answered in that order, so a
+        party far from the log keeps many records in flight. The first refused
+        record ends the stream with its status (its message names the record's
+        position on the stream); the records before it stay appended.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -113,6 +129,11 @@ def add_AuditLogServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Append': grpc.unary_unary_rpc_method_handler(
                     servicer.Append,
+                    request_deserializer=echelon_dot_audit_dot_v1_dot_audit__pb2.AppendRequest.FromString,
+                    response_serializer=echelon_dot_audit_dot_v1_dot_audit__pb2.AppendResponse.SerializeToString,
+            ),
+            'AppendStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.AppendStream,
                     request_deserializer=echelon_dot_audit_dot_v1_dot_audit__pb2.AppendRequest.FromString,
                     response_serializer=echelon_dot_audit_dot_v1_dot_audit__pb2.AppendResponse.SerializeToString,
             ),
@@ -162,6 +183,33 @@ class AuditLog:
             request,
             target,
             '/echelon.audit.v1.AuditLog/Append',
+            echelon_dot_audit_dot_v1_dot_audit__pb2.AppendRequest.SerializeToString,
+            echelon_dot_audit_dot_v1_dot_audit__pb2.AppendResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AppendStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/echelon.audit.v1.AuditLog/AppendStream',
             echelon_dot_audit_dot_v1_dot_audit__pb2.AppendRequest.SerializeToString,
             echelon_dot_audit_dot_v1_dot_audit__pb2.AppendResponse.FromString,
             options,

@@ -45,6 +45,13 @@ class AuditLogStub:
     verified with the key it carries, and a sender registers once);
     ALREADY_EXISTS when the sender's counter was already used (a replay).
     """
+    AppendStream: _grpc.StreamStreamMultiCallable[_audit_pb2.AppendRequest, _audit_pb2.AppendResponse]
+    """Pipelined appends: one long-lived stream per party, each request appended
+    exactly as Append would, in the order sent, and answered in that order, so a
+    party far from the log keeps many records in flight. The first refused
+    record ends the stream with its status (its message names the record's
+    position on the stream); the records before it stay appended.
+    """
     GetTreeHead: _grpc.UnaryUnaryMultiCallable[_audit_pb2.GetTreeHeadRequest, _audit_pb2.GetTreeHeadResponse]
     """The latest signed tree head."""
     GetInclusionProof: _grpc.UnaryUnaryMultiCallable[_audit_pb2.GetInclusionProofRequest, _audit_pb2.GetInclusionProofResponse]
@@ -71,6 +78,13 @@ class AuditLogAsyncStub(AuditLogStub):
     the key registered for the record's sender (a KEY_REGISTRATION record is
     verified with the key it carries, and a sender registers once);
     ALREADY_EXISTS when the sender's counter was already used (a replay).
+    """
+    AppendStream: _aio.StreamStreamMultiCallable[_audit_pb2.AppendRequest, _audit_pb2.AppendResponse]  # type: ignore[assignment]
+    """Pipelined appends: one long-lived stream per party, each request appended
+    exactly as Append would, in the order sent, and answered in that order, so a
+    party far from the log keeps many records in flight. The first refused
+    record ends the stream with its status (its message names the record's
+    position on the stream); the records before it stay appended.
     """
     GetTreeHead: _aio.UnaryUnaryMultiCallable[_audit_pb2.GetTreeHeadRequest, _audit_pb2.GetTreeHeadResponse]  # type: ignore[assignment]
     """The latest signed tree head."""
@@ -101,6 +115,19 @@ class AuditLogServicer(metaclass=_abc_1.ABCMeta):
         the key registered for the record's sender (a KEY_REGISTRATION record is
         verified with the key it carries, and a sender registers once);
         ALREADY_EXISTS when the sender's counter was already used (a replay).
+        """
+
+    @_abc_1.abstractmethod
+    def AppendStream(
+        self,
+        request_iterator: _MaybeAsyncIterator[_audit_pb2.AppendRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_audit_pb2.AppendResponse], _abc.AsyncIterator[_audit_pb2.AppendResponse]]:
+        """Pipelined appends: one long-lived stream per party, each request appended
+        exactly as Append would, in the order sent, and answered in that order, so a
+        party far from the log keeps many records in flight. The first refused
+        record ends the stream with its status (its message names the record's
+        position on the stream); the records before it stay appended.
         """
 
     @_abc_1.abstractmethod
