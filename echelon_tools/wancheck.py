@@ -15,6 +15,11 @@ strategy, model size, H, cohort and link, and its window time at the configured 
 that fixed cost is the prediction for the WAN run, which it never saw. The check passes
 when |prediction - measured| <= tolerance x measured, over the steady-state windows (the
 first window also delivers version 0 and is left out of both).
+
+The report also gives, per window at the configured latency, the communication time (window
+seconds minus the training part) and the round trips between an organization and the
+coordinator, counted from the frames the agents logged, beside the latency-derived estimate
+(WAN window - loopback window) / (2 x latency), which also holds any wait on the audit log.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ from echelon.strategy import strategy
 from echelon.tomlconfig import build, load_toml
 from echelon.training.corpus import cached_domain
 from echelon_tools.launcher import Deployment, DeploymentSpec, Site
+from echelon_tools.runlogs import commits, round_trips, training_runs
 
 STRATEGY = "diloco-sa"
 
@@ -90,12 +96,14 @@ def load_plan(path: Path) -> CheckPlan:
 
 @dataclass(frozen=True)
 class RealRun:
-    """What one real deployment measured: per-window seconds and the agents' training time."""
+    """What one real deployment measured: per-window seconds, the agents' training time and
+    the round trips between an organization and the coordinator."""
 
     latency_ms: float
     window_s: tuple[float, ...]  # steady-state windows, coordinator clock
     train_s: tuple[float, ...]  # per steady-state window, the slower boundary's training
     tokens_per_window: int  # per device
+    round_trips: tuple[int, ...] = ()  # per steady-state window, the most any agent waited on
 
     @property
     def mean_window_s(self) -> float:
@@ -105,20 +113,30 @@ class RealRun:
     def mean_train_s(self) -> float:
         return statistics.fmean(self.train_s)
 
+    @property
+    def comm_s(self) -> tuple[float, ...]:
+        """Communication per window: window seconds minus the training part."""
+        return tuple(w - t for w, t in zip(self.window_s, self.train_s, strict=True))
 
-def _events(path: Path, name: str) -> list[dict[str, Any]]:
-    out = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            event = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a worker's stray print or a traceback line
-        if isinstance(event, dict) and event.get("event") == name:
-            out.append(event)
-    return out
+    @property
+    def mean_comm_s(self) -> float:
+        return statistics.fmean(self.comm_s)
+
+    @property
+    def mean_round_trips(self) -> float:
+        return statistics.fmean(self.round_trips) if self.round_trips else float("nan")
 
 
-def _spec(plan: CheckPlan, root: Path, latency_ms: float) -> DeploymentSpec:
+def deployment_spec(
+    plan: CheckPlan,
+    root: Path,
+    latency_ms: float,
+    *,
+    coordinator: dict[str, dict[str, Any]] | None = None,
+    agents: dict[str, dict[str, Any]] | None = None,
+) -> DeploymentSpec:
+    """The check's deployment at `latency_ms` one way; `coordinator` and `agents` tables
+    override its keys (table by table), e.g. to turn level 1 or Echelon-DA on."""
     check, corpus, base = plan.check, plan.corpus, plan.base
     files = [cached_domain(d, corpus.cache_dir).path for d in corpus.domains[:2]]
     wan = latency_ms > 0
@@ -133,7 +151,7 @@ def _spec(plan: CheckPlan, root: Path, latency_ms: float) -> DeploymentSpec:
         for i, f in enumerate(files)
     )
     seq = corpus.seq_len
-    return DeploymentSpec(
+    spec = DeploymentSpec(
         root=root,
         sites=sites,
         tokenizer_files=tuple(files),
@@ -163,40 +181,64 @@ def _spec(plan: CheckPlan, root: Path, latency_ms: float) -> DeploymentSpec:
             "devices": {"eval_batches": 2},
         },
     )
+    return replace(
+        spec,
+        coordinator_tables=_overlay(spec.coordinator_tables, coordinator or {}),
+        agent_tables=_overlay(spec.agent_tables, agents or {}),
+    )
+
+
+def _overlay(
+    base: dict[str, dict[str, Any]], extra: dict[str, dict[str, Any]]
+) -> dict[str, dict[str, Any]]:
+    out = {name: dict(table) for name, table in base.items()}
+    for name, table in extra.items():
+        out.setdefault(name, {}).update(table)
+    return out
+
+
+def run_deployment(spec: DeploymentSpec, windows: int, timeout_s: float) -> Deployment:
+    """Runs `spec` until `windows` windows committed and stops it; the stopped deployment
+    names its services' logs. Raises RuntimeError (or LaunchError) when a service failed."""
+    deployment = Deployment(spec)
+    with deployment:
+        deployment.start(timeout_s=timeout_s)
+        deployment.wait_windows(windows, timeout_s=timeout_s)
+        codes = deployment.stop()
+    if any(code != 0 for code in codes.values()):
+        raise RuntimeError(f"a service exited badly: {codes}; logs under {spec.root}")
+    return deployment
 
 
 def run_real(plan: CheckPlan, root: Path, latency_ms: float) -> RealRun:
     """One real deployment for `plan.check.windows` windows at `latency_ms` one way."""
     check = plan.check
-    deployment = Deployment(_spec(plan, root, latency_ms))
-    with deployment:
-        deployment.start(timeout_s=check.timeout_s)
-        deployment.wait_windows(check.windows, timeout_s=check.timeout_s)
-        codes = deployment.stop()
-    if any(code != 0 for code in codes.values()):
-        raise RuntimeError(f"wan-check: a service exited badly: {codes}; logs under {root}")
-    done = [
-        e
-        for e in _events(deployment.services["coordinator"].log_path, "window_done")
-        if e.get("committed")
-    ]
+    deployment = run_deployment(
+        deployment_spec(plan, root, latency_ms), check.windows, check.timeout_s
+    )
+    done = commits(deployment.services["coordinator"].log_path)
     if len(done) < check.windows:
         raise RuntimeError(f"wan-check: {len(done)} committed windows logged, want {check.windows}")
     steady = done[1 : check.windows]
     trained: dict[int, float] = {}
+    trips: dict[int, int] = {}
     for name in (s.boundary for s in deployment.spec.sites):
-        for e in _events(deployment.services[name].log_path, "delta_ready"):
-            w = int(e["window"])
-            trained[w] = max(trained.get(w, 0.0), float(e["train_s"]))
-    windows = [int(e["window"]) for e in steady]
+        log_path = deployment.services[name].log_path
+        for run in training_runs(log_path, name):
+            trained[run.window] = max(trained.get(run.window, 0.0), run.seconds)
+        for w, n in round_trips(log_path, name).items():
+            trips[w] = max(trips.get(w, 0), n)
+    windows = [c.window for c in steady]
     missing = [w for w in windows if w not in trained]
     if missing:
         raise RuntimeError(f"wan-check: no delta_ready with train_s for windows {missing}")
     return RealRun(
         latency_ms=latency_ms,
-        window_s=tuple(float(e["seconds"]) for e in steady),
+        window_s=tuple(c.seconds for c in steady),
         train_s=tuple(trained[w] for w in windows),
         tokens_per_window=check.inner_steps * check.batch_size * plan.corpus.seq_len,
+        # The last delivery may not reach an agent before it is stopped: counted where it did.
+        round_trips=tuple(trips[w] for w in windows if w in trips),
     )
 
 
@@ -256,6 +298,42 @@ def _std(xs: tuple[float, ...]) -> float:
     return statistics.stdev(xs) if len(xs) > 1 else 0.0
 
 
+def round_trip_estimate(plan: CheckPlan, loopback: RealRun, wan: RealRun) -> float:
+    """(WAN window - loopback window) / (2 x latency): every second the latency added to a
+    window, in round trips."""
+    return (wan.mean_window_s - loopback.mean_window_s) / (2 * plan.check.latency_ms / 1000.0)
+
+
+def communication(plan: CheckPlan, loopback: RealRun, wan: RealRun) -> list[str]:
+    """The report's section on round trips and communication time per window."""
+    ms = f"{plan.check.latency_ms:.0f} ms"
+    estimate = round_trip_estimate(plan, loopback, wan)
+    return [
+        "## Round trips and communication per window",
+        "",
+        f"| per window (means over the same windows) | loopback | {ms} |",
+        "|---|---|---|",
+        f"| window seconds | {loopback.mean_window_s:.3f} | {wan.mean_window_s:.3f} |",
+        f"| training part (slower boundary) | {loopback.mean_train_s:.3f} | "
+        f"{wan.mean_train_s:.3f} |",
+        f"| **communication** (window - training) | {loopback.mean_comm_s:.3f} | "
+        f"**{wan.mean_comm_s:.3f}** |",
+        f"| **round trips** to the coordinator, counted | {loopback.mean_round_trips:.1f} | "
+        f"**{wan.mean_round_trips:.1f}** |",
+        "",
+        f"Round trips are counted from the frames each agent recorded (one `audit_recorded` "
+        "event per frame either way): each step from a frame it sent to one it received is a "
+        "round trip it waited on, per cycle from one global version's delivery to the next; "
+        "the most any agent waited on. The audit log's round trips are not in that count "
+        "(agents do not log when their pipelined appends are answered). Latency-derived "
+        f"estimate, (window at {ms} - loopback window) / (2 x {ms}): **{estimate:.2f}** round "
+        "trips. It differs from the count where the latency added time elsewhere (waiting on "
+        f"the audit log, transfer at {plan.check.bandwidth_mbps:g} Mbit/s) or was hidden "
+        "behind work a loopback window also does (training runs during the first round trips).",
+        "",
+    ]
+
+
 def report(
     plan: CheckPlan, loopback: RealRun, wan: RealRun, pred: Prediction, command: str
 ) -> tuple[str, dict[str, Any], bool]:
@@ -311,12 +389,20 @@ def report(
         + ", ".join(f"{x:.2f}" for x in wan.window_s)
         + ".",
         "",
+        *communication(plan, loopback, wan),
     ]
     data = {
         "config": asdict(check),
         "loopback": asdict(loopback),
         "wan": asdict(wan),
         "prediction": {**asdict(pred), "window_s": pred.window_s},
+        "communication": {
+            "loopback_s": loopback.mean_comm_s,
+            "wan_s": wan.mean_comm_s,
+            "round_trips_counted": wan.mean_round_trips,
+            "round_trips_counted_loopback": loopback.mean_round_trips,
+            "round_trips_estimate": round_trip_estimate(plan, loopback, wan),
+        },
         "error": error,
         "pass": ok,
         "command": command,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from statistics import fmean
 
 import pytest
 
@@ -62,8 +63,19 @@ pretrain_steps = 0
     assert min(wan["window_s"]) > max(loopback["window_s"]) + 0.5
     assert pred["sim_window_s"] > pred["sim_window_0_s"] + 0.5
     assert pred["window_s"] == pytest.approx(pred["sim_window_s"] + pred["overhead_s"])
+    # Round trips counted from the agents' frames where a delivery was logged (the last one
+    # may come after an agent stopped), the same protocol at both latencies.
+    assert 1 <= len(wan["round_trips"]) <= 2 and 1 <= len(loopback["round_trips"]) <= 2
+    assert min(wan["round_trips"]) >= 1
+    assert set(wan["round_trips"]) == set(loopback["round_trips"])
+    comm = data["communication"]
+    assert comm["wan_s"] == pytest.approx(fmean(wan["window_s"]) - fmean(wan["train_s"]))
+    assert comm["round_trips_estimate"] == pytest.approx(
+        (fmean(wan["window_s"]) - fmean(loopback["window_s"])) / 0.2
+    )
     report = (out / "wan-check.md").read_text(encoding="utf-8")
     assert "| **real** at 100 ms |" in report and "Prediction error:" in report
+    assert "| **round trips** to the coordinator, counted |" in report
 
 
 def test_check_config_rejects_what_cannot_be_measured(tmp_path: Path) -> None:
