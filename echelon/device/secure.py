@@ -147,12 +147,16 @@ class PipeTransport:
         handles = [self._handles[p] for p in sorted(waiting) if p in self._handles]
         while True:
             for h in handles:
+                # Liveness first: a worker that was gone before the poll has nothing more on
+                # its pipe, while one that sends its last message and exits between the two
+                # checks is still read.
+                alive = h.process.is_alive()
                 try:
                     if h.conn.poll(0):
                         return h.shard, self._accept(h.shard, h.conn.recv())
                 except Exception as exc:  # EOF, a broken pipe, bytes that do not unpickle
                     return h.shard, f"control pipe: {type(exc).__name__}: {exc}"
-                if not h.process.is_alive():
+                if not alive:
                     return h.shard, f"exited with code {h.process.exitcode}"
             remaining = deadline - time.monotonic()
             if remaining <= 0:

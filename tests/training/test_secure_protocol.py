@@ -26,8 +26,13 @@ from echelon.device.handle import WorkerHandle
 from echelon.device.masking import DeviceMasking
 from echelon.device.members import Membership
 from echelon.device.pool import RefusalReason, WindowRefused, device_secagg_config
-from echelon.device.secure import SecureAggregation
-from echelon.protocol.messages import KeysAdvertised, SurvivorsAnnounced, SurvivorsSigned
+from echelon.device.secure import PipeTransport, SecureAggregation
+from echelon.protocol.messages import (
+    KeysAdvertised,
+    SharesReleased,
+    SurvivorsAnnounced,
+    SurvivorsSigned,
+)
 from echelon.protocol.rounds import PartyRounds
 
 NUMEL = 64
@@ -297,3 +302,31 @@ def test_a_hostile_device_below_k_min_refuses_the_window_before_masking() -> Non
     assert (outcome.expected, outcome.found) == (3, 2)
     assert list(failed) == [1]
     assert [devices[0].ended, devices[2].ended] == ["refused before masking"] * 2
+
+
+class ExitsWhileChecked:
+    """A worker that sends its last message and exits just as the agent checks on it: the
+    message lands in the pipe during `is_alive()`, which already answers False."""
+
+    exitcode = 0
+
+    def __init__(self, conn: Connection, last: object) -> None:
+        self.conn, self.last = conn, last
+
+    def is_alive(self) -> bool:
+        self.conn.send(self.last)
+        return False
+
+
+def test_the_last_message_of_a_worker_that_exits_is_still_read() -> None:
+    agent_end, device_end = Pipe(duplex=True)
+    last = SharesReleased(window=3, shares=b"shares")
+    process = cast(BaseProcess, ExitsWhileChecked(device_end, last))
+    members = Membership(
+        _no_spawn, n_workers=1, start_timeout_s=1.0, collective_timeout_s=1.0, restart=False
+    )
+    transport = PipeTransport([WorkerHandle(0, process, agent_end)], members, record=None)
+
+    got = transport.receive(frozenset({0}), deadline=float("inf"))
+
+    assert got == (0, last)
