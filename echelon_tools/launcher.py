@@ -95,7 +95,10 @@ class Deployment:
         port_file = self.spec.root / "run" / f"{name}.json"
         port_file.unlink(missing_ok=True)
         log_path = self.spec.root / "logs" / f"{name}.log"
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        # The files written here are complete: an operator's ECHELON_* variables (which
+        # override files) must not reach a local deployment's services.
+        env = {k: v for k, v in os.environ.items() if not k.startswith("ECHELON_")}
+        env["PYTHONUNBUFFERED"] = "1"
         with log_path.open("ab") as log:
             process = subprocess.Popen(
                 [sys.executable, "-m", module, *args, "--port-file", str(port_file)],
@@ -135,28 +138,13 @@ class Deployment:
         """Starts audit log, coordinator and agents, waiting for each to listen."""
         spec = self.spec
         try:
-            audit = self._spawn(
-                "audit-log",
-                "services.audit_log",
-                [
-                    "--listen",
-                    "127.0.0.1:0",
-                    "--data-dir",
-                    str(spec.root / "audit-log"),
-                    "--metrics-port",
-                    "0",
-                    "--log-level",
-                    spec.log_level,
-                ],
-            )
+            audit_cfg = self._write("audit-log", {"service": self._service_table("audit-log")})
+            audit = self._spawn("audit-log", "services.audit_log", ["--config", str(audit_cfg)])
             self._wait(audit, 60)
             coordinator_cfg = self._write(
                 "coordinator",
                 _merge(
-                    {
-                        "server": {"host": "127.0.0.1", "port": 0},
-                        "service": self._service_table("coordinator", audit.address),
-                    },
+                    {"service": self._service_table("coordinator", audit_log=audit.address)},
                     spec.coordinator_tables,
                 ),
             )
@@ -173,9 +161,10 @@ class Deployment:
                     site.boundary,
                     _merge(
                         {
-                            "server": {"host": "127.0.0.1", "port": 0},
-                            "service": self._service_table(site.boundary, audit_at),
-                            "agent": {"boundary": site.boundary, "coordinator": coordinator_at},
+                            "service": self._service_table(
+                                site.boundary, audit_log=audit_at, coordinator=coordinator_at
+                            ),
+                            "agent": {"boundary": site.boundary},
                             "devices": {"workers": site.workers},
                             "data": {"files": [str(p.resolve()) for p in site.data_files]},
                             "tokenizer": {
@@ -216,15 +205,22 @@ class Deployment:
     def audit_db(self) -> Path:
         return self.spec.root / "audit-log" / DB_FILE
 
-    def _service_table(self, name: str, audit_address: str) -> dict[str, Any]:
-        """A service's [service] table: its state directory, the audit log and its key."""
-        return {
-            "data_dir": str(self.spec.root / name),
-            "audit": audit_address,
-            "audit_key": str(self.spec.root / "audit-log" / VERIFIER_KEY_FILE),
+    def _service_table(self, name: str, **dials: str) -> dict[str, Any]:
+        """A service's [service] table: loopback on ephemeral ports (read back from its port
+        file), its state directory, and whom it dials (`audit_log`, `coordinator`): the
+        audit log with its verifier key, so that the service witnesses it."""
+        table: dict[str, Any] = {
+            "host": "127.0.0.1",
+            "port": 0,
+            "metrics_host": "127.0.0.1",
             "metrics_port": 0,
+            "data_dir": str(self.spec.root / name),
             "log_level": self.spec.log_level,
+            **dials,
         }
+        if "audit_log" in dials:
+            table["audit_key"] = str(self.spec.root / "audit-log" / VERIFIER_KEY_FILE)
+        return table
 
     def coordinator_status(self, timeout_s: float = 5.0) -> coordinator_pb2.CoordinatorStatus:
         with grpc.insecure_channel(self.services["coordinator"].address) as channel:

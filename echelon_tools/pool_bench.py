@@ -1,22 +1,33 @@
 """Throughput of a boundary's device pool: tokens/s of inner steps for N workers on the demo
 corpus (`python -m echelon_tools.pool_bench --corpus-cache DIR --workers 1 2`), with level-1
-secure aggregation off (the float path) or on (`--secure`), and the mean seconds per window."""
+secure aggregation off (the float path) or on (`--secure`), and the mean seconds per window.
+
+`no_sync_runs` is the baseline of `make bench`'s end-to-end ratio: the pools of several
+boundaries, built as their agents build them, training back to back with no synchronization.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 
 from echelon.device.pool import DevicePool, PoolConfig, device_secagg_config
+from echelon.tomlconfig import load_toml
 from echelon.training.data import DataConfig
 from echelon.training.inner import InnerConfig
 from echelon.training.tokenizer import TokenizerConfig, obtain_tokenizer
 from echelon_tools.corpus import fetch_domain
+from echelon_tools.runlogs import TrainingRun
+from services.boundary_agent.__main__ import load_setup
+from services.boundary_agent.training import DeviceSecurity, model_facts, pool_config
 
 
 def measure(cfg: PoolConfig, *, steps: int, windows: int) -> tuple[float, float]:
@@ -34,6 +45,62 @@ def measure(cfg: PoolConfig, *, steps: int, windows: int) -> tuple[float, float]
             tokens += result.tokens
         elapsed = time.perf_counter() - started
         return tokens / elapsed, elapsed / windows
+
+
+def agent_pool_config(agent_config: Path, work_dir: Path) -> PoolConfig:
+    """The device pool an agent's TOML file describes (same workers, model, data, inner
+    loop), with level-1 secure aggregation and the per-window evaluation off: its devices
+    doing nothing but inner steps and the pool's plain float sum."""
+    setup = load_setup(load_toml(agent_config), agent_config.parent)
+    facts = model_facts(setup, work_dir)
+    plain = DeviceSecurity(secure=None, k_min=1, graph_seed=b"")
+    return dataclasses.replace(pool_config(setup, facts, work_dir, plain), eval_each_window=False)
+
+
+def no_sync_runs(
+    configs: Mapping[str, PoolConfig], *, steps: int, windows: int, timeout_s: float = 600.0
+) -> list[TrainingRun]:
+    """Every boundary's pool runs `windows` windows of `steps` inner steps back to back, all
+    pools at once and none waiting for another (the devices with no synchronization at all).
+    Pools start together; windows begin once every pool is up. Raises the first pool's error.
+    """
+    pools = {name: DevicePool(cfg) for name, cfg in configs.items()}
+    ready = threading.Barrier(len(pools), timeout=timeout_s)
+    runs: list[TrainingRun] = []
+    errors: list[BaseException] = []
+    lock = threading.Lock()
+
+    def drive(name: str, pool: DevicePool) -> None:
+        try:
+            pool.start()
+            ready.wait()
+            theta = np.zeros(pool.layout().numel, dtype=np.float32)
+            for window in range(1, windows + 1):
+                started = time.monotonic()
+                result = pool.run_window(
+                    window=window, global_flat=theta, steps=steps, inner=None, deadline_s=timeout_s
+                )
+                seconds = time.monotonic() - started
+                with lock:
+                    runs.append(TrainingRun(name, time.time(), seconds, result.tokens, window))
+        except BaseException as exc:  # reported to the caller, after every pool closed
+            errors.append(exc)
+            ready.abort()
+
+    threads = [
+        threading.Thread(target=drive, args=(n, p), name=f"pool-{n}") for n, p in pools.items()
+    ]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        for pool in pools.values():
+            pool.close()
+    if errors:
+        raise errors[0]
+    return sorted(runs, key=lambda r: r.end)
 
 
 def main(argv: list[str] | None = None) -> int:

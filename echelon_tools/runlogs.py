@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import statistics
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -149,7 +149,3 @@ def throughput(runs: Iterable[TrainingRun], start: float, end: float) -> Through
         raise ValueError("throughput: no training runs")
     span = end - start
     return Throughput(start, end, tokens, {b: 1.0 - s / span for b, s in sorted(busy.items())})
-
-
-def mean(xs: Sequence[float]) -> float:
-    return statistics.fmean(xs) if xs else float("nan")

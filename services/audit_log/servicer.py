@@ -14,7 +14,6 @@ from typing import TypeVar
 
 import grpc
 import structlog
-from prometheus_client import Counter, Gauge, Histogram
 
 from echelon.audit import (
     AppendResult,
@@ -28,24 +27,11 @@ from echelon_proto.common.v1 import common_pb2
 from services.common.errors import status_on_error
 from services.common.validate import NonceGuard, RequestError, require
 
+from .metrics import APPEND_SECONDS, APPENDS, REFUSED, TREE_ENTRIES
+
 T = TypeVar("T")
 log = structlog.get_logger(__name__)
 MAX_ENTRIES_PER_CALL = 1000
-
-APPENDS = Counter(
-    "echelon_audit_appends_total",
-    "Records appended, by payload type and verdict",
-    ["payload_type", "verdict"],
-)
-REFUSED = Counter(
-    "echelon_audit_requests_refused_total", "Requests refused, by RPC and status", ["rpc", "code"]
-)
-TREE_SIZE = Gauge("echelon_audit_tree_size", "Entries in the audit log")
-APPEND_SECONDS = Histogram(
-    "echelon_audit_append_seconds",
-    "Append latency (validate, verify, fsync; a head signature every few appends)",
-    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
-)
 
 
 def _tree_head(head: SignedTreeHead) -> audit_pb2.SignedTreeHead:
@@ -79,7 +65,7 @@ class AuditLogServicer(audit_pb2_grpc.AuditLogServicer):
     def __init__(self, log: TransparencyLog, nonces: NonceGuard) -> None:
         self._log = log
         self._nonces = nonces
-        TREE_SIZE.set(log.size)
+        TREE_ENTRIES.set(log.size)
 
     def _serve(self, context: grpc.ServicerContext, message: str, call: Callable[[], T]) -> T:
         def refused(error: RequestError) -> None:
@@ -138,7 +124,7 @@ class AuditLogServicer(audit_pb2_grpc.AuditLogServicer):
         verdict = "accepted" if record.verdict.accepted else "refused"
         APPENDS.labels(payload_type=record.payload_type.name, verdict=verdict).inc()
         APPEND_SECONDS.observe(seconds)
-        TREE_SIZE.set(self._log.size)
+        TREE_ENTRIES.set(self._log.size)
         log.info(
             "record_appended",
             index=result.index,

@@ -1,11 +1,12 @@
 """Runs a boundary agent: `python -m services.boundary_agent --config FILE.toml`.
 
-TOML tables: [server] (the local status endpoint), [service] (data_dir, audit,
-metrics_port, log_level), [agent] (boundary, coordinator), [devices], [data],
-[tokenizer], [model], [lora], [inner], [policy]. The agent dials out to the coordinator
-(one window session) and accepts no connection from outside its organization: its
-gRPC server is a status and health endpoint for its own operators, bound to loopback by
-default. It joins windows once its device workers (spawned processes) are up.
+TOML tables: [service] (host, port, metrics_port, data_dir, coordinator, audit_log, ...),
+[agent] (boundary), [devices], [data], [tokenizer], [model], [lora], [inner], [policy].
+Settings: defaults < the file < `ECHELON_*` environment < flags (docs/configuration.md).
+The agent dials out to the coordinator (one window session) and accepts no connection
+from outside its organization: its gRPC server is a status and health endpoint for its
+own operators, bound to loopback by default, as its metrics are. It joins windows once
+its device workers (spawned processes) are up.
 """
 
 from __future__ import annotations
@@ -17,37 +18,34 @@ import secrets
 import signal
 import sys
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import structlog
 
+from echelon import tomlconfig
 from echelon.audit.policy import Policy
 from echelon.audit.record import Role
 from echelon.declaration import ModelIdentity, RunDeclaration
 from echelon.device.pool import DevicePool, PoolError
 from echelon.policy import ExportPolicy
 from echelon.protocol import BoundaryCore
-from echelon.tomlconfig import ConfigFileError, build
+from echelon.tomlconfig import Builder, ConfigFileError
 from echelon.training.data import DataConfig
 from echelon.training.inner import InnerConfig
 from echelon.training.model import LoraConfig, ModelConfig
 from echelon.training.tokenizer import TokenizerConfig
 from echelon_proto.boundary.v1 import boundary_pb2_grpc
 from echelon_proto.coordinator.v1 import session_pb2
-from services.common.bootstrap import (
-    audited_peer,
-    common_arguments,
-    common_config,
-    load_tables,
-    watch_audit_log,
-)
+from services.common.bootstrap import audited_peer, watch_audit_log
 from services.common.identity import load_or_create_identity
 from services.common.obs import configure_logging, start_metrics
 from services.common.portfile import write_port_file
 from services.common.server import start_server, wait_for_signal
+from services.common.settings import BOUNDARY_AGENT, add_arguments, resolve
 
+from . import metrics
+from .config import AgentConfig
 from .session import AgentSession, Backoff, Hello
 from .state import load_state, save_state
 from .status import AgentStatusServicer
@@ -63,19 +61,6 @@ from .training import (
 log = structlog.get_logger(__name__)
 
 
-@dataclass(frozen=True, kw_only=True)
-class AgentConfig:
-    boundary: str
-    coordinator: str = "127.0.0.1:50060"  # host:port the agent dials out to
-    reconnect_max_s: float = 10.0  # longest pause between reconnection attempts
-
-    def __post_init__(self) -> None:
-        if not self.boundary:
-            raise ValueError("[agent].boundary: want the organization's id, e.g. 'org-a'")
-        if not self.reconnect_max_s > 0:
-            raise ValueError(f"[agent].reconnect_max_s: got {self.reconnect_max_s}, want > 0")
-
-
 def _paths(table: dict[str, Any], key: str, base: Path) -> dict[str, Any]:
     out = dict(table)
     if key in out:
@@ -84,7 +69,11 @@ def _paths(table: dict[str, Any], key: str, base: Path) -> dict[str, Any]:
     return out
 
 
-def load_setup(tables: dict[str, Any], base: Path) -> TrainingSetup:
+def load_setup(
+    tables: dict[str, Any], base: Path, build: Builder = tomlconfig.build
+) -> TrainingSetup:
+    """The training tables; relative paths in them are relative to `base` (the file's
+    directory). `build` is `Resolved.build` in `main()`, to name a value's source."""
     data = build(DataConfig, _paths(tables.get("data", {}), "files", base), "data")
     tok = _paths(_paths(tables.get("tokenizer", {}), "files", base), "model_dir", base)
     model = dict(tables.get("model", {}))
@@ -101,25 +90,21 @@ def load_setup(tables: dict[str, Any], base: Path) -> TrainingSetup:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="echelon-boundary-agent", description=__doc__)
-    common_arguments(parser)
-    parser.add_argument("--boundary", help="organization id (overrides [agent].boundary)")
-    parser.add_argument("--coordinator", help="host:port of the coordinator")
+    parser = argparse.ArgumentParser(prog=BOUNDARY_AGENT.prog, description=__doc__)
+    add_arguments(parser, BOUNDARY_AGENT)
     args = parser.parse_args(argv)
     try:
-        tables = load_tables(args)
-        common = common_config(tables, args)
-        agent_table = dict(tables.get("agent", {}))
-        for key in ("boundary", "coordinator"):
-            if getattr(args, key):
-                agent_table[key] = getattr(args, key)
-        agent = build(AgentConfig, agent_table, "agent")
-        base = args.config.parent if args.config else Path.cwd()
-        setup = load_setup(tables, base)
-        export = build(ExportPolicy, tables.get("policy"), "policy")
-    except (ConfigFileError, ValueError) as exc:
-        print(f"echelon-boundary-agent: configuration error: {exc}", file=sys.stderr)
+        resolved = resolve(BOUNDARY_AGENT, args, os.environ)
+        common = resolved.service()
+        agent = resolved.build(AgentConfig, resolved.tables.get("agent"), "agent")
+        setup = load_setup(resolved.tables, resolved.base, resolved.build)
+        export = resolved.build(ExportPolicy, resolved.tables.get("policy"), "policy")
+    except ConfigFileError as exc:
+        print(f"{BOUNDARY_AGENT.prog}: configuration error: {exc}", file=sys.stderr)
         return 2
+    if args.print_config:
+        print(resolved.render(common, agent=agent), end="")
+        return 0
     configure_logging(f"agent/{agent.boundary}", common.log_level)
     structlog.contextvars.bind_contextvars(boundary=agent.boundary)
     data_dir = common.data_dir
@@ -132,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         Role.BOUNDARY,
         identity,
         Policy(k_min=export.k_min),
-        common.audit,
+        common.audit_log,
         pipelined=True,
     )
     model = ModelIdentity(
@@ -195,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
 
     session = AgentSession(
         make_core,
-        address=agent.coordinator,
+        address=common.coordinator,
         hello=Hello(
             boundary=agent.boundary,
             identity_key=identity.public_key,
@@ -220,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         ["echelon.boundary.v1.BoundaryAgent"],
     )
     metrics_port = start_metrics(common.metrics_host, common.metrics_port)
+    metrics.watch_status(session.status)
     stop = threading.Event()
 
     def shutdown() -> None:
@@ -237,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
         "agent_ready",
         port=running.port,
         metrics_port=metrics_port,
-        coordinator=agent.coordinator,
+        coordinator=common.coordinator,
         dim=facts.layout.numel,
     )
     watch_audit_log(common, audit, audit_channel, stop)

@@ -113,29 +113,34 @@ def device_security(declaration: RunDeclaration, own_k_min: int, workers: int) -
     return DeviceSecurity(secure=secure, k_min=k_min, graph_seed=seed)
 
 
+def pool_config(
+    setup: TrainingSetup, facts: ModelFacts, work_dir: Path, security: DeviceSecurity
+) -> PoolConfig:
+    """The device pool the agent runs (benchmarks build the same pool without the agent)."""
+    dev = setup.devices
+    return PoolConfig(
+        n_workers=dev.workers,
+        data=setup.data,
+        tokenizer_dir=facts.tokenizer_dir,
+        work_dir=work_dir / "workers",
+        model_cfg=setup.model,
+        lora_cfg=setup.lora,
+        inner_cfg=setup.inner,
+        threads_per_worker=dev.threads_per_worker,
+        collective_timeout_s=dev.collective_timeout_s,
+        backend=dev.backend,  # type: ignore[arg-type]
+        restart_dead_workers=dev.restart_dead_workers,
+        eval_batches=dev.eval_batches,
+        secure=security.secure,
+        k_min=security.k_min,
+        graph_seed=security.graph_seed or b"echelon/secagg/level-1",
+    )
+
+
 def start_pool(
     setup: TrainingSetup, facts: ModelFacts, work_dir: Path, security: DeviceSecurity
 ) -> DevicePool:
-    dev = setup.devices
-    pool = DevicePool(
-        PoolConfig(
-            n_workers=dev.workers,
-            data=setup.data,
-            tokenizer_dir=facts.tokenizer_dir,
-            work_dir=work_dir / "workers",
-            model_cfg=setup.model,
-            lora_cfg=setup.lora,
-            inner_cfg=setup.inner,
-            threads_per_worker=dev.threads_per_worker,
-            collective_timeout_s=dev.collective_timeout_s,
-            backend=dev.backend,  # type: ignore[arg-type]
-            restart_dead_workers=dev.restart_dead_workers,
-            eval_batches=dev.eval_batches,
-            secure=security.secure,
-            k_min=security.k_min,
-            graph_seed=security.graph_seed or b"echelon/secagg/level-1",
-        )
-    )
+    pool = DevicePool(pool_config(setup, facts, work_dir, security))
     pool.start()
     metrics.WORKERS.set(pool.alive_workers())
     return pool

@@ -1,18 +1,20 @@
 """Runs the global coordinator: `python -m services.global_coordinator --config FILE.toml`.
 
-TOML tables: [server], [service] (data_dir, audit, metrics_port, log_level),
+TOML tables: [service] (host, port, metrics_port, data_dir, audit_log, audit_key, ...),
 [coordinator] (run_id, windows, token_unit, buffered, prekey, ...), [inner], [window],
-[outer], [secagg], [staleness], [controller]. Flags override the listen address and
-service keys. Agents dial in (`Coordinator.Session`); the coordinator connects to
-nothing but the audit log.
+[outer], [secagg], [staleness], [controller], [stats]. Settings: defaults < the file <
+`ECHELON_*` environment < flags (docs/configuration.md). Agents dial in
+(`Coordinator.Session`); the coordinator connects to nothing but the audit log.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import os
 import sys
 import threading
+import typing
 from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
@@ -22,20 +24,15 @@ import structlog
 from echelon.audit.record import LOG_PARTY, PayloadType, Role, RunConfig
 from echelon.declaration import ModelIdentity
 from echelon.protocol import CoordinatorCore
-from echelon.tomlconfig import ConfigFileError, build
+from echelon.tomlconfig import ConfigFileError
 from echelon_proto.coordinator.v1 import coordinator_pb2_grpc
 from services.common.audited import AuditedPeer
-from services.common.bootstrap import (
-    audited_peer,
-    common_arguments,
-    common_config,
-    load_tables,
-    watch_audit_log,
-)
+from services.common.bootstrap import audited_peer, watch_audit_log
 from services.common.identity import load_or_create_identity
 from services.common.obs import configure_logging, start_metrics
 from services.common.portfile import write_port_file
 from services.common.server import start_server, wait_for_signal
+from services.common.settings import COORDINATOR, Resolved, add_arguments, resolve
 
 from .config import CoordinatorConfig
 from .servicer import CoordinatorServicer
@@ -47,14 +44,15 @@ _RECORDED = "run_config_sha256"
 log = structlog.get_logger(__name__)
 
 
-def load_config(tables: dict[str, Any], windows: int | None) -> CoordinatorConfig:
-    body = dict(tables.get("coordinator", {}))
+def load_config(resolved: Resolved) -> CoordinatorConfig:
+    """[coordinator] and the components' own tables ([window], [outer], ...)."""
+    tables = resolved.tables
+    body: dict[str, Any] = dict(tables.get("coordinator", {}))
+    hints = typing.get_type_hints(CoordinatorConfig)
     for name in ("inner", "window", "outer", "secagg", "staleness", "controller", "stats"):
         if name in tables:
-            body[name] = tables[name]
-    if windows is not None:
-        body["windows"] = windows
-    return build(CoordinatorConfig, body, "coordinator")
+            body[name] = resolved.build(hints[name], tables[name], name)
+    return resolved.build(CoordinatorConfig, body, "coordinator")
 
 
 def core_factory(
@@ -88,21 +86,23 @@ def core_factory(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="echelon-coordinator", description=__doc__)
-    common_arguments(parser)
-    parser.add_argument("--windows", type=int, help="stop after this many windows (0 = never)")
+    parser = argparse.ArgumentParser(prog=COORDINATOR.prog, description=__doc__)
+    add_arguments(parser, COORDINATOR)
     args = parser.parse_args(argv)
     try:
-        tables = load_tables(args)
-        common = common_config(tables, args)
-        config = load_config(tables, args.windows)
-    except (ConfigFileError, ValueError) as exc:
-        print(f"echelon-coordinator: configuration error: {exc}", file=sys.stderr)
+        resolved = resolve(COORDINATOR, args, os.environ)
+        common = resolved.service()
+        config = load_config(resolved)
+    except ConfigFileError as exc:
+        print(f"{COORDINATOR.prog}: configuration error: {exc}", file=sys.stderr)
         return 2
+    if args.print_config:
+        print(resolved.render(common, coordinator=config), end="")
+        return 0
     configure_logging("coordinator", common.log_level)
     identity = load_or_create_identity(PARTY, common.data_dir / "identity")
     audit, audit_channel = audited_peer(
-        PARTY, Role.COORDINATOR, identity, config.policy(), common.audit
+        PARTY, Role.COORDINATOR, identity, config.policy(), common.audit_log
     )
     store = CoordinatorStore(common.data_dir / "state")
     sessions = CoordinatorSessions(

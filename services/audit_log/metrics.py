@@ -1,0 +1,18 @@
+"""Prometheus metrics of the audit log service."""
+
+from prometheus_client import Counter, Gauge, Histogram
+
+APPENDS = Counter(
+    "echelon_audit_appends_total",
+    "Records appended, by payload type and verdict",
+    ["payload_type", "verdict"],
+)
+REFUSED = Counter(
+    "echelon_audit_requests_refused_total", "Requests refused, by RPC and status", ["rpc", "code"]
+)
+TREE_ENTRIES = Gauge("echelon_audit_tree_entries", "Entries in the audit log (its tree size)")
+APPEND_SECONDS = Histogram(
+    "echelon_audit_append_seconds",
+    "Append latency (validate, verify, fsync; a head signature every few appends)",
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
+)
