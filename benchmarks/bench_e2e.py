@@ -60,7 +60,6 @@ class E2EConfig:
     """The strategy of the deployments and the targets ([e2e] of the config file)."""
 
     delay_aware: bool = True  # Echelon-DA
-    prekey: bool = False  # as the strategy `echelon-da` (pre-keying is `echelon-da-pk`)
     eval_batches: int = 1  # the agents evaluate after every window; the least they allow
     target_loopback: float = 0.95
     target_wan: float = 0.90
@@ -102,7 +101,6 @@ def deployment(
                 "run_id": "bench-e2e",
                 "windows": check.windows + 1,
                 "delay_aware": e2e.delay_aware,
-                "prekey": e2e.prekey,
             },
             "secagg": {"level1": True, "level2": True},
         },
@@ -172,7 +170,7 @@ def report(
         f"{check.batch_size} x {plan.corpus.seq_len}, H = {check.inner_steps}",
         f"deployments: secure aggregation levels 1 and 2 on, audit log on, "
         f"{'Echelon-DA (delay-aware overlap)' if e2e.delay_aware else 'no overlap'}"
-        f"{', pre-keyed' if e2e.prekey else ''}, H fixed, evaluation of {e2e.eval_batches} "
+        f"{', pre-keyed' if check.prekey else ''}, H fixed, evaluation of {e2e.eval_batches} "
         "batch(es) after every window",
         f"WAN: {check.latency_ms:.0f} ms one way, {check.bandwidth_mbps:g} Mbit/s per direction, "
         "on every link between an organization and the global plane",

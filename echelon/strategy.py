@@ -115,6 +115,7 @@ _ECHELON = Strategy(
     staleness=_ECHELON_STALENESS,
     deadline_factor=1.5,
     secure_aggregation=True,
+    prekey=True,  # as the services run it: three round trips a window
     inner_steps=4,
     controller=_CONTROLLER,
 )
@@ -143,8 +144,6 @@ STRATEGIES: dict[str, Strategy] = {
         ),
         _ECHELON,
         _ECHELON_DA,
-        # Simulator only, for now: the services do not pre-key (docs/contest.md, Limits).
-        replace(_ECHELON_DA, name="echelon-da-pk", prekey=True),
     )
 }
 

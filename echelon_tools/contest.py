@@ -83,7 +83,7 @@ class ContestConfig:
 class StressConfig:
     """One factor at a time away from the ideal setting (0 ms, IID, no churn)."""
 
-    strategies: tuple[str, ...] = ("diloco-sa", "echelon", "echelon-da", "echelon-da-pk")
+    strategies: tuple[str, ...] = ("diloco-sa", "echelon", "echelon-da")
     seeds: tuple[int, ...] = (0, 1, 2)
     latency_ms: tuple[float, ...] = (0.0, 50.0, 100.0, 200.0)
     moderate_alpha: float = 0.5

@@ -143,9 +143,9 @@ def stress_rows(report: ContestReport) -> list[dict[str, Any]]:
     return out
 
 
-#: The rows the aims are checked for: Echelon, Echelon-DA as the services run it, and the
-#: simulator's pre-keyed Echelon-DA.
-ECHELONS = ("echelon", "echelon-da", "echelon-da-pk")
+#: The rows the aims are checked for: Echelon and Echelon-DA, pre-keyed as the services run
+#: them.
+ECHELONS = ("echelon", "echelon-da")
 
 
 def aims(report: ContestReport, stress: list[dict[str, Any]]) -> list[str]:

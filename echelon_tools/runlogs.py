@@ -5,6 +5,7 @@ tokens/s and idle time of the devices over an interval (`echelon wan-check`, `ma
 
 from __future__ import annotations
 
+import itertools
 import json
 import statistics
 from collections.abc import Iterable
@@ -79,31 +80,33 @@ def training_runs(agent_log: Path, boundary: str) -> list[TrainingRun]:
 
 
 def round_trips(agent_log: Path, boundary: str) -> dict[int, int]:
-    """Round trips between the organization and the coordinator per window cycle, counted
-    from the frames its agent recorded (`audit_recorded`, one per frame either way): each
-    step from a frame it sent to a frame it received is one round trip it waited on.
+    """Round trips between the organization and the coordinator per window, counted from
+    the frames its agent recorded (`audit_recorded`, one per frame either way): each step
+    from a frame it sent to a frame it received is one round trip it waited on.
 
-    A cycle runs from one delivery of a global version (GLOBAL_ADAPTER received) to the
-    next and is keyed by the window of the delivery that closes it, so a key round of the
-    next window that rides on this window's messages (pre-keying) counts where it happens.
-    The audit log's round trips are not counted here: the agent does not log when its
-    pipelined appends are answered."""
+    Window w's cycle runs from the delivery of the previous global version (GLOBAL_ADAPTER
+    received) to the delivery of w's, and only w's own frames in it count: the next
+    window's key rounds, which ride on w's messages when pre-keyed, interleave with them
+    without being waited on, and w's key rounds that ran before the cycle (pre-keyed in
+    the previous one) were off its path. The audit log's round trips are not counted here:
+    the agent does not log when its pipelined appends are answered."""
     out: dict[int, int] = {}
-    count = 0
-    last_sent = False
+    cycle: list[tuple[int, bool]] = []  # (window, sent) of each frame since the last delivery
     started = False
     for e in events(agent_log, "audit_recorded"):
         sent = e.get("sender") == boundary and e.get("receiver") == COORDINATOR
         received = e.get("sender") == COORDINATOR and e.get("direction") == "received"
         if not (sent or received):
             continue
-        if received and last_sent and started:
-            count += 1
-        last_sent = sent
+        window = int(e["window"])
+        cycle.append((window, sent))
         if received and e.get("payload_type") == "GLOBAL_ADAPTER":
             if started:
-                out[int(e["window"])] = count
-            started, count = True, 0
+                own = [was_sent for w, was_sent in cycle if w == window]
+                out[window] = sum(
+                    1 for before, now in itertools.pairwise(own) if before and not now
+                )
+            started, cycle = True, []
     return out
 
 

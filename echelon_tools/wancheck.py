@@ -4,7 +4,8 @@ the wire, beside the simulator's prediction of the same setting.
     echelon wan-check --config configs/wan-check.toml --out docs/results
 
 Method. Two real deployments (audit log, coordinator, two boundary agents with their device
-workers, every one a process) run DiLoCo+SA windows: one on plain loopback, one with every
+workers, every one a process) run DiLoCo+SA windows (pre-keyed unless `prekey = false`):
+one on plain loopback, one with every
 byte between the boundaries and the global plane delayed by the configured one-way latency
 and capped at the configured bandwidth (`echelon_tools.wan` delaying proxies; this kernel has no
 netem). The loopback run calibrates the two numbers the simulator cannot know: the devices'
@@ -63,6 +64,7 @@ class CheckConfig:
     batch_size: int = 4
     lr: float = 5e-3
     tolerance: float = 0.10
+    prekey: bool = True  # pre-keying, as the services run level 2 by default, in both
     max_tokens_per_file: int = 60_000
     timeout_s: float = 900.0
 
@@ -156,7 +158,12 @@ def deployment_spec(
         sites=sites,
         tokenizer_files=tuple(files),
         coordinator_tables={
-            "coordinator": {"run_id": "wan-check", "windows": check.windows, "token_unit": 4096.0},
+            "coordinator": {
+                "run_id": "wan-check",
+                "windows": check.windows,
+                "token_unit": 4096.0,
+                "prekey": check.prekey,
+            },
             "window": {"inner_steps": check.inner_steps, "deadline_s": 600.0},
             "inner": {"lr": check.lr, "batch_size": check.batch_size, "seq_len": seq},
             "outer": {"lr": 0.7, "momentum": 0.9},
@@ -258,7 +265,8 @@ class Prediction:
 def _sim_window_s(plan: CheckPlan, world: World, cfg: SimConfig) -> tuple[float, int]:
     """Mean steady-state seconds between commits in the simulator, and its adapter size."""
     check = plan.check
-    sim = Simulation(world, cfg, strategy(STRATEGY, inner_steps=check.inner_steps))
+    setting = strategy(STRATEGY, inner_steps=check.inner_steps, prekey=check.prekey)
+    sim = Simulation(world, cfg, setting)
     commits = [p.wall_s for p in sim.run().points[1:]]
     gaps = [b - a for a, b in itertools.pairwise(commits)][: check.windows - 1]
     if len(gaps) < check.windows - 1:
@@ -352,7 +360,8 @@ def report(
         "",
         f"- {STRATEGY}: 2 organizations x {check.workers} device workers, H = "
         f"{check.inner_steps}, batch {check.batch_size} x {plan.corpus.seq_len} tokens, level-2 "
-        "secure aggregation (level 1 off: the simulator does not model it).",
+        "secure aggregation (level 1 off: the simulator does not model it), "
+        f"{'pre-keyed' if check.prekey else 'no pre-keying'} in both.",
         f"- Tiny Llama ({plan.base.layers} layers, hidden {plan.base.hidden}), LoRA r = 8: "
         f"d = {pred.dim:,} adapter values, {(pred.dim + 1) * 4 / 1000:.0f} kB per masked vector.",
         f"- WAN: {check.latency_ms:.0f} ms one way and {check.bandwidth_mbps:g} Mbit/s per "

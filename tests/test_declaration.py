@@ -348,7 +348,13 @@ def test_the_coordinator_declares_its_own_components() -> None:
 
     assert decl.policy() == config.policy()
     assert (decl.window, decl.delay_aware, decl.token_unit) == (config.window, True, 8192.0)
-    assert CoordinatorConfig().declaration(MODEL) == RunDeclaration(run_id="echelon", model=MODEL)
+    # Pre-keying is on wherever level 2 is, unless the coordinator's file says otherwise.
+    assert CoordinatorConfig().declaration(MODEL) == RunDeclaration(
+        run_id="echelon", model=MODEL, prekey=True
+    )
+    plain = SecureAggregationConfig(level2=False)
+    assert not CoordinatorConfig(secagg=plain).declaration(MODEL).prekey
+    assert not CoordinatorConfig(prekey=False).declaration(MODEL).prekey
 
 
 def test_the_default_declaration_has_a_known_digest() -> None:

@@ -40,7 +40,9 @@ class CoordinatorConfig:
     controller: SyncControllerConfig = field(default_factory=SyncControllerConfig)
     payloads: PayloadAllowList = field(default_factory=PayloadAllowList)
     buffered: bool = False  # FedBuff: boundaries start again as soon as they submitted
-    prekey: bool = False  # the next window's key rounds overlap this one's unmasking
+    # The next window's key rounds ride on this one's messages (three round trips a window);
+    # unset: on whenever level 2 is.
+    prekey: bool | None = None
     rebase_carry: float = 1.0
     clip_norm: float = 10.0
     stats: StatRanges = field(default_factory=StatRanges)
@@ -82,7 +84,7 @@ class CoordinatorConfig:
             delay_aware=self.delay_aware,
             token_unit=self.token_unit,
             buffered=self.buffered,
-            prekey=self.prekey,
+            prekey=self.secagg.level2 if self.prekey is None else self.prekey,
             rebase_carry=self.rebase_carry,
             clip_norm=self.clip_norm,
             stats=self.stats,

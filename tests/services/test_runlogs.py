@@ -33,7 +33,8 @@ def _write(path: Path, events: list[dict[str, object]]) -> Path:
 
 def test_round_trips_count_each_send_that_waits_for_an_answer(tmp_path: Path) -> None:
     # Version 0, then window 1 in five round trips; window 2 pre-keyed in two (its key round
-    # rode on window 1's unmasking), the audit log's own frame ignored.
+    # rode on window 1's unmasking) with window 3's key round interleaved, which is not
+    # counted; the audit log's own frame ignored.
     frames = [
         _frame("00.0", "received", "GLOBAL_ADAPTER", 1),
         _frame("00.1", "received", "WINDOW_OPEN", 1),
@@ -54,6 +55,9 @@ def test_round_trips_count_each_send_that_waits_for_an_answer(tmp_path: Path) ->
         {**_frame("01.5", "sent", "STATUS", 2), "receiver": "audit-log"},
         _frame("01.6", "received", "SURVIVOR_LIST", 2),
         _frame("01.7", "sent", "SURVIVOR_SIGNATURE", 2),
+        # window 3's key round, pre-keyed on window 2's messages: not waited on
+        _frame("01.75", "received", "KEY_ADVERTISEMENT", 3),
+        _frame("01.76", "sent", "ENCRYPTED_SHARES", 3),
         _frame("01.8", "received", "GLOBAL_ADAPTER", 2),
     ]
 

@@ -88,7 +88,9 @@ def test_buffered_and_local_strategies_run(world: World, sim: SimConfig) -> None
 
 def test_prekeying_hides_the_next_windows_key_set_up(world: World, sim: SimConfig) -> None:
     wan = replace(sim, link=LinkConfig(latency_s=0.2), token_budget=2048)
-    keyed_late = simulate(world, wan, strategy("echelon-da", inner_steps=2, controller=None))
-    pre_keyed = simulate(world, wan, strategy("echelon-da-pk", inner_steps=2, controller=None))
+    keyed_late = simulate(
+        world, wan, strategy("echelon-da", inner_steps=2, controller=None, prekey=False)
+    )
+    pre_keyed = simulate(world, wan, strategy("echelon-da", inner_steps=2, controller=None))
 
     assert pre_keyed.points[-1].wall_s < keyed_late.points[-1].wall_s

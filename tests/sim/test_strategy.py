@@ -7,7 +7,7 @@ import pytest
 from echelon.strategy import STRATEGIES, SyncMode, strategy
 
 
-def test_registry_names_the_eight_strategies_and_the_pre_keyed_variant() -> None:
+def test_registry_names_the_eight_strategies_and_which_pre_key() -> None:
     assert list(STRATEGIES) == [
         "local-only",
         "fedavg",
@@ -17,7 +17,6 @@ def test_registry_names_the_eight_strategies_and_the_pre_keyed_variant() -> None
         "diloco-sa",
         "echelon",
         "echelon-da",
-        "echelon-da-pk",
     ]
     assert STRATEGIES["fedavg"].outer.lr == 1.0 and STRATEGIES["fedavg"].outer.momentum == 0.0
     assert (
@@ -25,8 +24,9 @@ def test_registry_names_the_eight_strategies_and_the_pre_keyed_variant() -> None
     )
     assert STRATEGIES["echelon-da"].delay_aware and STRATEGIES["echelon"].controller is not None
     assert STRATEGIES["fedbuff"].mode is SyncMode.BUFFERED
-    # Echelon-DA as the services run it; pre-keying is the simulator's proposal.
-    assert not STRATEGIES["echelon-da"].prekey and STRATEGIES["echelon-da-pk"].prekey
+    # Echelon pre-keys as the services do (level 2 on); the baselines keep SecAgg's own rounds.
+    assert STRATEGIES["echelon"].prekey and STRATEGIES["echelon-da"].prekey
+    assert not STRATEGIES["diloco-sa"].prekey
 
 
 def test_overrides_build_the_outer_optimizer() -> None:
