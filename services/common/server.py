@@ -69,6 +69,14 @@ def start_server(
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ("grpc.so_reuseport", 0),
+            # Agents keep their long-lived, often idle window sessions up with a ping every
+            # 10 s (services/boundary_agent/session.py, KEEPALIVE): accept pings that often
+            # without data, or the server answers them with GOAWAY (too_many_pings).
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+            # and ping back, so that a session whose agent vanished ends within ~30 s.
+            ("grpc.keepalive_time_ms", 20_000),
+            ("grpc.keepalive_timeout_ms", 10_000),
         ],
     )
     register(server)
