@@ -1,4 +1,5 @@
-"""The `echelon` command: `demo`, `export`, `audit`, `replay`, `contest`, `wan-check`."""
+"""The `echelon` command: `demo`, `export`, `audit`, `replay`, `contest`, `wan-check`,
+`provision`, `keygen`, `manifest`."""
 
 from __future__ import annotations
 
@@ -13,6 +14,9 @@ commands:
   replay   rebuild global versions from stored aggregates and check them against the log
   contest  the budget-matched strategy contest in the simulator (echelon contest --help)
   wan-check  the services under WAN delay against the simulator's prediction
+  provision  write a development federation: root, CA, one kit per party, signed manifest
+  keygen   generate a party's keys locally; write only the public enrolment to send
+  manifest   show or verify a signed federation manifest (echelon manifest --help)
 """
 
 
@@ -34,6 +38,12 @@ def main(argv: list[str] | None = None) -> int:
         from services.global_coordinator.replay import main as run
     elif command == "audit":
         from echelon_tools.audit import main as run
+    elif command == "provision":
+        from echelon_tools.provision import main_provision as run
+    elif command == "keygen":
+        from echelon_tools.provision import main_keygen as run
+    elif command == "manifest":
+        from echelon_tools.provision import main_manifest as run
     else:
         print(f"echelon: unknown command {command!r}\n{USAGE}", file=sys.stderr)
         return 2
