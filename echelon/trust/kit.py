@@ -86,7 +86,7 @@ def load_kit(directory: Path, *, root_key: bytes | None = None, now: datetime | 
     others. `now` also checks the certificates' validity. Raises KitError saying which."""
     _check_private(directory, PRIVATE_DIR_MODE, "kit directory")
     for name in sorted(PRIVATE_FILES):
-        _check_private(directory / name, PRIVATE_MODE, name)
+        _check_private(directory / name, PRIVATE_MODE, f"party's private key {name}")
     try:
         kit_root = load_ed25519_public(_read(directory / ROOT_PUB), ROOT_PUB)
         if root_key is not None and root_key != kit_root:

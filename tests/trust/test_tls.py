@@ -23,8 +23,7 @@ from echelon.trust.pki import (
 )
 from services.common.tls import (
     authorize_peer,
-    channel_credentials,
-    channel_options,
+    secure_channel,
     server_credentials,
 )
 
@@ -83,9 +82,7 @@ def _call(channel: grpc.Channel, method: str = WHO) -> str:
 
 
 def _kit_channel(server: Server, kit: Kit, server_party: str = "coordinator") -> grpc.Channel:
-    return grpc.secure_channel(
-        server.target, channel_credentials(kit), options=channel_options(kit, server_party)
-    )
+    return secure_channel(server.target, kit, server_party)
 
 
 def _refusal(channel: grpc.Channel, method: str = WHO) -> grpc.RpcError:
