@@ -32,7 +32,7 @@ from echelon.secagg.config import SecAggConfig
 from echelon.staleness import StalenessConfig
 from echelon.window import WindowConfig
 
-DECLARATION_SCHEMA_VERSION = 2  # 2: the window protocol's knobs (buffered, prekey, ...)
+DECLARATION_SCHEMA_VERSION = 3  # 2: the window protocol's knobs (buffered, prekey, ...); 3: windows
 DEFAULT_TOKEN_UNIT = 8192.0  # w_b = tokens / token_unit * s(tau)
 DIGEST_BYTES = 32
 _RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -145,6 +145,7 @@ class RunDeclaration:
     clip_norm: float = 10.0  # a boundary delta's L2 norm is clipped to this before export
     stats: StatRanges = field(default_factory=StatRanges)  # ranges of the masked statistics
     round_timeout_s: float = 30.0  # a secure-aggregation stage waits at most this long
+    windows: int = 0  # the run's length in committed versions; 0: until the coordinator stops
     schema_version: int = DECLARATION_SCHEMA_VERSION
 
     def __post_init__(self) -> None:
@@ -154,6 +155,10 @@ class RunDeclaration:
             raise DeclarationError(
                 "declaration.window.m_min",
                 f"got {self.window.m_min}, want >= 2 (a sum over one boundary is its delta)",
+            )
+        if self.windows < 0:
+            raise DeclarationError(
+                "declaration.windows", f"got {self.windows}, want >= 0 (0: until stopped)"
             )
         if not self.token_unit > 0:
             raise DeclarationError(
@@ -167,9 +172,9 @@ class RunDeclaration:
         except ValueError as exc:
             raise DeclarationError("declaration", f"{exc}") from None
 
-    def protocol(self, *, windows: int = 0) -> ProtocolConfig:
-        """The window protocol's configuration, for every party's core; `windows` (a
-        coordinator's local stop condition) 0 runs until stopped.
+    def protocol(self) -> ProtocolConfig:
+        """The window protocol's configuration, for every party's core (all of them know
+        the run's length: the coordinator stops there, a boundary trains no further).
 
         Raises ValueError for a combination the protocol refuses (e.g. buffered and
         delay-aware together)."""
@@ -191,7 +196,7 @@ class RunDeclaration:
             rebase_carry=self.rebase_carry,
             token_unit=self.token_unit,
             round_timeout_s=self.round_timeout_s,
-            windows=windows,
+            windows=self.windows,
         )
 
     def policy(self) -> Policy:

@@ -54,7 +54,7 @@ def agent_pool_config(agent_config: Path, work_dir: Path) -> PoolConfig:
     setup = load_setup(load_toml(agent_config), agent_config.parent)
     facts = model_facts(setup, work_dir)
     plain = DeviceSecurity(secure=None, k_min=1, graph_seed=b"")
-    return dataclasses.replace(pool_config(setup, facts, work_dir, plain), eval_each_window=False)
+    return dataclasses.replace(pool_config(setup, facts, work_dir, plain), eval_every=0)
 
 
 def no_sync_runs(
@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
                 work_dir=Path(tmp) / f"work-{n}",
                 threads_per_worker=args.threads_per_worker,
                 inner_cfg=InnerConfig(batch_size=args.batch_size, seq_len=args.seq_len),
-                eval_each_window=False,
+                eval_every=0,
                 secure=device_secagg_config(max_devices=max(n, 2)) if args.secure else None,
             )
             rate, per_window = measure(cfg, steps=args.steps, windows=args.windows)

@@ -271,8 +271,8 @@ REFUSALS = [
     (_drop("payloads.max_bytes.RUN_CONFIG"), "declaration.payloads.max_bytes", "RUN_CONFIG"),
     (_set("payloads.schema_versions", 1), "declaration.payloads.schema_versions", "want a list"),
     (_set("payloads.schema_versions", []), "declaration.payloads.schema_versions", "got none"),
-    (_set("schema_version", 1), "declaration.schema_version", "got 1, want 2"),
-    (_set("schema_version", True), "declaration.schema_version", "got true, want 2"),
+    (_set("schema_version", 1), "declaration.schema_version", "got 1, want 3"),
+    (_set("schema_version", True), "declaration.schema_version", "got true, want 3"),
     (_set("window", []), "declaration.window", "want an object"),
 ]
 
@@ -370,4 +370,4 @@ def test_the_default_declaration_has_a_known_digest() -> None:
     assert data.startswith(b'{"adaptive_h":false,"buffered":false,"clip_norm":"10.0",')
     assert b'"outer":{"lr":"0.7","momentum":"0.9","nesterov":true}' in data
     assert b'"staleness":{"a":"0.5","b":4,"kind":"polynomial","tau_max":16}' in data
-    assert decl.digest().hex() == "27bb93d7805dbebde745ab1b807a6136f6b1ef4ad12bda3389da44a4e6153ca8"
+    assert decl.digest().hex() == "f4d98930af1ab244c75a2304497ca208c58214dbc0468a8bbe1705e393625925"

@@ -109,6 +109,13 @@ class Membership:
         self.workers.clear()
         self.abort_group()
 
+    def terminate_all(self) -> None:
+        """SIGTERM to every worker without waiting (safe from another thread: the driving
+        thread's pending receives then fail at once, peer closed); `close` reaps them."""
+        for handle in list(self.workers.values()):
+            if handle.process.is_alive():
+                handle.process.terminate()
+
     def spawn(self, shard: int) -> WorkerHandle:
         parent, child = self._ctx.Pipe(duplex=True)
         process = self._ctx.Process(

@@ -18,8 +18,10 @@ global adapter the agent sends, so the next window starts from the global versio
 
 from __future__ import annotations
 
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from enum import StrEnum
 
 import numpy as np
@@ -43,7 +45,7 @@ from echelon.device.control import (
 )
 from echelon.device.handle import WorkerHandle
 from echelon.device.members import Membership, PoolError
-from echelon.device.pool_config import DeviceWindowResult, PoolConfig
+from echelon.device.pool_config import DeviceWindowResult, Evaluation, PoolConfig
 from echelon.device.secure import (
     RefusalReason,
     SecureAggregation,
@@ -59,6 +61,7 @@ log = structlog.get_logger(__name__)
 __all__ = [
     "DevicePool",
     "DeviceWindowResult",
+    "Evaluation",
     "PoolConfig",
     "PoolError",
     "PoolStage",
@@ -79,7 +82,14 @@ class PoolStage(StrEnum):
 class DevicePool:
     """Agent side of one boundary's device plane (rank 0 of the workers' gloo group).
 
-    Not thread-safe: one caller drives start, windows, evaluation and close in turn.
+    One caller at a time drives windows and evaluations (they serialize on a lock); `close`
+    may come from any thread at any moment, also in the middle of a window: it stops the
+    workers, waits for the driving call to fail out, and only then tears the group down, so
+    no thread is left inside gloo while the process exits.
+
+    Scheduled evaluations (`PoolConfig.eval_every`) run in one worker after the window's sum
+    is returned, so they overlap the agent's synchronization; the next window or evaluation
+    collects the result first (`last_evaluation`).
     """
 
     def __init__(
@@ -105,6 +115,9 @@ class DevicePool:
         )
         self._started = False
         self._closed = False
+        self._drive = threading.Lock()  # held by the call that is using the workers
+        self._pending_eval: tuple[WorkerHandle, int, float] | None = None  # handle, window, t0
+        self.last_evaluation: Evaluation | None = None
 
     # ---- life cycle -------------------------------------------------------------------
     def start(self) -> None:
@@ -120,12 +133,29 @@ class DevicePool:
         self._started = True
         self._members.require_group()
 
-    def close(self) -> None:
-        """Stop the workers (Stop, then terminate, then kill); idempotent."""
+    def close(self, timeout_s: float | None = None) -> None:
+        """Stop the workers (Stop, then terminate, then kill); idempotent, from any thread.
+
+        When another thread is in a window or an evaluation, the workers are terminated at
+        once (they may be mid-computation and would not read Stop until done); that call then
+        fails with PoolError within `timeout_s` (default: the collective timeout) and the
+        group is torn down only after it has left.
+        """
         if self._closed:
             return
         self._closed = True
-        self._members.close()
+        busy = not self._drive.acquire(blocking=False)
+        if busy:
+            log.info("pool_closing_mid_call")
+            self._members.terminate_all()
+            wait = self.cfg.collective_timeout_s + 5.0 if timeout_s is None else timeout_s
+            if not self._drive.acquire(timeout=wait):
+                log.error("pool_close_timeout", waited_s=wait)
+                return  # the caller is stuck in a collective: leave the group to the OS
+        try:
+            self._members.close()
+        finally:
+            self._drive.release()
         log.info("pool_closed")
 
     def __enter__(self) -> DevicePool:
@@ -171,11 +201,23 @@ class DevicePool:
             PoolError: the pool is not running or no worker contributed.
             ValueError: bad `steps`, `deadline_s` or `inner` for this pool.
         """
-        layout = self._check_running()
+        with self._driving():
+            return self._run_window(window, global_flat, steps, inner, deadline_s)
+
+    def _run_window(
+        self,
+        window: int,
+        global_flat: np.ndarray,
+        steps: int,
+        inner: InnerConfig | None,
+        deadline_s: float,
+    ) -> DeviceWindowResult:
+        layout = self.layout()
         if global_flat.shape != (layout.numel,):
             raise AdapterLayoutError(
                 "global adapter length", expected=layout.numel, found=global_flat.shape
             )
+        self._settle_evaluation()
         if steps < 1 or deadline_s <= 0:
             raise ValueError(f"run_window: got steps={steps}, deadline_s={deadline_s}; want > 0")
         effective = inner if inner is not None else self._inner
@@ -227,17 +269,12 @@ class DevicePool:
             raise refused
         if total.devices == 0:
             raise PoolError(f"window {window}: no worker contributed ({failed})")
-        val_loss = None
-        if self.cfg.eval_each_window:
-            local = global_flat.astype(np.float64) - total.delta_sum / total.weight_sum
-            val_loss = self._evaluate_or_none(local.astype(np.float32), window)
         result = DeviceWindowResult(
             delta_sum=total.delta_sum,
             weight_sum=total.weight_sum,
             tokens=round(total.weight_sum),
             devices=total.devices,
             train_loss=total.train_loss,
-            val_loss=val_loss,
             error_bound=total.error_bound,
         )
         log.info(
@@ -246,34 +283,42 @@ class DevicePool:
             devices=result.devices,
             tokens=result.tokens,
             train_loss=round(result.train_loss, 4),
-            val_loss=val_loss,
             dropped=len(failed),
             secure=self.cfg.secure is not None,
         )
+        if self.cfg.eval_every and window % self.cfg.eval_every == 0:
+            local = global_flat.astype(np.float64) - total.delta_sum / total.weight_sum
+            self._start_evaluation(local.astype(np.float32), window)
         return result
 
     def evaluate(self, global_flat: np.ndarray) -> float:
         """Validation loss of this boundary's held-out text under the adapter `global_flat`
-        (computed in a worker, so the agent never loads the model).
+        (computed in a worker, so the agent never loads the model); waits for it, after any
+        scheduled evaluation still running.
 
         Raises:
             AdapterLayoutError: `global_flat` does not match the layout.
-            PoolError: no worker could evaluate.
+            PoolError: no worker could evaluate, or the pool closed meanwhile.
         """
-        layout = self._check_running()
-        if global_flat.shape != (layout.numel,):
-            raise AdapterLayoutError(
-                "adapter length", expected=layout.numel, found=global_flat.shape
-            )
-        msg = Evaluate(theta=np.ascontiguousarray(global_flat, dtype=np.float32))
-        for shard in sorted(self._members.workers):
-            handle = self._members.workers[shard]
-            if self._members.send(handle, msg):
-                reply = self._members.await_reply(handle, EvalResult, self.cfg.eval_timeout_s)
-                if reply is not None:
-                    return reply.loss
-            self._members.drop(shard, "evaluation failed")
-        raise PoolError("evaluate: no live worker")
+        with self._driving():
+            layout = self.layout()
+            if global_flat.shape != (layout.numel,):
+                raise AdapterLayoutError(
+                    "adapter length", expected=layout.numel, found=global_flat.shape
+                )
+            self._settle_evaluation()
+            while self._members.workers:
+                self._start_evaluation(global_flat, -1)
+                evaluation = self._settle_evaluation()
+                if evaluation is not None:
+                    return evaluation.loss
+            raise PoolError("evaluate: no live worker")
+
+    def evaluation(self) -> Evaluation | None:
+        """The latest evaluation, after waiting for a scheduled one still running."""
+        with self._driving():
+            self._settle_evaluation()
+            return self.last_evaluation
 
     # ---- internals ----------------------------------------------------------------------
     def _spec(self, shard: int) -> WorkerSpec:
@@ -358,19 +403,53 @@ class DevicePool:
         for shard, reason in failed.items():
             self._members.drop(shard, reason, window=window)
 
-    def _check_running(self) -> AdapterLayout:
-        if self._closed:
-            raise PoolError("the pool is closed")
-        if not self._started:
-            raise PoolError("call start() first")
-        return self.layout()
+    @contextmanager
+    def _driving(self) -> Iterator[None]:
+        """Holds the workers for one call; refuses when the pool is not running."""
+        with self._drive:
+            if self._closed:
+                raise PoolError("the pool is closed")
+            if not self._started:
+                raise PoolError("call start() first")
+            try:
+                yield
+            except Exception as exc:
+                if self._closed:  # closed from another thread while this call ran
+                    raise PoolError("the pool closed during the call") from exc
+                raise
 
-    def _evaluate_or_none(self, theta: np.ndarray, window: int) -> float | None:
-        try:
-            return self.evaluate(theta)
-        except PoolError as exc:
-            log.warning("pool_eval_failed", window=window, error=str(exc))
+    def _start_evaluation(self, theta: np.ndarray, window: int) -> None:
+        """Sends `theta` to the first live worker to evaluate; does not wait."""
+        msg = Evaluate(theta=np.ascontiguousarray(theta, dtype=np.float32))
+        for shard in sorted(self._members.workers):
+            handle = self._members.workers[shard]
+            if self._members.send(handle, msg):
+                self._pending_eval = (handle, window, time.monotonic())
+                return
+            self._members.drop(shard, "evaluation failed: control pipe closed")
+        log.warning("pool_eval_failed", window=window, error="no live worker")
+
+    def _settle_evaluation(self) -> Evaluation | None:
+        """Waits for the evaluation in flight, if any; its result becomes `last_evaluation`.
+        A worker that fails it is dropped (None)."""
+        pending, self._pending_eval = self._pending_eval, None
+        if pending is None:
             return None
+        handle, window, started = pending
+        reply = self._members.await_reply(handle, EvalResult, self.cfg.eval_timeout_s)
+        if reply is None:
+            log.warning("pool_eval_failed", window=window, shard=handle.shard)
+            self._members.drop(handle.shard, "evaluation failed", window=window)
+            return None
+        evaluation = Evaluation(window=window, loss=reply.loss, seconds=time.monotonic() - started)
+        self.last_evaluation = evaluation
+        log.info(
+            "pool_eval_done",
+            window=window,
+            val_loss=round(reply.loss, 4),
+            seconds=round(evaluation.seconds, 3),
+        )
+        return evaluation
 
 
 def _logs_json() -> bool:

@@ -40,6 +40,9 @@ class PoolConfig:
     `threshold_fraction` 0.5, a window of n devices survives `ceil(n / 2) - 1` dropouts
     after its key exchange (before or after masking); beyond that it is refused.
     `graph_seed` is the public seed of the neighbour graph (declare it with the run).
+    `eval_every` N: after every N-th window one worker evaluates the boundary's adapter on
+    held-out text while the agent syncs (the next window starts once it is done); 0: only
+    when asked (`DevicePool.evaluate`).
     `record_updates` is for tests only: each worker also writes its true update to its
     `work_dir` (`update-w{window}-s{shard}.npz`)."""
 
@@ -57,7 +60,7 @@ class PoolConfig:
     start_timeout_s: float = 300.0
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     restart_dead_workers: bool = False
-    eval_each_window: bool = True
+    eval_every: int = 1
     eval_batches: int = 8
     eval_batch_size: int = 8
     eval_timeout_s: float = 120.0
@@ -83,6 +86,10 @@ class PoolConfig:
             )
         if self.backend == "nccl" and not torch.cuda.is_available():
             raise ValueError("PoolConfig.backend: 'nccl' needs CUDA; use 'auto' or 'gloo'")
+        if self.eval_every < 0:
+            raise ValueError(
+                f"PoolConfig.eval_every: got {self.eval_every}, want >= 0 (0: only on request)"
+            )
         if self.eval_batches < 1 or self.eval_batch_size < 1:
             raise ValueError("PoolConfig: eval_batches and eval_batch_size must be >= 1")
         if self.k_min < 1:
@@ -107,8 +114,7 @@ class PoolConfig:
 @dataclass(frozen=True)
 class DeviceWindowResult:
     """The boundary's sum for one window: `delta_sum = sum_i w_i * (theta_v - theta_i)` with
-    `w_i = tokens_i`; `weight_sum = sum_i w_i = tokens`; `train_loss` token-weighted;
-    `val_loss` of `theta_v - delta_sum / weight_sum` on held-out text (None when not run).
+    `w_i = tokens_i`; `weight_sum = sum_i w_i = tokens`; `train_loss` token-weighted.
     With level 1 on, each coordinate of `delta_sum` is within `error_bound` of the sum of the
     clipped deltas (fixed-point quantization), and `weight_sum` within
     `error_bound`; with level 1 off, `error_bound` is 0."""
@@ -118,5 +124,14 @@ class DeviceWindowResult:
     tokens: int
     devices: int
     train_loss: float
-    val_loss: float | None
     error_bound: float = 0.0
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """Held-out loss (nats per token) of an adapter on this boundary's validation text;
+    `window` is the window whose result was evaluated (-1: an adapter given directly)."""
+
+    window: int
+    loss: float
+    seconds: float

@@ -374,7 +374,7 @@ class BoundaryCore:
         """Idle devices train from the held version unless a delta waits or is in flight."""
         busy = self.training or self.overlap is not None
         waiting = self.pending or (self.submitted is not None and not self.config.buffered)
-        if busy or waiting or self.held_version < 0:
+        if busy or waiting or self.held_version < 0 or self.run_over(self.held_version):
             return
         win = self.window
         if self.config.controller is not None and (win is None or win.version < self.held_version):
@@ -440,9 +440,17 @@ class BoundaryCore:
             self._after_submit(win, out)
             return
 
+    def run_over(self, version: int) -> bool:
+        """Whether global `version` is the run's last (the declared length): a boundary
+        that holds it trains no further, and its devices are free for the final
+        evaluation."""
+        return bool(self.config.windows) and version >= self.config.windows
+
     def _after_submit(self, win: OpenWindow, out: list[Command]) -> None:
         cfg = self.config
-        if cfg.delay_aware and not self.training and self.submitted is not None:
+        # No overlap for a window that may commit the run's last version: nothing would use it.
+        last = self.run_over(self.held_version + 1)
+        if cfg.delay_aware and not self.training and self.submitted is not None and not last:
             self.overlap = _Overlap(submitted=self.submitted)
             self.training = True
             out.append(

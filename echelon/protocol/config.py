@@ -45,7 +45,7 @@ class ProtocolConfig:
     round_timeout_s: float = 30.0
     join_grace_s: float = 0.0  # a join opens a window this much later, so joins batch
     retry_s: float = 1.0  # wait before opening again after an abort or with no cohort
-    windows: int = 0  # stop after this many committed windows; 0 = run until stopped
+    windows: int = 0  # the run's length in committed versions; 0 = run until stopped
 
     def __post_init__(self) -> None:
         if self.buffered and self.delay_aware:

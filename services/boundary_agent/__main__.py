@@ -130,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     state_dir = data_dir / "state"
     pools: list[DevicePool] = []
     failed = threading.Event()
+    stop = threading.Event()
     session: AgentSession | None = None
 
     def start_devices(declaration: RunDeclaration) -> None:
@@ -144,6 +145,26 @@ def main(argv: list[str] | None = None) -> int:
         log.info("devices_ready", workers=trainer.alive_workers())
         assert session is not None
         session.mark_ready()
+        evaluate_at_end(declaration.protocol().windows)
+
+    def evaluate_at_end(windows: int) -> None:
+        """Once the run's last version is held (a run of `windows` windows), its held-out
+        loss on this boundary's validation text (the boundary's own; never sent)."""
+        agent_session = session
+        assert agent_session is not None
+        if windows <= 0:
+            return
+        agent_session.wait(
+            lambda: stop.is_set() or agent_session.status().held_version >= windows,
+            float("inf"),
+        )
+        held = agent_session.held_global()
+        if stop.is_set() or held is None:
+            return
+        try:
+            trainer.evaluate_final(*held)
+        except (PoolError, RuntimeError) as exc:
+            log.warning("final_evaluation_failed", version=held[0], error=str(exc))
 
     def make_core(welcome: session_pb2.Welcome) -> BoundaryCore:
         declaration = accept_declaration(bytes(welcome.run_config), model, agent.boundary)
@@ -206,14 +227,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     metrics_port = start_metrics(common.metrics_host, common.metrics_port)
     metrics.watch_status(session.status)
-    stop = threading.Event()
 
     def shutdown() -> None:
         stop.set()
         assert session is not None
         session.stop()
         for pool in pools:
-            pool.close()
+            pool.close()  # a window in progress fails out of the pool, its workers stopped
+        if not session.drain(timeout_s=30.0):
+            log.error("training_thread_stuck")
         audit.close()  # what the pipeline still holds reaches the log
         audit_channel.close()
 

@@ -12,10 +12,12 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass, field
 
 import grpc
+import numpy as np
 import structlog
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
@@ -152,6 +154,7 @@ class AgentSession:
         self._out: queue.Queue[object] | None = None
         self._stop = threading.Event()
         self._devices = ThreadPoolExecutor(max_workers=1, thread_name_prefix="train")
+        self._training: Future[None] | None = None
         self._thread = threading.Thread(target=self._run, name="agent-session", daemon=True)
         self._call: grpc.Future | None = None  # type: ignore[type-arg]
 
@@ -161,6 +164,7 @@ class AgentSession:
     def stop(self) -> None:
         self._stop.set()
         with self._lock:
+            self._changed.notify_all()  # waiters re-check their predicates (and the stop)
             if self._out is not None:
                 self._out.put(_END)
             call = self._call
@@ -168,6 +172,24 @@ class AgentSession:
             call.cancel()
         self._thread.join(timeout=10)
         self._devices.shutdown(wait=False, cancel_futures=True)
+
+    def drain(self, timeout_s: float) -> bool:
+        """After `stop` (and closing the devices, which makes a run in progress fail out):
+        waits until no training run is left in this process; False on timeout."""
+        training = self._training
+        if training is None:
+            return True
+        done, _ = wait_futures([training], timeout=timeout_s)
+        return bool(done)
+
+    def held_global(self) -> tuple[int, np.ndarray] | None:
+        """The global version this boundary holds and its adapter offset phi (None before
+        the first)."""
+        with self._lock:
+            core = self.core
+            if core is None or core.held_version < 0:
+                return None
+            return core.held_version, core.phi.copy()
 
     def wait(self, predicate: Callable[[], bool], timeout_s: float) -> bool:
         deadline = time.monotonic() + timeout_s
@@ -290,7 +312,7 @@ class AgentSession:
                     out.put(frame)
                 count_bytes(message, sent=True)
             elif isinstance(command, Train):
-                self._devices.submit(self._train, command)
+                self._training = self._devices.submit(self._train, command)
             elif isinstance(command, Rebase):
                 self._rebase_fn(command)
             elif isinstance(command, DeltaSpent):
@@ -309,6 +331,9 @@ class AgentSession:
         try:
             result = self._train_fn(command)
         except Exception as exc:
+            if self._stop.is_set():  # the agent is stopping: the devices were closed under it
+                log.info("training_stopped", window=command.window, reason=str(exc))
+                return
             log.exception("training_failed", window=command.window)
             self._handle(TrainingFailed(f"{type(exc).__name__}: {exc}"))
             return

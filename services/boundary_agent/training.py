@@ -18,7 +18,7 @@ import numpy as np
 import structlog
 
 from echelon.declaration import RunDeclaration
-from echelon.device.pool import DevicePool, PoolConfig
+from echelon.device.pool import DevicePool, Evaluation, PoolConfig
 from echelon.device.secure import device_secagg_config
 from echelon.protocol.events import Rebase, Train, TrainedDelta
 from echelon.secagg import SecAggConfig
@@ -43,10 +43,15 @@ class DevicesConfig:
     backend: str = "auto"
     restart_dead_workers: bool = True
     eval_batches: int = 8
+    eval_every: int = 1  # windows; 0: only the final version is evaluated
 
     def __post_init__(self) -> None:
         if self.workers < 1:
             raise ValueError(f"[devices].workers: got {self.workers}, want >= 1")
+        if self.eval_every < 0:
+            raise ValueError(
+                f"[devices].eval_every: got {self.eval_every}, want >= 0 (0: only at the end)"
+            )
         if self.backend not in ("auto", "gloo", "nccl"):
             raise ValueError(f"[devices].backend: got {self.backend!r}, want auto, gloo or nccl")
 
@@ -131,6 +136,7 @@ def pool_config(
         backend=dev.backend,  # type: ignore[arg-type]
         restart_dead_workers=dev.restart_dead_workers,
         eval_batches=dev.eval_batches,
+        eval_every=dev.eval_every,
         secure=security.secure,
         k_min=security.k_min,
         graph_seed=security.graph_seed or b"echelon/secagg/level-1",
@@ -168,6 +174,8 @@ class PoolTrainer:
         self._runs = 0
         self.tokens_total = 0
         self.val_loss = float("nan")
+        self.final: tuple[int, float] | None = None  # (version, held-out loss) at the end
+        self._evaluated: Evaluation | None = None
         self._lock = threading.Lock()
 
     def attach(self, pool: DevicePool) -> None:
@@ -206,6 +214,7 @@ class PoolTrainer:
             run = self._runs
         inner = dataclasses.replace(self.inner, mu=command.mu)
         started = time.monotonic()
+        log.info("devices_training", run=run, steps=command.steps, fresh=command.fresh)
         metrics.INNER_STEPS.set(command.steps)
         result = pool.run_window(
             window=run, global_flat=start, steps=command.steps, inner=inner, deadline_s=3600.0
@@ -217,9 +226,7 @@ class PoolTrainer:
         metrics.TOKENS_PER_S.set(result.tokens / max(elapsed, 1e-9))
         metrics.TRAIN_LOSS.set(result.train_loss)
         self.tokens_total += result.tokens
-        if result.val_loss is not None:
-            self.val_loss = float(result.val_loss)
-            metrics.VAL_LOSS.set(self.val_loss)
+        self._note_evaluation(pool.last_evaluation)
         run_delta = (result.delta_sum / max(result.weight_sum, 1e-12)).astype(np.float32)
         with self._lock:
             self._current = (start - run_delta).astype(np.float32)
@@ -232,3 +239,35 @@ class PoolTrainer:
             devices=result.devices,
             train_loss=result.train_loss,
         )
+
+    def evaluate_final(self, version: int, phi: np.ndarray) -> float:
+        """Held-out loss of global `version` (the run's last) on this boundary's validation
+        text, after any training run still in progress; the boundary's own, never sent.
+
+        Raises:
+            RuntimeError: the device pool is not running.
+            PoolError: no worker could evaluate.
+        """
+        pool = self._pool
+        if pool is None:
+            raise RuntimeError("the device pool is not running")
+        started = time.monotonic()
+        loss = pool.evaluate((self.theta0 + phi).astype(np.float32))
+        self.final = (version, loss)
+        self.val_loss = loss
+        metrics.VAL_LOSS.set(loss)
+        log.info(
+            "final_evaluation",
+            version=version,
+            val_loss=round(loss, 4),
+            seconds=round(time.monotonic() - started, 3),
+        )
+        return loss
+
+    def _note_evaluation(self, evaluation: Evaluation | None) -> None:
+        """A scheduled evaluation that finished since the last run updates the gauge."""
+        if evaluation is None or evaluation is self._evaluated:
+            return
+        self._evaluated = evaluation
+        self.val_loss = evaluation.loss
+        metrics.VAL_LOSS.set(evaluation.loss)

@@ -73,7 +73,7 @@ def core_factory(
         elif recorded != digest:
             log.warning("run_config_changed", recorded=recorded, now=digest)
         protocol = replace(
-            declaration.protocol(windows=config.windows),
+            declaration.protocol(),
             retry_s=config.abort_backoff_s,
             join_grace_s=config.join_grace_s,
         )

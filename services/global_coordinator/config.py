@@ -89,4 +89,5 @@ class CoordinatorConfig:
             clip_norm=self.clip_norm,
             stats=self.stats,
             round_timeout_s=self.round_timeout_s,
+            windows=self.windows,
         )

@@ -23,6 +23,7 @@ from echelon_tools.evaluate import generate_sample, heldout_losses
 from echelon_tools.launcher import Deployment, DeploymentSpec, Site
 from services.common.wire import new_ref
 
+from .logs import log_events, wait_for_event
 from .sockets import is_loopback, process_sockets
 
 WINDOWS = 3
@@ -56,6 +57,13 @@ def finished(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Deploym
     with deployment:
         deployment.start(timeout_s=240)
         deployment.wait_windows(WINDOWS, timeout_s=420)
+        # Evaluation on a schedule: after every window (eval_every 1), and of the last version.
+        finals = {
+            org: wait_for_event(
+                deployment.services[org].log_path, "final_evaluation", timeout_s=120
+            )
+            for org in ("org-a", "org-b")
+        }
         sockets = {
             name: process_sockets(service.process.pid)
             for name, service in deployment.services.items()
@@ -65,7 +73,15 @@ def finished(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Deploym
                 coordinator_pb2.ListVersionsRequest(ref=new_ref(0)), timeout=5
             )
         codes = deployment.stop()
-    yield deployment, {"versions": versions, "codes": codes, "sockets": sockets}
+    yield (
+        deployment,
+        {
+            "versions": versions,
+            "codes": codes,
+            "sockets": sockets,
+            "finals": finals,
+        },
+    )
 
 
 def test_every_process_stops_cleanly(finished: tuple[Deployment, dict]) -> None:
@@ -109,10 +125,15 @@ def test_audit_log_verifies_with_matching_digests(finished: tuple[Deployment, di
 
 
 def test_heldout_loss_falls_and_adapter_exports(finished: tuple[Deployment, dict]) -> None:
-    deployment, _ = finished
+    deployment, facts = finished
     losses = heldout_losses(deployment, ["org-a", "org-b"], max_batches=8)
     for org, (before, after) in losses.items():
         assert after < before - 0.05, (org, before, after)
+        # The agent's own evaluation of the last version, on its devices, agrees in kind.
+        final = facts["finals"][org]
+        assert final["version"] == WINDOWS and final["val_loss"] < before - 0.05
+        scheduled = log_events(deployment.services[org].log_path, "pool_eval_done")
+        assert [e["window"] for e in scheduled][: WINDOWS - 1] == list(range(1, WINDOWS))
     text = generate_sample(deployment, "org-a", deployment.spec.root / "export", tokens=8)
     assert text.startswith("In the beginning") and len(text) > len("In the beginning")
     assert (deployment.spec.root / "export" / "adapter" / "adapter_config.json").exists()

@@ -59,6 +59,7 @@ def test_windows_lower_validation_loss_and_sum_token_weights(
             )
             theta = (theta - result.delta_sum / result.weight_sum).astype(np.float32)
             results.append(result)
+        scheduled = pool.evaluation()  # eval_every 1: the last window's, run after it
         final = pool.evaluate(theta)
 
     for result in results:
@@ -67,7 +68,8 @@ def test_windows_lower_validation_loss_and_sum_token_weights(
         assert result.tokens == int(result.weight_sum)
         assert result.delta_sum.dtype == np.float64 and result.delta_sum.shape == theta.shape
         assert np.isfinite(result.train_loss)
-    assert results[-1].val_loss == pytest.approx(final, rel=1e-4)
+    assert scheduled is not None and scheduled.window == 1
+    assert scheduled.loss == pytest.approx(final, rel=1e-4)
     assert final < initial - 0.05
     assert sorted(p.name for p in tmp_path.glob("worker-*.pt")) == ["worker-0.pt", "worker-1.pt"]
 

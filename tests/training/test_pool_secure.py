@@ -54,7 +54,7 @@ def _config(
             lr=1e-2, warmup_steps=1, total_steps=100, batch_size=BATCH, seq_len=SEQ
         ),
         collective_timeout_s=10.0,
-        eval_each_window=False,
+        eval_every=0,
         restart_dead_workers=restart,
         secure=SECURE,
         k_min=k_min,
