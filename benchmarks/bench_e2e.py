@@ -60,7 +60,8 @@ class E2EConfig:
     """The strategy of the deployments and the targets ([e2e] of the config file)."""
 
     delay_aware: bool = True  # Echelon-DA
-    eval_batches: int = 1  # the agents evaluate after every window; the least they allow
+    eval_every: int = 0  # held-out evaluation after every N-th window; 0: of the last only
+    eval_batches: int = 1
     target_loopback: float = 0.95
     target_wan: float = 0.90
 
@@ -104,7 +105,7 @@ def deployment(
             },
             "secagg": {"level1": True, "level2": True},
         },
-        agents={"devices": {"eval_batches": e2e.eval_batches}},
+        agents={"devices": {"eval_batches": e2e.eval_batches, "eval_every": e2e.eval_every}},
     )
     ran = run_deployment(spec, check.windows + 1, check.timeout_s)
     done = commits(ran.services["coordinator"].log_path)
@@ -171,7 +172,11 @@ def report(
         f"deployments: secure aggregation levels 1 and 2 on, audit log on, "
         f"{'Echelon-DA (delay-aware overlap)' if e2e.delay_aware else 'no overlap'}"
         f"{', pre-keyed' if check.prekey else ''}, H fixed, evaluation of {e2e.eval_batches} "
-        "batch(es) after every window",
+        + (
+            f"batch(es) after every {e2e.eval_every} window(s), overlapping the sync"
+            if e2e.eval_every
+            else "batch(es) of the run's last version only"
+        ),
         f"WAN: {check.latency_ms:.0f} ms one way, {check.bandwidth_mbps:g} Mbit/s per direction, "
         "on every link between an organization and the global plane",
         f"first window left out as warm-up; {check.windows - 1} steady windows per deployment "

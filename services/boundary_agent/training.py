@@ -214,7 +214,13 @@ class PoolTrainer:
             run = self._runs
         inner = dataclasses.replace(self.inner, mu=command.mu)
         started = time.monotonic()
-        log.info("devices_training", run=run, steps=command.steps, fresh=command.fresh)
+        log.info(
+            "devices_training",
+            run=run,
+            version=command.version,
+            steps=command.steps,
+            fresh=command.fresh,
+        )
         metrics.INNER_STEPS.set(command.steps)
         result = pool.run_window(
             window=run, global_flat=start, steps=command.steps, inner=inner, deadline_s=3600.0

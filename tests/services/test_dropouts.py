@@ -21,6 +21,8 @@ from echelon_proto.coordinator.v1 import coordinator_pb2, coordinator_pb2_grpc
 from echelon_tools.launcher import Deployment, DeploymentSpec, Site
 from services.common.wire import new_ref
 
+from .logs import wait_for_event
+
 pytestmark = pytest.mark.timeout(600)
 STEPS, BATCH, SEQ, UNIT = 40, 4, 64, 4096.0
 TOKENS_PER_DEVICE = STEPS * BATCH * SEQ
@@ -90,9 +92,15 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, object]]
             time.sleep(0.2)
         else:
             pytest.fail("no window with all three organizations")
-        # The next window opens right away; kill while its devices train (40 steps).
-        while deployment.coordinator_status().window <= full[0].window:
-            time.sleep(0.02)
+        # org-b's devices start the next run from that version: kill while they train it.
+        agent_b = deployment.services["org-b"]
+        wait_for_event(
+            agent_b.log_path,
+            "devices_training",
+            timeout_s=120,
+            where=lambda entry: entry["version"] == full[0].version,
+            alive=lambda: agent_b.process.poll() is None,
+        )
         victim = spawned_workers(deployment.services["org-b"].process.pid)[0]
         os.kill(victim, signal.SIGKILL)
         os.killpg(deployment.services["org-c"].process.pid, signal.SIGKILL)
