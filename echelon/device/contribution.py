@@ -3,9 +3,10 @@ between the window loop (`pool.py`) and how contributions are combined.
 
 A `WindowAggregation` is either the float sum (`FloatAggregation`, level 1 off: the baseline)
 or level-1 secure aggregation (`secure.SecureAggregation`: masked uint32 vectors, sent as the
-same bytes viewed as int32 over gloo point-to-point, summed mod 2^32 by the library's
-`Aggregator`). Both receive one vector of `contribution_length(numel)` values per worker into
-a `ContributionSink`, and both end in the same `WindowTotals`.
+same bytes viewed as int32, summed mod 2^32 by the library's `Aggregator`). Both receive one
+vector of `contribution_length(numel)` values per worker, as one frame on its control pipe,
+into a `ContributionSink`, and both end in the same `WindowTotals`; theta_v goes out to the
+workers over gloo point-to-point.
 
 Float layout (length `numel + CONTRIBUTION_EXTRA`): `[w * delta (numel values), w,
 w * train_loss]` with `w = tokens` and `delta = theta_v - theta`. The agent only ever adds
@@ -18,6 +19,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
+from multiprocessing.connection import Connection, wait
 from typing import Protocol
 
 import numpy as np
@@ -30,9 +32,6 @@ from echelon.device.handle import WorkerHandle
 CONTRIBUTION_EXTRA = 2
 CONTRIBUTION_DTYPE = torch.float64
 THETA_TAG = 1
-CONTRIBUTION_TAG = 2
-# A receive that already landed still needs a positive wait to be collected.
-_MIN_WAIT_S = 0.05
 
 
 def contribution_length(numel: int) -> int:
@@ -191,11 +190,10 @@ class FloatAggregation:
         return None
 
 
-def send_contribution(
-    group: PointToPointGroup, contribution: torch.Tensor, timeout_s: float
-) -> None:
-    """Worker side: point-to-point send of the contribution to the agent (rank 0)."""
-    group.send([contribution], 0, CONTRIBUTION_TAG).wait(timedelta(seconds=timeout_s))
+def send_contribution(conn: Connection, contribution: torch.Tensor) -> None:
+    """Worker side: the contribution's raw bytes as one frame on the worker's control pipe
+    (its length is the frame's, so the agent checks it before it reads a byte)."""
+    conn.send_bytes(contribution.contiguous().numpy().data)
 
 
 def send_global(
@@ -219,35 +217,55 @@ def send_global(
 
 
 def collect_contributions(
-    group: PointToPointGroup,
-    ranks: Mapping[int, int],
+    handles: Sequence[WorkerHandle],
     sink: ContributionSink,
     deadline: float,
     record: Callable[[int, str, bytes], None] | None = None,
 ) -> dict[int, str]:
-    """Agent side: one point-to-point receive per worker, all posted up front, each waited on
-    until `deadline` (a `time.monotonic()` value) and handed to `sink` as it lands (and to
-    `record`, the transcript hook, when set); each buffer is zeroed right after, so no
-    received vector outlives this call. A dead peer fails its receive at once; a slow one
-    fails at the deadline; neither blocks the others. Returns the workers (shard -> reason)
-    that did not contribute."""
+    """Agent side: each worker's contribution frame from its control pipe, taken as it lands
+    until `deadline` (a `time.monotonic()` value), copied into a buffer of the sink's layout
+    and handed to `sink` (and to `record`, the transcript hook, when set); the buffer is
+    zeroed right after. A frame longer than the layout is refused from its header, before
+    its bytes are read; a shorter one by its length. A dead worker fails at once, a slow one
+    at the deadline; neither blocks the others. Returns the workers (shard -> reason) that
+    did not contribute (their pipes are out of step: the pool drops them).
+
+    The vectors do not travel over gloo: a gloo receive takes a shorter message silently
+    (the rest of the buffer stays as it was) and aborts the whole process on a longer one.
+    """
     failed: dict[int, str] = {}
-    receives = {}
-    for shard, rank in ranks.items():
-        buffer = sink.new_buffer()
-        try:
-            receives[shard] = (group.recv([buffer], rank, CONTRIBUTION_TAG), buffer)
-        except RuntimeError as exc:  # gloo refuses to post to a peer already gone
-            failed[shard] = f"contribution: {exc}"
-    for shard, (work, buffer) in receives.items():
-        try:
-            work.wait(timedelta(seconds=max(_MIN_WAIT_S, deadline - time.monotonic())))
-            if record is not None:
-                record(shard, sink.kind, buffer.numpy().tobytes())
-            sink.add(shard, buffer)
-        except RuntimeError as exc:
-            failed[shard] = f"contribution: {exc}"
-        except ContributionRejected as exc:
-            failed[shard] = str(exc)
-        buffer.zero_()
+    waiting = {h.conn: h for h in handles}
+    buffer = sink.new_buffer()
+    expected = buffer.numel() * buffer.element_size()
+    view = buffer.numpy().view(np.uint8)
+    while waiting:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            for handle in waiting.values():
+                failed[handle.shard] = "contribution: none before the window's deadline"
+            break
+        for conn in wait(list(waiting), timeout=remaining):
+            handle = waiting.pop(conn)  # type: ignore[call-overload]
+            try:
+                frame = handle.conn.recv_bytes(expected)
+            except OSError as exc:  # a longer frame ("bad message length")
+                failed[handle.shard] = f"contribution: {exc}, want {expected} bytes"
+                continue
+            except EOFError:
+                failed[handle.shard] = f"contribution: worker gone (exit {handle.process.exitcode})"
+                continue
+            try:
+                if len(frame) != expected:
+                    raise ContributionRejected(
+                        f"contribution of worker {handle.shard}: got {len(frame)} bytes, "
+                        f"want {expected} ({sink.kind})"
+                    )
+                view[:] = np.frombuffer(frame, dtype=np.uint8)
+                del frame
+                if record is not None:
+                    record(handle.shard, sink.kind, view.tobytes())
+                sink.add(handle.shard, buffer)
+            except ContributionRejected as exc:
+                failed[handle.shard] = str(exc)
+            buffer.zero_()
     return failed

@@ -48,14 +48,23 @@ class PoolError(RuntimeError):
     """The pool cannot do what was asked (not started, closed, or no worker left)."""
 
 
-def _worker_entry(spec: WorkerSpec, conn: Connection) -> None:
+#: What a spawned worker process runs; it must be importable by name (spawn pickles it).
+WorkerEntry = Callable[[WorkerSpec, Connection], None]
+
+
+def worker_entry(spec: WorkerSpec, conn: Connection) -> None:
+    """A device worker process: serves `spec` over `conn`, then exits without teardown."""
     # Runs in the spawned child: the worker module (and transformers, peft) is imported there
     # only, so the agent process stays lean.
     from echelon.device.worker import worker_main
 
     worker_main(spec, conn)
-    # The worker persisted its state after each window and has left its group: skip the
-    # interpreter's teardown of torch, gloo and the model (seconds per worker), crash-only.
+    exit_worker()
+
+
+def exit_worker() -> None:
+    """The worker persisted its state after each window and has left its group: skip the
+    interpreter's teardown of torch, gloo and the model (seconds per worker), crash-only."""
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
@@ -72,8 +81,10 @@ class Membership:
         start_timeout_s: float,
         collective_timeout_s: float,
         restart: bool,
+        entry: WorkerEntry = worker_entry,
     ) -> None:
         self._spec_for = spec_for
+        self._entry = entry
         self._n_workers = n_workers
         self._start_timeout_s = start_timeout_s
         self._collective_timeout_s = collective_timeout_s
@@ -119,7 +130,7 @@ class Membership:
     def spawn(self, shard: int) -> WorkerHandle:
         parent, child = self._ctx.Pipe(duplex=True)
         process = self._ctx.Process(
-            target=_worker_entry,
+            target=self._entry,
             args=(self._spec_for(shard), child),
             name=f"echelon-worker-{shard}",
             daemon=True,

@@ -5,8 +5,9 @@ token-weighted SUM of the workers' deltas (never one worker's update or token co
 Per window: a StartWindow control message over each worker's Pipe; with level-1 secure
 aggregation on (`PoolConfig.secure`), the key rounds over the Pipes (`secure.py`); theta_v to
 each worker point-to-point over gloo; each worker's contribution (see `contribution.py`:
-float, or masked) back point-to-point, waited on until the window's deadline; with level 1 on,
-the survivor signatures and unmasking shares over the Pipes. A worker that dies or misses the
+float, or masked) back as one length-checked frame on its Pipe, waited on until the
+window's deadline; with level 1 on, the survivor signatures and unmasking shares over the
+Pipes. A worker that dies or misses the
 deadline is dropped (killed), the window completes with the survivors, and the group is
 rebuilt on a fresh rendezvous port before the next window.
 
@@ -44,7 +45,7 @@ from echelon.device.control import (
     WorkerSpec,
 )
 from echelon.device.handle import WorkerHandle
-from echelon.device.members import Membership, PoolError
+from echelon.device.members import Membership, PoolError, WorkerEntry, worker_entry
 from echelon.device.pool_config import DeviceWindowResult, Evaluation, PoolConfig
 from echelon.device.secure import (
     RefusalReason,
@@ -98,10 +99,12 @@ class DevicePool:
         *,
         transcript: Transcript | None = None,
         on_stage: StageObserver = ignore_stage,
+        entry: WorkerEntry = worker_entry,
     ) -> None:
         """`transcript`, for tests and audits of the device plane, is called with everything
         the agent process receives from the workers during each window (`TranscriptEntry`);
-        `on_stage` with each `PoolStage` a window reaches."""
+        `on_stage` with each `PoolStage` a window reaches; `entry` is what each spawned
+        worker process runs (tests run hostile devices through it)."""
         self.cfg = cfg
         self._transcript = transcript
         self._on_stage = on_stage
@@ -112,6 +115,7 @@ class DevicePool:
             start_timeout_s=cfg.start_timeout_s,
             collective_timeout_s=cfg.collective_timeout_s,
             restart=cfg.restart_dead_workers,
+            entry=entry,
         )
         self._started = False
         self._closed = False
@@ -250,11 +254,13 @@ class DevicePool:
             aggregation.open(self._live(members, failed), failed)
             ranks = {h.shard: h.rank for h in self._live(members, failed)}
             failed.update(send_global(group, ranks, theta, self.cfg.collective_timeout_s))
-            ranks = {shard: rank for shard, rank in ranks.items() if shard not in failed}
             self._on_stage(PoolStage.THETA_SENT, window)
             failed.update(
                 collect_contributions(
-                    group, ranks, aggregation.sink, deadline, self._recorder(window)
+                    self._live(members, failed),
+                    aggregation.sink,
+                    deadline,
+                    self._recorder(window),
                 )
             )
             total = aggregation.close(self._live(members, failed), failed)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from datetime import timedelta
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -134,9 +135,7 @@ class DeviceWorker:
             self.sampler.batch_size = msg.inner.batch_size
         masking = None
         if msg.secure is not None:
-            masking = DeviceMasking(
-                conn=conn, start=msg, shard=self.spec.shard, identity=self.identity
-            )
+            masking = self.masking(msg, conn)
             if not masking.exchange_keys():
                 return WindowDone(window=msg.window)
         seq_len = self.loop.cfg.seq_len
@@ -158,7 +157,7 @@ class DeviceWorker:
             contribution = masking.mask(
                 theta_v, theta, tokens=result.tokens, train_loss=result.mean_loss
             )
-        send_contribution(self.group, contribution, msg.send_timeout_s)
+        send_contribution(conn, contribution)
         del contribution, theta
         self._persist()
         if masking is not None:
@@ -171,6 +170,10 @@ class DeviceWorker:
             tokens_per_s=round(result.tokens / max(elapsed, 1e-9)),
         )
         return WindowDone(window=msg.window)
+
+    def masking(self, msg: StartWindow, conn: Connection) -> DeviceMasking:
+        """This device's side of one level-1 window (tests put a hostile one here)."""
+        return DeviceMasking(conn=conn, start=msg, shard=self.spec.shard, identity=self.identity)
 
     def _record_update(
         self, window: int, theta_v: np.ndarray, theta: np.ndarray, tokens: int, loss: float
@@ -201,7 +204,12 @@ def _log_json_lines() -> None:
     )
 
 
-def worker_main(spec: WorkerSpec, conn: Connection) -> None:
+def worker_main(
+    spec: WorkerSpec,
+    conn: Connection,
+    *,
+    worker_type: Callable[[WorkerSpec], DeviceWorker] = DeviceWorker,
+) -> None:
     """Entry point of a spawned worker process: serve control messages until Stop or EOF.
 
     Crash-only: a worker that fails a join or a window exits, so that the agent's pending
@@ -214,7 +222,7 @@ def worker_main(spec: WorkerSpec, conn: Connection) -> None:
         _log_json_lines()
     structlog.contextvars.bind_contextvars(shard=spec.shard)
     try:
-        worker = DeviceWorker(spec)
+        worker = worker_type(spec)
         conn.send(
             Ready(
                 shard=spec.shard,
