@@ -12,6 +12,7 @@ from collections.abc import Callable
 from datetime import timedelta
 from multiprocessing.connection import Connection
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import structlog
@@ -89,17 +90,21 @@ class DeviceWorker:
         self._restore()
 
     @property
+    def state_dir(self) -> Path:
+        """This device's private directory (0700): its optimizer state stays the device's."""
+        return self.spec.work_dir / f"worker-{self.spec.shard}"
+
+    @property
     def state_path(self) -> Path:
-        return self.spec.work_dir / f"worker-{self.spec.shard}.pt"
+        return self.state_dir / "state.pt"
 
     def _restore(self) -> None:
-        if not self.state_path.is_file():
+        self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.state_dir.chmod(0o700)  # also one made before, or under a lax umask
+        saved = load_worker_state(self.state_path, self.device, self.layout.digest())
+        if saved is None:
             return
-        saved = torch.load(self.state_path, map_location=self.device, weights_only=False)
-        if saved.get("layout_digest") != self.layout.digest():
-            log.warning("worker_state_ignored", shard=self.spec.shard, reason="layout changed")
-            return
-        self.loop.load_state_dict(saved["inner"])
+        self.loop.load_state_dict(saved)
         log.info("worker_state_restored", shard=self.spec.shard, step=self.loop.step)
 
     def _persist(self) -> None:
@@ -202,6 +207,24 @@ def _log_json_lines() -> None:
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=True,
     )
+
+
+def load_worker_state(path: Path, device: torch.device, layout_digest: str) -> Any | None:
+    """The inner loop's saved state at `path`, or None (and a warning) when there is none,
+    it is unreadable, it holds anything but tensors and plain containers (loaded with
+    `weights_only`: a tampered file cannot run code in the worker), or it was saved for
+    another adapter layout."""
+    if not path.is_file():
+        return None
+    try:
+        saved = torch.load(path, map_location=device, weights_only=True)
+    except Exception as exc:  # any unreadable file: start afresh, and say why
+        log.warning("worker_state_ignored", path=str(path), reason=str(exc)[:300])
+        return None
+    if not isinstance(saved, dict) or saved.get("layout_digest") != layout_digest:
+        log.warning("worker_state_ignored", path=str(path), reason="another adapter layout")
+        return None
+    return saved["inner"]
 
 
 def worker_main(

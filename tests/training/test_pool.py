@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from echelon.device.pool import DevicePool, PoolConfig, PoolError, PoolStage
 from echelon.training.adapter import flatten
@@ -71,7 +72,13 @@ def test_windows_lower_validation_loss_and_sum_token_weights(
     assert scheduled is not None and scheduled.window == 1
     assert scheduled.loss == pytest.approx(final, rel=1e-4)
     assert final < initial - 0.05
-    assert sorted(p.name for p in tmp_path.glob("worker-*.pt")) == ["worker-0.pt", "worker-1.pt"]
+    # Each device's optimizer state, in its own private directory, loadable as weights only.
+    dirs = sorted(tmp_path.glob("worker-*"))
+    assert [d.name for d in dirs] == ["worker-0", "worker-1"]
+    for d in dirs:
+        assert d.stat().st_mode & 0o777 == 0o700
+        saved = torch.load(d / "state.pt", weights_only=True)
+        assert saved["inner"]["step"] == 2 * steps
 
 
 def test_killed_worker_is_dropped_and_survivor_continues(
