@@ -34,6 +34,7 @@ from echelon.secagg.messages import (
     KeyAdvertisement,
     MessageType,
     UnmaskingShares,
+    session_context,
     survivor_list_bytes,
 )
 from echelon.secagg.participant import Participant, ParticipantStage
@@ -72,5 +73,6 @@ __all__ = [
     "decode",
     "encode",
     "graph_degree",
+    "session_context",
     "survivor_list_bytes",
 ]

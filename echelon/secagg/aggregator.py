@@ -166,7 +166,11 @@ class Aggregator:
         if party in self._ads:
             raise DuplicateSubmission(f"second advertisement of party {party}", expected=1, found=2)
         keys.verify_advertisement(
-            ad, party=party, window=self.window, identity=self._identities[party]
+            ad,
+            party=party,
+            window=self.window,
+            identity=self._identities[party],
+            context=self.graph.context,
         )
         self._ads[party] = ad
 
@@ -306,7 +310,7 @@ class Aggregator:
             )
         if party in self._signatures:
             raise DuplicateSubmission(f"second signature of party {party}", expected=1, found=2)
-        payload = survivor_list_bytes(self.window, self._survivors)
+        payload = survivor_list_bytes(self.window, self._survivors, self.graph.context)
         if not keys.verify_signature(self._identities[party], signature, payload):
             raise InvalidSignature(
                 f"survivor-list signature of party {party} does not verify",

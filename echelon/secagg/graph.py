@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 from echelon.secagg.config import MAX_PARTY_ID, SecAggConfig
 from echelon.secagg.errors import ConfigError, UnknownParty
+from echelon.secagg.messages import session_context
 
 _GRAPH_DOMAIN = b"echelon/secagg/v1/neighbour-graph"
 
@@ -73,6 +74,7 @@ class NeighbourGraph:
     cohort: tuple[int, ...]
     neighbours: dict[int, frozenset[int]]
     threshold_fraction: float
+    context: bytes  # `session_context`: what every signature of this window covers
 
     @classmethod
     def build(
@@ -103,7 +105,10 @@ class NeighbourGraph:
                     peers.add(ring[(position - step) % size])
             neighbours[party] = frozenset(peers)
         return cls(
-            cohort=members, neighbours=neighbours, threshold_fraction=config.threshold_fraction
+            cohort=members,
+            neighbours=neighbours,
+            threshold_fraction=config.threshold_fraction,
+            context=session_context(graph_seed, window, members),
         )
 
     def of(self, party: int) -> frozenset[int]:

@@ -167,9 +167,15 @@ def verify_signature(public: Ed25519PublicKey, signature: bytes, data: bytes) ->
 
 
 def verify_advertisement(
-    ad: KeyAdvertisement, *, party: int, window: int, identity: Ed25519PublicKey
+    ad: KeyAdvertisement,
+    *,
+    party: int,
+    window: int,
+    identity: Ed25519PublicKey,
+    context: bytes,
 ) -> None:
-    """Check an advertisement's party, window, keys and signature.
+    """Check an advertisement's party, window, keys and signature (over `context`, the
+    window's `session_context`: a signature made in another run or cohort fails).
 
     Raises ``UnknownParty`` (filed under another id), ``WrongWindow`` (replay),
     ``MalformedMessage`` (a low-order X25519 key) or ``InvalidSignature``.
@@ -189,9 +195,10 @@ def verify_advertisement(
     for name, public in (("c_pk", ad.c_pk), ("s_pk", ad.s_pk)):
         # A low-order point would make every agreement with it all-zero: refuse it up front.
         agree(X25519PrivateKey.generate(), public, peer=party, what=name)
-    if not verify_signature(identity, ad.signature, ad.signed_bytes()):
+    if not verify_signature(identity, ad.signature, ad.signed_bytes(context)):
         raise InvalidSignature(
-            f"advertisement of party {party} is not signed by its identity key",
+            f"advertisement of party {party} is not signed by its identity key for this run's "
+            "window and cohort",
             expected="valid Ed25519 signature",
             found=ad.signature.hex(),
         )

@@ -4,14 +4,17 @@ Every message is a frozen dataclass of ints and bytes. ``to_bytes`` gives a
 fixed, documented big-endian layout (so a payload can be audited by digest and
 carried in a protobuf ``bytes`` field); ``from_bytes`` parses it back and raises
 ``MalformedMessage`` on any deviation. Each layout starts with the 6-byte header
-``b"ESAG" || version (u8, = 1) || message type (u8)``, which also
-domain-separates everything that is signed or authenticated.
+``b"ESAG" || version (u8, = 2) || message type (u8)``, which also
+domain-separates everything that is signed or authenticated. Every signature also covers
+the window's 32-byte session context (``session_context``: SHA-256 of the graph seed, which
+names the run, the window and its cohort), which both sides derive and no message carries.
 
 Layouts (u32/u64 are unsigned big-endian):
 
 - KeyAdvertisement (178 bytes): header(type 1) | window u64 | party u32 |
   c_pk 32 | s_pk 32 | self_mask_commitment 32 | signature 64. The Ed25519
-  signature of the party's identity key covers all bytes before it.
+  signature of the party's identity key covers header | context 32 | all bytes after the
+  header and before the signature.
 - EncryptedShare (198 bytes): header(type 2) | window u64 | sender u32 |
   recipient u32 | nonce 12 | ciphertext 164. The AES-GCM associated data is the
   first 22 bytes (header, window, sender, recipient).
@@ -21,11 +24,12 @@ Layouts (u32/u64 are unsigned big-endian):
   n_key u32 | n_self x (owner u32 | share 66) | n_key x (owner u32 | share 66),
   each list strictly increasing by owner.
 - Survivor list, the bytes each survivor signs (not a message of its own):
-  header(type 4) | window u64 | count u32 | count x party u32, ascending.
+  header(type 4) | context 32 | window u64 | count u32 | count x party u32, ascending.
 """
 
 from __future__ import annotations
 
+import hashlib
 import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -36,7 +40,9 @@ from echelon.secagg.errors import MalformedMessage
 from echelon.secagg.shamir import SHARE_BYTES
 
 MAGIC = b"ESAG"
-VERSION = 1
+VERSION = 2  # 2: signatures cover the window's session context (run and cohort)
+CONTEXT_BYTES = 32
+_CONTEXT_DOMAIN = b"echelon/secagg/v2/session-context"
 PUBLIC_KEY_BYTES = 32
 SIGNATURE_BYTES = 64
 NONCE_BYTES = 12
@@ -124,20 +130,30 @@ class KeyAdvertisement:
 
     @staticmethod
     def signed_bytes_of(
-        *, window: int, party: int, c_pk: bytes, s_pk: bytes, self_mask_commitment: bytes
+        *,
+        context: bytes,
+        window: int,
+        party: int,
+        c_pk: bytes,
+        s_pk: bytes,
+        self_mask_commitment: bytes,
     ) -> bytes:
-        """The canonical bytes the identity key signs (all fields but the signature)."""
+        """The canonical bytes the identity key signs: the header, the window's `context`
+        (`session_context`: run and cohort), then every field but the signature."""
+        _check_width("signed context", context, CONTEXT_BYTES)
         return (
             header(MessageType.KEY_ADVERTISEMENT)
+            + context
             + struct.pack(">QI", window, party)
             + c_pk
             + s_pk
             + self_mask_commitment
         )
 
-    def signed_bytes(self) -> bytes:
-        """The canonical bytes covered by ``signature``."""
+    def signed_bytes(self, context: bytes) -> bytes:
+        """The canonical bytes covered by ``signature`` in the window of ``context``."""
         return self.signed_bytes_of(
+            context=context,
             window=self.window,
             party=self.party,
             c_pk=self.c_pk,
@@ -147,7 +163,14 @@ class KeyAdvertisement:
 
     def to_bytes(self) -> bytes:
         """The 178-byte layout documented in the module docstring."""
-        return self.signed_bytes() + self.signature
+        return (
+            header(MessageType.KEY_ADVERTISEMENT)
+            + struct.pack(">QI", self.window, self.party)
+            + self.c_pk
+            + self.s_pk
+            + self.self_mask_commitment
+            + self.signature
+        )
 
     @classmethod
     def from_bytes(cls, data: bytes) -> KeyAdvertisement:
@@ -345,14 +368,36 @@ class UnmaskingShares:
         )
 
 
-def survivor_list_bytes(window: int, survivors: Iterable[int]) -> bytes:
-    """Canonical bytes of a survivor list, the payload of the consistency-check signatures."""
+def session_context(graph_seed: bytes, window: int, cohort: Iterable[int]) -> bytes:
+    """The 32 bytes every signature of a window covers: SHA-256 over a domain, the graph
+    seed (which names the run: `{run_id}/{window}` at level 2, `{run_id}/level-1` at level
+    1), the window and its cohort, ascending. A signed advertisement or survivor list then
+    verifies in that run's window with that cohort only: replayed into another run, or into
+    the same window under another cohort, it fails."""
+    ordered = sorted(cohort)
+    check_window("context window", window)
+    for party in ordered:
+        _check_party("cohort member", party)
+    return hashlib.sha256(
+        _CONTEXT_DOMAIN
+        + struct.pack(">I", len(graph_seed))
+        + graph_seed
+        + struct.pack(">QI", window, len(ordered))
+        + b"".join(struct.pack(">I", party) for party in ordered)
+    ).digest()
+
+
+def survivor_list_bytes(window: int, survivors: Iterable[int], context: bytes) -> bytes:
+    """Canonical bytes of a survivor list, the payload of the consistency-check signatures,
+    in the window of `context` (`session_context`)."""
     ordered = sorted(survivors)
     check_window("survivor list window", window)
+    _check_width("signed context", context, CONTEXT_BYTES)
     for party in ordered:
         _check_party("survivor", party)
     return (
         header(MessageType.SURVIVOR_LIST)
+        + context
         + struct.pack(">QI", window, len(ordered))
         + b"".join(struct.pack(">I", party) for party in ordered)
     )

@@ -142,6 +142,7 @@ class Participant:
         c_pk, s_pk = keys.public_bytes(self._c_key), keys.public_bytes(self._s_key)
         commitment = keys.self_mask_commitment(self._seed, window=self.window, party=self.party_id)
         signed = KeyAdvertisement.signed_bytes_of(
+            context=self.graph.context,
             window=self.window,
             party=self.party_id,
             c_pk=c_pk,
@@ -181,7 +182,11 @@ class Participant:
         for party in sorted(self.neighbours & set(ads)):
             ad = ads[party]
             keys.verify_advertisement(
-                ad, party=party, window=self.window, identity=self._peer_identities[party]
+                ad,
+                party=party,
+                window=self.window,
+                identity=self._peer_identities[party],
+                context=self.graph.context,
             )
             peer_ads[party] = ad
         if len(peer_ads) + 1 < self.threshold:
@@ -341,7 +346,7 @@ class Participant:
         ordered = self._check_survivors(survivors)
         self._signed_survivors = ordered
         self._stage = ParticipantStage.UNMASK
-        return self._identity.sign(survivor_list_bytes(self.window, ordered))
+        return self._identity.sign(survivor_list_bytes(self.window, ordered, self.graph.context))
 
     def unmask(
         self,
@@ -379,7 +384,7 @@ class Participant:
                     expected="dropped disjoint from survivors",
                     found=alive,
                 )
-        payload = survivor_list_bytes(self.window, ordered)
+        payload = survivor_list_bytes(self.window, ordered, self.graph.context)
         strangers = sorted(set(signatures) - set(ordered))
         if strangers:
             raise UnknownParty(

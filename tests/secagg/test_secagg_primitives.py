@@ -27,6 +27,7 @@ from echelon.secagg import (
     decode,
     encode,
     keys,
+    session_context,
     shamir,
     survivor_list_bytes,
 )
@@ -197,13 +198,33 @@ def test_message_layouts_round_trip() -> None:
     assert len(ad.to_bytes()) == 178 and KeyAdvertisement.from_bytes(ad.to_bytes()) == ad
     assert len(share.to_bytes()) == 198 and EncryptedShare.from_bytes(share.to_bytes()) == share
     assert UnmaskingShares.from_bytes(unmasking.to_bytes()) == unmasking
-    assert ad.to_bytes()[:18] == b"ESAG\x01\x01" + (5).to_bytes(8, "big") + (3).to_bytes(4, "big")
+    assert ad.to_bytes()[:18] == b"ESAG\x02\x01" + (5).to_bytes(8, "big") + (3).to_bytes(4, "big")
+    # The signature covers the window's context, which the layout does not carry.
+    context = bytes(range(32))
+    assert ad.signed_bytes(context) == ad.to_bytes()[:6] + context + ad.to_bytes()[6:114]
 
 
 def test_survivor_list_canonical_bytes() -> None:
-    # header "ESAG", version 1, type 4 | window u64 | count u32 | ids u32 ascending
-    expected = bytes.fromhex("4553414701040000000000000009" + "00000002" + "00000001" + "00000004")
-    assert survivor_list_bytes(9, [4, 1]) == expected
+    # header "ESAG", version 2, type 4 | context 32 | window u64 | count u32 | ids u32 ascending
+    context = bytes(range(32))
+    expected = (
+        bytes.fromhex("455341470204")
+        + context
+        + bytes.fromhex("0000000000000009" + "00000002" + "00000001" + "00000004")
+    )
+    assert survivor_list_bytes(9, [4, 1], context) == expected
+
+
+def test_the_session_context_binds_run_window_and_cohort() -> None:
+    base = session_context(b"run-a/3", 3, [2, 0, 1])
+    assert base == session_context(b"run-a/3", 3, [0, 1, 2])  # the cohort as a set
+    others = {
+        session_context(b"run-b/3", 3, [0, 1, 2]),
+        session_context(b"run-a/3", 4, [0, 1, 2]),
+        session_context(b"run-a/3", 3, [0, 1, 2, 3]),
+        session_context(b"run-a/3", 3, [0, 1]),
+    }
+    assert len(others) == 4 and base not in others and len(base) == 32
 
 
 @pytest.mark.parametrize(

@@ -11,7 +11,15 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from secagg_harness import Window, exchange_keys, make_identities, open_window, submit, unmask
+from secagg_harness import (
+    GRAPH_SEED,
+    Window,
+    exchange_keys,
+    make_identities,
+    open_window,
+    submit,
+    unmask,
+)
 
 from echelon.secagg import (
     ConfigError,
@@ -34,6 +42,7 @@ from echelon.secagg import (
     WrongWindow,
     decode,
     keys,
+    session_context,
     shamir,
     survivor_list_bytes,
 )
@@ -218,7 +227,8 @@ def test_forged_signature_is_refused_by_participant_and_aggregator() -> None:
     w = _masked_window([0, 1, 2, 3], 4)
     survivors = w.aggregator.fix_survivors()
     signatures = {p: w.participants[p].sign_survivors(survivors) for p in survivors}
-    forged = w.identities[2].sign(survivor_list_bytes(w.window, survivors))  # 2 signs as 1
+    context = w.aggregator.graph.context
+    forged = w.identities[2].sign(survivor_list_bytes(w.window, survivors, context))  # 2 as 1
 
     with pytest.raises(InvalidSignature):
         w.participants[0].unmask(survivors, {**signatures, 1: forged})
@@ -379,10 +389,43 @@ def test_messages_of_an_earlier_window_are_rejected() -> None:
 def test_old_survivor_signature_does_not_verify_in_a_new_window() -> None:
     w = _masked_window([0, 1, 2], 4)
     survivors = w.aggregator.fix_survivors()
-    replayed = w.identities[1].sign(survivor_list_bytes(w.window - 1, survivors))
+    earlier = session_context(GRAPH_SEED, w.window - 1, w.cohort)
+    replayed = w.identities[1].sign(survivor_list_bytes(w.window - 1, survivors, earlier))
 
     with pytest.raises(InvalidSignature):
         w.aggregator.add_survivor_signature(1, replayed)
+
+
+@pytest.mark.parametrize(
+    ("seed", "cohort"),
+    [(b"another-run/7", [0, 1, 2]), (GRAPH_SEED, [0, 1, 2, 3])],
+    ids=["another run", "another cohort"],
+)
+def test_a_signature_from_another_run_or_cohort_does_not_verify(
+    seed: bytes, cohort: list[int]
+) -> None:
+    # The same window number, parties and keys: only the run (the graph seed names it) or
+    # the cohort differs, and the signatures made there are refused here.
+    w = _masked_window([0, 1, 2], 4)
+    survivors = w.aggregator.fix_survivors()
+    elsewhere = session_context(seed, w.window, cohort)
+    replayed = w.identities[1].sign(survivor_list_bytes(w.window, survivors, elsewhere))
+    with pytest.raises(InvalidSignature):
+        w.aggregator.add_survivor_signature(1, replayed)
+
+    fresh = open_window([0, 1, 2], 4, window=w.window, identities=w.identities)
+    honest = fresh.participants[1].advertise()
+    fields = {
+        "window": honest.window,
+        "party": 1,
+        "c_pk": honest.c_pk,
+        "s_pk": honest.s_pk,
+        "self_mask_commitment": honest.self_mask_commitment,
+    }
+    signed = KeyAdvertisement.signed_bytes_of(context=elsewhere, **fields)  # type: ignore[arg-type]
+    moved = dataclasses.replace(honest, signature=w.identities[1].sign(signed))
+    with pytest.raises(InvalidSignature, match="this run's window and cohort"):
+        fresh.aggregator.add_advertisement(1, moved)
 
 
 def test_methods_out_of_stage_raise_stage_error() -> None:
@@ -412,7 +455,8 @@ def test_low_order_agreement_key_is_refused_even_when_properly_signed() -> None:
         "s_pk": honest.s_pk,
         "self_mask_commitment": honest.self_mask_commitment,
     }
-    signature = w.identities[1].sign(KeyAdvertisement.signed_bytes_of(**fields))  # type: ignore[arg-type]
+    signed = KeyAdvertisement.signed_bytes_of(context=w.aggregator.graph.context, **fields)  # type: ignore[arg-type]
+    signature = w.identities[1].sign(signed)
     hostile = KeyAdvertisement(**fields, signature=signature)  # type: ignore[arg-type]
 
     with pytest.raises(MalformedMessage):
