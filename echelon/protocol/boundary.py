@@ -20,6 +20,7 @@ import structlog
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from echelon.controller import relative_drift
+from echelon.floor import LocalFloor, window_shortfalls
 from echelon.policy import ExportRefused, apply_export_policy
 from echelon.protocol.config import ProtocolConfig
 from echelon.protocol.events import (
@@ -103,10 +104,13 @@ class BoundaryCore:
         identities: dict[str, Ed25519PublicKey],
         rounding_seed: int = 0,
         state: BoundaryState | None = None,
+        floor: LocalFloor | None = None,
     ) -> None:
         """`theta0` is the shared initial adapter (the base of relative drift);
-        `rounding_seed` seeds stochastic rounding per (run, window, party)."""
+        `rounding_seed` seeds stochastic rounding per (run, window, party); `floor` is the
+        organization's own minimum for a window (its cohort and H), refused below it."""
         self.config = config
+        self.floor = floor
         self.boundary = boundary
         self.theta0 = theta0.astype(np.float32)
         self.dim = int(theta0.size)
@@ -305,7 +309,15 @@ class BoundaryCore:
             graph_seed=cfg.graph_seed(window),
         )
 
+    def _check_floor(self, cohort: tuple[str, ...], inner_steps: int | None) -> None:
+        if self.floor is None:
+            return
+        short = window_shortfalls(cohort, inner_steps, self.floor, own=self.boundary)
+        if short:
+            raise PartyRefused("below this organization's floor: " + "; ".join(short))
+
     def _key_setup(self, message: KeySetup, out: list[Command]) -> None:
+        self._check_floor(message.cohort, None)
         rounds = self._party_rounds(message.window, message.cohort)
         self.next_rounds = rounds
         self._next_cohort = message.cohort
@@ -314,6 +326,7 @@ class BoundaryCore:
             out.append(Send(COORDINATOR, ad))
 
     def _open(self, message: OpenWindow, out: list[Command]) -> None:
+        self._check_floor(message.cohort, message.inner_steps)
         nxt = self.next_rounds
         pre_keyed = (
             nxt is not None and nxt.window == message.window and self._next_cohort == message.cohort
