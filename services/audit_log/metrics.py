@@ -2,11 +2,20 @@
 
 from prometheus_client import Counter, Gauge, Histogram
 
+from echelon.audit.record import PayloadType
+from services.common.metrics import BUILD_INFO as BUILD_INFO
+
+VERDICTS = ("accepted", "refused")
 APPENDS = Counter(
     "echelon_audit_appends_total",
-    "Records appended, by payload type and verdict",
+    "Records appended, by payload type and verdict (refused: the record names a payload "
+    "that must not have crossed, or breaks the declared policy)",
     ["payload_type", "verdict"],
 )
+for _type in PayloadType:  # every (type, verdict) is a series from the start
+    if _type is not PayloadType.UNSPECIFIED:
+        for _verdict in VERDICTS:
+            APPENDS.labels(payload_type=_type.name, verdict=_verdict)
 REFUSED = Counter(
     "echelon_audit_requests_refused_total", "Requests refused, by RPC and status", ["rpc", "code"]
 )

@@ -1,7 +1,7 @@
 """Prometheus metrics of the boundary agent, served on its own (loopback) endpoint:
 an organization's statistics stay inside it."""
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Protocol
 
 from prometheus_client import Counter, Gauge, Histogram
@@ -21,10 +21,26 @@ VAL_LOSS = Gauge(
     "echelon_agent_val_loss", "Validation loss on the boundary's held-out text (nats per token)"
 )
 WORKERS = Gauge("echelon_agent_alive_workers", "Device workers alive")
+EXPECTED_WORKERS = Gauge("echelon_agent_expected_workers", "Device workers configured")
+WORKER_RESTARTS = Counter(
+    "echelon_agent_worker_restarts_total",
+    "Device workers that were started again after their process died",
+)
 INNER_SECONDS = Histogram(
     "echelon_agent_inner_seconds",
     "Duration of an inner phase (H steps on all devices)",
     buckets=(0.5, 1, 2, 5, 10, 20, 40, 80, 160, 320),
+)
+PENDING = Gauge(
+    "echelon_agent_pending_contributions",
+    "Deltas trained and waiting to be contributed (kept inside the boundary)",
+)
+STALENESS = Gauge(
+    "echelon_agent_staleness_versions",
+    "Versions the oldest waiting delta is behind the held global version (0: none waiting)",
+)
+CONNECTED = Gauge(
+    "echelon_agent_coordinator_sessions", "Window sessions open to the coordinator (0 or 1)"
 )
 
 
@@ -35,8 +51,46 @@ class _Status(Protocol):
     @property
     def held_version(self) -> int: ...
 
+    @property
+    def connected(self) -> bool: ...
+
+    @property
+    def pending(self) -> int: ...
+
+    @property
+    def pending_base(self) -> int: ...
+
+
+def _staleness(status: _Status) -> int:
+    if status.pending == 0 or status.pending_base < 0:
+        return 0
+    return max(0, status.held_version - status.pending_base)
+
 
 def watch_status(status: Callable[[], _Status]) -> None:
-    """Reads the window and the held version from the session's status at each scrape."""
+    """Reads the session's O(1) status at each scrape."""
     WINDOW.set_function(lambda: status().window)
     VERSION.set_function(lambda: status().held_version)
+    CONNECTED.set_function(lambda: int(status().connected))
+    PENDING.set_function(lambda: status().pending)
+    STALENESS.set_function(lambda: _staleness(status()))
+
+
+class WorkerWatch:
+    """Counts worker restarts from the pool's shard -> pid table: a shard that has a new
+    process id since the last look was started again (the pool restarts a dead worker when
+    its next window begins)."""
+
+    def __init__(self) -> None:
+        self._pids: dict[int, int] = {}
+
+    def look(self, pids: Mapping[int, int], alive: int) -> None:
+        for shard, pid in pids.items():
+            before = self._pids.get(shard)
+            if before is not None and before != pid:
+                WORKER_RESTARTS.inc()
+        self._pids.update(pids)
+        WORKERS.set(alive)
+
+
+WORKER_WATCH = WorkerWatch()  # one device pool per agent process

@@ -148,7 +148,8 @@ def start_pool(
 ) -> DevicePool:
     pool = DevicePool(pool_config(setup, facts, work_dir, security))
     pool.start()
-    metrics.WORKERS.set(pool.alive_workers())
+    metrics.EXPECTED_WORKERS.set(setup.devices.workers)
+    metrics.WORKER_WATCH.look(pool.worker_pids(), pool.alive_workers())
     return pool
 
 
@@ -226,7 +227,7 @@ class PoolTrainer:
             window=run, global_flat=start, steps=command.steps, inner=inner, deadline_s=3600.0
         )
         elapsed = time.monotonic() - started
-        metrics.WORKERS.set(pool.alive_workers())
+        metrics.WORKER_WATCH.look(pool.worker_pids(), pool.alive_workers())
         metrics.INNER_SECONDS.observe(elapsed)
         metrics.TOKENS.inc(result.tokens)
         metrics.TOKENS_PER_S.set(result.tokens / max(elapsed, 1e-9))

@@ -24,6 +24,7 @@ from echelon.audit.record import (
     PayloadType,
 )
 
+from . import metrics
 from .pipelined import PipelinedSink
 from .wire import le_bytes
 
@@ -89,6 +90,8 @@ class AuditedPeer:
 
     def halt(self, reason: str) -> None:
         """Stops every further crossing (fail closed), e.g. when the audit log forked."""
+        if self._halted is None:
+            metrics.EGRESS_HALTS.inc()
         self._halted = reason
 
     def adopt(self, policy: Policy) -> None:

@@ -18,6 +18,7 @@ from echelon.audit.checkpoint import NoteVerifier
 from echelon.audit.errors import AuditError, VerificationError
 from echelon.audit.witness import Witness
 
+from . import metrics
 from .audited import AuditedPeer
 
 log = structlog.get_logger(__name__)
@@ -41,11 +42,15 @@ class LogWatch:
             head = self._witness.update(self._client.tree_head().checkpoint)
         except VerificationError as exc:
             log.critical("audit_log_inconsistent", error=str(exc))
+            metrics.WITNESS_CHECKS.labels("inconsistent").inc()
             self._peer.halt(f"the audit log failed its consistency check: {exc}")
             return
         except AuditError as exc:
             log.warning("audit_log_unreachable", error=str(exc))
+            metrics.WITNESS_CHECKS.labels("unreachable").inc()
             return
+        metrics.WITNESS_CHECKS.labels("ok").inc()
+        metrics.WITNESSED_ENTRIES.set(head.size)
         log.debug("audit_log_witnessed", size=head.size)
 
     def start(self, every_s: float, stop: threading.Event) -> threading.Thread:

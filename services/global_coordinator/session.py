@@ -106,6 +106,7 @@ class CoordinatorSessions:
         self._sessions: dict[str, queue.Queue[object]] = {}
         self._cohorts: dict[int, int] = {}  # window -> cohort size, of recent windows
         self._timers = Timers(self._timer, clock)
+        self._stages = metrics.StageClock()
         if model is not None:
             self._pin(model)
 
@@ -131,7 +132,11 @@ class CoordinatorSessions:
     # -- the core ----------------------------------------------------------------------------
     def _handle(self, event: Event) -> None:
         with self._lock:
-            self._execute(self.core.handle(event, self.clock()))
+            now = self.clock()
+            self._execute(self.core.handle(event, now))
+            for win in (self.core.current, self.core.next):
+                if win is not None:
+                    self._stages.seen(win.id, win.rounds.stage, now)
             self._changed.notify_all()
 
     def _timer(self, key: Hashable) -> None:
@@ -195,9 +200,12 @@ class CoordinatorSessions:
         metrics.INNER_STEPS.set(self.core.inner_steps)
         metrics.COHORT.set(len(outcome.contributors) + len(outcome.failed))
         metrics.CONTRIBUTIONS.set(len(outcome.contributors))
+        metrics.participation(outcome, self.core.identities)
+        self._stages.ended(outcome.window, self.clock())
         if outcome.committed:
             signals = outcome.signals
             metrics.STALENESS.observe(signals.get("staleness_max", 0.0))
+            metrics.MAX_STALENESS.set(signals.get("staleness_max", 0.0))
             metrics.AGREEMENT.set(signals.get("agreement", 0.0))
             metrics.TRAIN_LOSS.set(signals.get("train_loss", 0.0))
             metrics.DRIFT_RMS.set(signals.get("drift_rms", 0.0))
@@ -217,7 +225,7 @@ class CoordinatorSessions:
 
     def _commit(self, command: CommitVersion) -> None:
         self.versions.append((command.version, vector_sha256(command.phi)))
-        metrics.VERSION.set(command.version)
+        metrics.committed(command.version, self.clock())
         if self.store is None:
             return
         record = VersionRecord(

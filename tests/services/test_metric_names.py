@@ -1,6 +1,6 @@
 """Metric names follow Prometheus conventions: the `echelon_` prefix, base units in the
 name, counters ending `_total`, no unit-less ambiguous names; and the docs name only
-metrics the services export, and every one of them."""
+metrics the services export, and the operator's reference (docs/operations.md) every one."""
 
 from __future__ import annotations
 
@@ -40,6 +40,7 @@ COUNTED = {  # a count of things the noun names (like process_open_fds)
     "contributions",
     "entries",
     "versions",
+    "windows",
 }
 ORDINALS = {"id": "a window's number", "version": "a global adapter version's number"}
 DIMENSIONLESS = {"loss": "cross-entropy, nats per token", "mu": "FedProx's proximal weight"}
@@ -125,7 +126,7 @@ def test_the_name_in_the_code_is_the_name_on_the_wire() -> None:
 
 
 def _documented(path: Path) -> set[str]:
-    pattern = r"`(echelon_(?:agent|coordinator|audit|cross_boundary)_[a-z0-9_]+)"
+    pattern = r"`(echelon_(?:(?:agent|coordinator|audit|cross_boundary)_[a-z0-9_]+|build_info))"
     return set(re.findall(pattern, path.read_text()))
 
 
@@ -139,7 +140,11 @@ def _exposed_samples() -> set[str]:
 
 
 @pytest.mark.parametrize(
-    "doc", ["README.md", "docs/configuration.md", "docs/audit.md", "docs/protocol.md"]
+    "doc",
+    [
+        *("README.md", "docs/configuration.md", "docs/audit.md", "docs/protocol.md"),
+        "docs/operations.md",
+    ],
 )
 def test_docs_name_only_exported_metrics(doc: str) -> None:
     exposed = _exposed_samples()
@@ -153,7 +158,31 @@ def test_renamed_metrics_are_gone_and_their_new_names_exported() -> None:
     assert set(RENAMED.values()) <= exposed
 
 
-def test_the_readme_lists_every_metric() -> None:
-    listed = _documented(ROOT / "README.md")
+def test_the_operations_guide_lists_every_metric() -> None:
+    listed = _documented(ROOT / "docs" / "operations.md")
     missing = {f.name for f in _families()} - {n.removesuffix("_total") for n in listed}
-    assert not missing, f"README.md's metrics table lacks {sorted(missing)}"
+    assert not missing, f"docs/operations.md's metrics table lacks {sorted(missing)}"
+
+
+def test_label_values_an_alert_matches_on_exist_before_the_event() -> None:
+    """A selector such as `{outcome="inconsistent"}` returns a series (at 0) before the first
+    inconsistency, so that alert rules and dashboards see the metric from the start."""
+    samples = {
+        (family.name, tuple(sorted(sample.labels.items())))
+        for family in _families()
+        for sample in family.samples
+    }
+    want = [
+        ("echelon_audit_witness_checks", (("outcome", "inconsistent"),)),
+        ("echelon_audit_witness_checks", (("outcome", "unreachable"),)),
+        ("echelon_coordinator_windows", (("outcome", "aborted"),)),
+        (
+            "echelon_audit_appends",
+            (("payload_type", "MASKED_DELTA"), ("verdict", "refused")),
+        ),
+        ("echelon_coordinator_secagg_stage_seconds", (("stage", "unmask"),)),
+    ]
+    names = {name for name, _ in samples}
+    for name, labels in want:
+        assert name in names, name
+        assert any(n == name and set(labels) <= set(lab) for n, lab in samples), (name, labels)
