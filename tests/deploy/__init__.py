@@ -1,0 +1,1 @@
+"""Checks of deploy/: Prometheus configurations and alert rules, the Grafana dashboard."""
