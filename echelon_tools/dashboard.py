@@ -250,7 +250,7 @@ td {{ border-bottom: 1px solid #2c3235; padding: 2px 4px; }} .v {{ text-align: r
 """
 
 
-def screenshot(page: Path, png: Path, *, width: int = 1900, height: int = 1960) -> None:
+def screenshot(page: Path, png: Path, *, width: int = 1900, height: int = 2130) -> None:
     """Photographs `page` in headless Chromium.
 
     Raises:
