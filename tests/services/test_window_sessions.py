@@ -139,10 +139,15 @@ def test_audit_log_holds_both_sides_of_every_crossing(tmp_path: Path) -> None:
         assert all(r.levels.level2 for r in records)
         # Each masked delta is on the log twice: sent by its boundary, received by the
         # coordinator (the verifier reconciles every such pair).
+        # (A window that a slow machine aborts is retried under the next id: its crossings
+        # are on the log too, so pairs are checked per window that happened.)
         masked = [r for r in records if r.payload_type == PayloadType.MASKED_DELTA]
-        assert sorted((r.sender, r.window, r.direction.value) for r in masked) == sorted(
-            (b, w, d) for b in ORGS for w in (1, 2) for d in ("sent", "received")
-        )
+        sides: dict[tuple[str, int], list[str]] = {}
+        for r in masked:
+            sides.setdefault((r.sender, r.window), []).append(r.direction.value)
+        assert all(sorted(d) == ["received", "sent"] for d in sides.values()), sides
+        for b in ORGS:
+            assert len([w for (s, w) in sides if s == b]) >= 2, sides
         verify_audit_log(sites, tmp_path)
     finally:
         sites.close()
