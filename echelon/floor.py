@@ -28,13 +28,14 @@ class LocalFloor:
     `min_threshold_fraction`: the least Shamir threshold fraction at level 2;
     `max_inner_steps`: the most inner steps H of one window (None: no bound);
     `allowed_peers`: the only organizations it may be summed with (None: any the
-    manifest names)."""
+    manifest names). The defaults add nothing to what the run declares: an organization
+    states its own floor in the agent's `[floor]` table."""
 
-    min_k_min: int = 2
+    min_k_min: int = 1
     min_m_min: int = 2
-    require_level1: bool = True
-    require_level2: bool = True
-    min_threshold_fraction: float = 0.5
+    require_level1: bool = False
+    require_level2: bool = False
+    min_threshold_fraction: float = 0.0
     max_inner_steps: int | None = None
     allowed_peers: frozenset[str] | None = None
 
@@ -46,10 +47,10 @@ class LocalFloor:
                 f"LocalFloor.min_m_min: got {self.min_m_min}, want >= 2 (a sum over one "
                 "boundary is its delta)"
             )
-        if not 0.0 < self.min_threshold_fraction < 1.0:
+        if not 0.0 <= self.min_threshold_fraction < 1.0:
             raise ValueError(
                 "LocalFloor.min_threshold_fraction: got "
-                f"{self.min_threshold_fraction}, want in (0, 1)"
+                f"{self.min_threshold_fraction}, want in [0, 1)"
             )
         if self.max_inner_steps is not None and self.max_inner_steps < 1:
             raise ValueError(

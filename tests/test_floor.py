@@ -18,7 +18,14 @@ from echelon.floor import LocalFloor, declaration_shortfalls, window_shortfalls
 from tests.protocol.harness import make_world, protocol_config
 
 MODEL = ModelIdentity(bytes([1]) * 32, bytes([2]) * 32, bytes([3]) * 32, 4096)
-STRICT = LocalFloor(min_k_min=3, min_m_min=3, min_threshold_fraction=0.6, max_inner_steps=32)
+STRICT = LocalFloor(
+    min_k_min=3,
+    min_m_min=3,
+    require_level1=True,
+    require_level2=True,
+    min_threshold_fraction=0.6,
+    max_inner_steps=32,
+)
 
 
 def test_a_declaration_at_the_floor_passes() -> None:

@@ -28,6 +28,7 @@ from echelon.audit.policy import Policy
 from echelon.audit.record import Role
 from echelon.declaration import ModelIdentity, RunDeclaration
 from echelon.device.pool import DevicePool, PoolError
+from echelon.floor import LocalFloor, declaration_shortfalls
 from echelon.policy import ExportPolicy
 from echelon.protocol import BoundaryCore
 from echelon.tomlconfig import Builder, ConfigFileError
@@ -99,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         agent = resolved.build(AgentConfig, resolved.tables.get("agent"), "agent")
         setup = load_setup(resolved.tables, resolved.base, resolved.build)
         export = resolved.build(ExportPolicy, resolved.tables.get("policy"), "policy")
+        floor = resolved.build(LocalFloor, resolved.tables.get("floor"), "floor")
     except ConfigFileError as exc:
         print(f"{BOUNDARY_AGENT.prog}: configuration error: {exc}", file=sys.stderr)
         return 2
@@ -168,6 +170,12 @@ def main(argv: list[str] | None = None) -> int:
 
     def make_core(welcome: session_pb2.Welcome) -> BoundaryCore:
         declaration = accept_declaration(bytes(welcome.run_config), model, agent.boundary)
+        short = declaration_shortfalls(declaration, floor)
+        if short:
+            raise ValueError(
+                f"run {declaration.run_id!r} is below this organization's floor: "
+                + "; ".join(short)
+            )
         audit.adopt(declaration.policy())
         protocol = declaration.protocol()
         protocol = dataclasses.replace(
@@ -197,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
             identities={},
             rounding_seed=secrets.randbits(63),
             state=saved,
+            floor=floor,
         )
 
     session = AgentSession(

@@ -52,6 +52,13 @@ RebaseFn = Callable[[Rebase], None]
 Fault = Callable[[ToCoordinator], ToCoordinator | None]
 
 _END = object()
+
+
+class RunRefused(Exception):
+    """The run the coordinator declared is not one this organization joins (another
+    model, or below its floor): the agent stops and says why; a retry cannot fix it."""
+
+
 #: Refusals that a retry cannot fix: the agent stops and says why.
 _FATAL = (
     grpc.StatusCode.PERMISSION_DENIED,
@@ -386,8 +393,12 @@ class AgentSession:
                     PayloadType.RUN_CONFIG, COORDINATOR, 0, body, RunConfig(config=body)
                 )
             if self.core is None:
+                try:
+                    core = self.make_core(welcome)
+                except ValueError as exc:  # another model, or below this organization's floor
+                    raise RunRefused(str(exc)) from exc
                 self.run_id = self.run_id or welcome.run_id
-                self.core = self.make_core(welcome)
+                self.core = core
                 self.run_config_sha256 = digest
             return self.core
 
@@ -411,6 +422,12 @@ class AgentSession:
                         self._changed.notify_all()
                     return
                 log.info("session_lost", code=str(code))
+            except RunRefused as exc:  # the run this agent was offered: it will not join
+                self.log.refused = f"run refused: {exc}"
+                log.error("run_refused", reason=str(exc))
+                with self._changed:
+                    self._changed.notify_all()
+                return
             except FrameError as exc:
                 log.warning("coordinator_protocol_violation", error=str(exc))
             except AuditError as exc:

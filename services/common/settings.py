@@ -174,7 +174,7 @@ BOUNDARY_AGENT = ServiceSpec(
     prog="echelon-boundary-agent",
     tables=(
         *("service", "agent", "devices", "data", "tokenizer", "model", "lora", "inner"),
-        "policy",
+        *("policy", "floor"),
     ),
     settings=(
         *(_BY_KEY[k] for k in (*_LISTENING, *_AUDITED, "coordinator")),
