@@ -23,6 +23,11 @@ LAST_COMMIT = Gauge(
     "first commit after it)",
 )
 LAST_COMMIT.set(time.time())
+DECLARED_WINDOWS = Gauge(
+    "echelon_coordinator_declared_windows",
+    "Windows the run declares it will commit (0: until stopped); a run that reached them "
+    "commits no more versions",
+)
 INNER_STEPS = Gauge("echelon_coordinator_inner_steps", "Inner steps H sent with the window")
 OUTCOMES = ("committed", "aborted")
 WINDOWS = Counter("echelon_coordinator_windows_total", "Windows by outcome", ["outcome"])

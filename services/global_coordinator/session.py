@@ -198,6 +198,7 @@ class CoordinatorSessions:
         metrics.WINDOWS.labels("committed" if outcome.committed else "aborted").inc()
         metrics.WINDOW.set(outcome.window)
         metrics.INNER_STEPS.set(self.core.inner_steps)
+        metrics.DECLARED_WINDOWS.set(self.core.config.windows)
         metrics.COHORT.set(len(outcome.contributors) + len(outcome.failed))
         metrics.CONTRIBUTIONS.set(len(outcome.contributors))
         metrics.participation(outcome, self.core.identities)
