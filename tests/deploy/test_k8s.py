@@ -20,7 +20,7 @@ import jsonschema
 import pytest
 import yaml
 
-from tests.deploy.conftest import need_tool
+from tests.deploy.conftest import REQUIRE_ENV, need_tool
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "deploy" / "k8s"
@@ -269,3 +269,12 @@ def test_an_agent_dials_the_global_plane_and_names_its_organization(organization
     assert env["ECHELON_BOUNDARY"] == organization
     assert env["ECHELON_COORDINATOR"].startswith(f"coordinator.{GLOBAL_NAMESPACE}.svc")
     assert env["ECHELON_AUDIT_LOG"].startswith(f"audit-log.{GLOBAL_NAMESPACE}.svc")
+
+
+def test_a_missing_tool_skips_unless_required(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(REQUIRE_ENV, raising=False)
+    with pytest.raises(pytest.skip.Exception, match="echelon-no-such-tool not found"):
+        need_tool("echelon-no-such-tool", INSTALL)
+    monkeypatch.setenv(REQUIRE_ENV, "1")
+    with pytest.raises(pytest.fail.Exception, match=f"{REQUIRE_ENV}=1 requires it"):
+        need_tool("echelon-no-such-tool", INSTALL)
