@@ -26,10 +26,15 @@ class ServerConfig:
     port: int = 0  # 0: an ephemeral port, reported by `start_server`
     max_workers: int = 16
     grace_s: float = 5.0
+    # A second, plaintext port that serves only gRPC health, for probes that cannot
+    # present a client certificate (Kubernetes' `grpc:` probes); -1: none, 0: ephemeral.
+    health_port: int = -1
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ValueError(f"ServerConfig.port: got {self.port}, want 0..65535")
+        if not -1 <= self.health_port <= 65535:
+            raise ValueError(f"ServerConfig.health_port: got {self.health_port}, want -1..65535")
         if self.max_workers < 2:
             raise ValueError(f"ServerConfig.max_workers: got {self.max_workers}, want >= 2")
 
@@ -46,10 +51,14 @@ class RunningServer:
     server: grpc.Server
     port: int
     health: health.HealthServicer
+    health_server: grpc.Server | None = None  # the plaintext health-only server, if any
+    health_port: int | None = None
 
     def stop(self, grace_s: float = 5.0) -> None:
         self.health.enter_graceful_shutdown()
         self.server.stop(grace_s).wait()
+        if self.health_server is not None:
+            self.health_server.stop(0).wait()
 
 
 def start_server(
@@ -93,7 +102,26 @@ def start_server(
         raise RuntimeError(f"cannot bind {config.address}")
     server.start()
     log.info("server_started", address=config.address, port=port, services=names)
-    return RunningServer(server=server, port=port, health=health_servicer)
+    running = RunningServer(server=server, port=port, health=health_servicer)
+    if config.health_port >= 0:
+        running.health_server, running.health_port = _start_health_server(config, health_servicer)
+    return running
+
+
+def _start_health_server(
+    config: ServerConfig, servicer: health.HealthServicer
+) -> tuple[grpc.Server, int]:
+    """Serves `servicer` alone on config.health_port, without TLS: it tells only whether
+    the service is serving. Raises RuntimeError when the port cannot be bound."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    host = f"[{config.host}]" if ":" in config.host else config.host
+    port = server.add_insecure_port(f"{host}:{config.health_port}")
+    if port == 0:
+        raise RuntimeError(f"cannot bind {host}:{config.health_port} for health")
+    server.start()
+    log.info("health_server_started", host=config.host, port=port)
+    return server, port
 
 
 def wait_for_signal(running: RunningServer, on_stop: Callable[[], None], grace_s: float) -> None:

@@ -50,6 +50,7 @@ class ServiceConfig:
     witness_s: float = 10.0  # how often to check the log's signed tree head
     max_workers: int = 16  # gRPC server threads
     grace_s: float = 5.0  # in-flight calls get this long on SIGTERM
+    health_port: int = -1  # plaintext gRPC health only (Kubernetes probes); -1: off
 
     def __post_init__(self) -> None:
         for key in ("host", "metrics_host"):
@@ -75,11 +76,19 @@ class ServiceConfig:
             raise _bad("max_workers", self.max_workers, ">= 2")
         if self.grace_s < 0:
             raise _bad("grace_s", self.grace_s, ">= 0 seconds")
+        if not -1 <= self.health_port <= 65535:
+            raise _bad("health_port", self.health_port, "-1..65535 (0 = ephemeral, -1 = off)")
+        if self.health_port > 0 and self.health_port in (self.port, self.metrics_port):
+            raise _bad("health_port", self.health_port, "a port other than port and metrics_port")
 
     @property
     def server(self) -> ServerConfig:
         return ServerConfig(
-            host=self.host, port=self.port, max_workers=self.max_workers, grace_s=self.grace_s
+            host=self.host,
+            port=self.port,
+            max_workers=self.max_workers,
+            grace_s=self.grace_s,
+            health_port=self.health_port,
         )
 
 
@@ -110,6 +119,7 @@ SERVICE_SETTINGS = (
     Setting("service", "log_level", str, "debug, info, warning or error"),
     Setting("service", "max_workers", int, "gRPC server threads"),
     Setting("service", "grace_s", float, "seconds in-flight calls get on SIGTERM"),
+    Setting("service", "health_port", int, "plaintext gRPC health-only port; -1 = off"),
     Setting("service", "audit_log", str, "HOST:PORT of the audit log"),
     Setting("service", "audit_key", str, "the audit log's verifier key: a file or the key text"),
     Setting("service", "witness_s", float, "seconds between checks of the log's tree head"),
@@ -117,7 +127,7 @@ SERVICE_SETTINGS = (
 )
 _BY_KEY = {s.key: s for s in SERVICE_SETTINGS}
 _LISTENING: tuple[str, ...] = ("host", "port", "metrics_host", "metrics_port", "data_dir")
-_LISTENING = (*_LISTENING, "log_level", "max_workers", "grace_s")
+_LISTENING = (*_LISTENING, "log_level", "max_workers", "grace_s", "health_port")
 _AUDITED = ("audit_log", "audit_key", "witness_s")
 
 

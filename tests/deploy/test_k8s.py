@@ -168,12 +168,16 @@ def test_state_lives_on_persistent_volumes(overlay: str) -> None:
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_probes_use_grpc_health_on_a_declared_port(overlay: str) -> None:
+def test_probes_use_grpc_health_on_the_plaintext_health_port(overlay: str) -> None:
+    """Kubernetes' grpc: probes present no client certificate: they go to the service's
+    health-only port (ECHELON_HEALTH_PORT), never to its mTLS gRPC port."""
     for name, spec in pod_specs(overlay):
         for container in spec["containers"]:
-            ports = {p["containerPort"] for p in container["ports"]}
+            ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+            env = {e["name"]: e.get("value") for e in container["env"]}
+            assert int(env["ECHELON_HEALTH_PORT"]) == ports["health"] != ports["grpc"], name
             for probe in ("readinessProbe", "livenessProbe"):
-                assert container[probe]["grpc"]["port"] in ports, f"{name} {probe}"
+                assert container[probe]["grpc"]["port"] == ports["health"], f"{name} {probe}"
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
