@@ -49,7 +49,7 @@ from . import metrics
 from .config import AgentConfig
 from .session import AgentSession, Backoff, Hello
 from .state import load_state, save_state
-from .status import AgentStatusServicer
+from .status import AgentStatusServicer, watch_attachment
 from .training import (
     DevicesConfig,
     PoolTrainer,
@@ -236,6 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     metrics_port = start_metrics(common.metrics_host, common.metrics_port)
     metrics.watch_status(session.status)
+    watch_attachment(lambda: session.status().connected, running.health, stop)
 
     def shutdown() -> None:
         stop.set()

@@ -3,13 +3,44 @@
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Callable
 
 import grpc
+from grpc_health.v1 import health, health_pb2
 
 from echelon_proto.boundary.v1 import boundary_pb2, boundary_pb2_grpc
 
 from .session import AgentSession
+
+# The health service name that is SERVING only while the agent's session with the
+# coordinator is up: what a readiness probe asks (deploy/k8s/); "" stays SERVING while the
+# process lives, for liveness.
+ATTACHED = "echelon.boundary.v1.Attached"
+
+
+def watch_attachment(
+    connected: Callable[[], bool],
+    servicer: health.HealthServicer,
+    stop: threading.Event,
+    period_s: float = 1.0,
+) -> threading.Thread:
+    """Sets ATTACHED to SERVING or NOT_SERVING from `connected()` every `period_s` until
+    `stop` is set, in a daemon thread that it returns."""
+
+    def run() -> None:
+        serving, not_serving = (
+            health_pb2.HealthCheckResponse.SERVING,
+            health_pb2.HealthCheckResponse.NOT_SERVING,
+        )
+        while True:
+            servicer.set(ATTACHED, serving if connected() else not_serving)
+            if stop.wait(period_s):
+                return
+
+    thread = threading.Thread(target=run, name="attached", daemon=True)
+    thread.start()
+    return thread
 
 
 class AgentStatusServicer(boundary_pb2_grpc.BoundaryAgentServicer):

@@ -20,6 +20,7 @@ import jsonschema
 import pytest
 import yaml
 
+from services.boundary_agent.status import ATTACHED
 from tests.deploy.conftest import REQUIRE_ENV, need_tool
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -264,6 +265,14 @@ def test_the_network_rule_checker_rejects_wide_egress() -> None:
     assert egress_peer_allowed(coordinator, [{"port": 50051, "protocol": "TCP"}])
     assert not egress_peer_allowed(coordinator, [{"port": 22, "protocol": "TCP"}])
     assert not egress_peer_allowed(coordinator, [])
+
+
+@pytest.mark.parametrize("organization", ORGANIZATIONS)
+def test_an_agent_is_ready_only_while_attached_to_the_coordinator(organization: str) -> None:
+    (agent,) = of_kind(organization, "StatefulSet")
+    container = agent["spec"]["template"]["spec"]["containers"][0]
+    assert container["readinessProbe"]["grpc"]["service"] == ATTACHED
+    assert container["livenessProbe"]["grpc"].get("service", "") == ""
 
 
 @pytest.mark.parametrize("organization", ORGANIZATIONS)
