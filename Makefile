@@ -74,9 +74,10 @@ deploy-tools:
 demo: $(STAMP) corpus
 	$(BIN)/echelon demo --cache $(CACHE)
 
-# Deploy tests fail, not skip, when a tool is missing (tests/deploy/conftest.py).
+# Deploy tests fail, not skip, when a tool is missing (tests/deploy/conftest.py). Not an
+# ECHELON_* name: the services refuse unknown ECHELON_* variables, and test services inherit it.
 test: $(STAMP) deploy-tools
-	ECHELON_REQUIRE_DEPLOY_TOOLS=1 $(BIN)/pytest -q $(PYTEST_ARGS)
+	REQUIRE_DEPLOY_TOOLS=1 $(BIN)/pytest -q $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check echelon services echelon_tools tests benchmarks tools

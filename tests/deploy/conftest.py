@@ -1,7 +1,7 @@
 """Shared helpers for the deploy tests: finding the command-line tools they need.
 
 A test that needs a tool skips, naming the tool and how to install it, when the tool is
-missing; under `make test` (ECHELON_REQUIRE_DEPLOY_TOOLS=1) it fails instead, so a
+missing; under `make test` (REQUIRE_DEPLOY_TOOLS=1) it fails instead, so a
 machine that lacks a tool cannot pass the suite by skipping."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-REQUIRE_ENV = "ECHELON_REQUIRE_DEPLOY_TOOLS"
+REQUIRE_ENV = "REQUIRE_DEPLOY_TOOLS"
 
 
 def find_tool(name: str) -> str | None:
@@ -25,7 +25,7 @@ def find_tool(name: str) -> str | None:
 
 
 def need_tool(name: str, install: str) -> str:
-    """The tool's path; skips without it, or fails when ECHELON_REQUIRE_DEPLOY_TOOLS=1.
+    """The tool's path; skips without it, or fails when REQUIRE_DEPLOY_TOOLS=1.
 
     Raises pytest's skip or fail outcome when the tool is missing."""
     path = find_tool(name)

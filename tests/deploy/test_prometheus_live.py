@@ -6,7 +6,7 @@ org-a's own, each with its rules), with only targets and intervals changed.
 Every metric selector in the loaded alert rules and in the dashboard's queries returns
 series from the Prometheus that evaluates or answers it, every target is up, every rule
 is healthy, and the dashboard renders from live data (echelon_tools.dashboard).
-Skips without the prometheus binary unless ECHELON_REQUIRE_DEPLOY_TOOLS=1.
+Skips without the prometheus binary unless REQUIRE_DEPLOY_TOOLS=1.
 """
 
 from __future__ import annotations

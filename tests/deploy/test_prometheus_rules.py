@@ -2,7 +2,7 @@
 valid, and the rules' unit tests (rules_test.yml) make every alert fire and resolve; the
 rules name only metrics the services export, and each alert has its runbook section.
 
-Tests that need promtool skip when it is absent, unless ECHELON_REQUIRE_DEPLOY_TOOLS=1
+Tests that need promtool skip when it is absent, unless REQUIRE_DEPLOY_TOOLS=1
 (then they fail): `tools/install_prometheus.sh` installs it."""
 
 from __future__ import annotations
@@ -35,13 +35,13 @@ PROMETHEUS_SERIES = {"up", "ALERTS"}
 
 
 def need_tool(name: str) -> str:
-    """The binary's path; skips without it unless ECHELON_REQUIRE_DEPLOY_TOOLS=1."""
+    """The binary's path; skips without it unless REQUIRE_DEPLOY_TOOLS=1."""
     path = shutil.which(name)
     if path is not None:
         return path
     message = f"{name} is not installed: run tools/install_prometheus.sh (as root)"
-    if os.environ.get("ECHELON_REQUIRE_DEPLOY_TOOLS") == "1":
-        pytest.fail(f"ECHELON_REQUIRE_DEPLOY_TOOLS=1 and {message}")
+    if os.environ.get("REQUIRE_DEPLOY_TOOLS") == "1":
+        pytest.fail(f"REQUIRE_DEPLOY_TOOLS=1 and {message}")
     pytest.skip(message)
 
 
