@@ -112,5 +112,10 @@ def create_server(config: AuditLogConfig) -> AuditLogServer:
         transparency_log.close()
         raise
     return AuditLogServer(
-        server=running.server, port=running.port, health=running.health, log=transparency_log
+        server=running.server,
+        port=running.port,
+        health=running.health,
+        health_server=running.health_server,  # kept, or the health-only server is collected
+        health_port=running.health_port,
+        log=transparency_log,
     )
