@@ -91,6 +91,7 @@ def _spec(args: argparse.Namespace, paths: dict[str, Path], base: Path) -> Deplo
     seq = args.seq_len
     return DeploymentSpec(
         root=args.root,
+        mtls=not args.insecure,
         sites=tuple(
             Site(
                 boundary=org,
@@ -201,6 +202,11 @@ def main(argv: list[str]) -> int:
         default=300,
         help="steps of base-model pretraining on public text (cached)",
     )
+    parser.add_argument(
+        "--insecure",
+        action="store_true",
+        help="plaintext, no federation kits (the audit log and its verdict say so)",
+    )
     args = parser.parse_args(argv)
     print("Echelon demo: 2 organizations x 2 devices, coordinator, audit log (loopback)")
     print("corpus:")
@@ -224,7 +230,7 @@ def main(argv: list[str]) -> int:
             if (st := _agent_status(deployment.services[org].address)) is not None
         )
         status = deployment.coordinator_status()
-        with grpc.insecure_channel(deployment.services["audit-log"].address) as channel:
+        with deployment.channel("audit-log") as channel:
             checkpoint = AuditClient(channel).tree_head().checkpoint.decode()
     except KeyboardInterrupt:
         print("\ninterrupted: stopping every process ...")
@@ -247,22 +253,19 @@ def _finish(
 
     db = deployment.audit_db
     report_path = args.root / "audit-report.json"
+    # The parties' own witness state (the latest tree head each verified), and with mTLS the
+    # manifest: the log's and every party's keys come from it, not from the log.
+    witnesses = sorted(args.root.glob("*/identity/witness.json"))
+    checks = [arg for w in witnesses for arg in ("--witness", str(w))]
+    if deployment.manifest is not None:
+        checks += ["--manifest", str(deployment.manifest)]
+    command = [sys.executable, "-m", "echelon_tools.cli", "audit", "verify", "--db", str(db)]
     verify = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "echelon_tools.cli",
-            "audit",
-            "verify",
-            "--db",
-            str(db),
-            "--json",
-            str(report_path),
-        ],
+        [*command, *checks, "--json", str(report_path)],
         capture_output=True,
         text=True,
     )
-    print("\n$ echelon audit verify --db", _shown(db))
+    print("\n$ echelon audit verify --db", _shown(db), " ".join(_shown(Path(c)) for c in checks))
     print(verify.stdout.rstrip())
     report = json.loads(report_path.read_text()) if report_path.exists() else {}
     bytes_by_type, entries = _audit_bytes(db)
@@ -280,6 +283,8 @@ def _finish(
     for name, size in sorted(bytes_by_type.items(), key=lambda kv: -kv[1]):
         print(f"  {name:<22}{size:>14,}")
     print(f"audit entries          {entries}")
+    transport = "mTLS, every party from its kit of the signed manifest"
+    print(f"transport              {transport if deployment.manifest else 'INSECURE (plaintext)'}")
     print(
         f"audit verify           {report.get('summary', verify.stdout.strip().splitlines()[-1:])}"
     )

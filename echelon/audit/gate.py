@@ -128,6 +128,31 @@ class EgressGate:
             schema_version,
         )
 
+    def refused_receipt(
+        self,
+        payload_type: PayloadType,
+        sender: str,
+        window: int,
+        payload: bytes | memoryview,
+        attributes: Attributes | None,
+        reason: str,
+    ) -> AppendResult:
+        """Logs a payload this party refused on receipt for `reason` (an impersonated
+        registration, a run weaker than the manifest's): the refusal is on the log, with the
+        digest of what was offered, and nothing of it was taken."""
+        reason = "".join(c if " " <= c <= "~" else "?" for c in reason)[:512] or "refused"
+        return self._record(
+            Direction.RECEIVED,
+            payload_type,
+            sender,
+            self.party,
+            window,
+            payload,
+            attributes,
+            SCHEMA_VERSION,
+            refusal=reason,
+        )
+
     def _record(
         self,
         direction: Direction,
@@ -138,6 +163,8 @@ class EgressGate:
         payload: bytes | memoryview,
         attributes: Attributes | None,
         schema_version: int,
+        *,
+        refusal: str | None = None,
     ) -> AppendResult:
         attributes = attributes if attributes is not None else NoAttributes()
         want = attribute_class(payload_type)
@@ -150,7 +177,7 @@ class EgressGate:
         # A boundary only ever receives from the coordinator and vice versa.
         peer = Role.COORDINATOR if self.role == Role.BOUNDARY else Role.BOUNDARY
         role = self.role if direction == Direction.SENT else peer
-        reason = self._policy.check(
+        reason = refusal or self._policy.check(
             role=role,
             payload_type=payload_type,
             schema_version=schema_version,
@@ -188,6 +215,6 @@ class EgressGate:
             accepted=reason is None,
             reason=reason,
         )
-        if reason is not None:
+        if reason is not None and refusal is None:
             raise PolicyViolation(payload_type.name, reason, index=result.index)
         return result

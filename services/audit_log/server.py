@@ -19,6 +19,7 @@ from echelon.audit.checkpoint import VERIFIER_KEY_FILE
 from echelon.audit.log import DEFAULT_CHECKPOINT_EVERY
 from echelon_proto.audit.v1 import audit_pb2, audit_pb2_grpc
 from services.common.server import RunningServer, ServerConfig, start_server
+from services.common.transport import Transport
 from services.common.validate import NonceGuard
 
 from .servicer import AuditLogServicer
@@ -58,9 +59,16 @@ class AuditLogConfig:
             )
 
 
-def load_log_signer(config: AuditLogConfig) -> LogSigner:
-    """Reads the log key from the data dir, creating it (0600) on first start."""
+def load_log_signer(config: AuditLogConfig, transport: Transport | None = None) -> LogSigner:
+    """The log key: with a kit, the audit key the manifest names for the log (under the
+    log's party id, so parties derive its verifier key from the manifest); else read from
+    the data dir, created (0600) on first start."""
     config.data_dir.mkdir(parents=True, exist_ok=True)
+    if transport is not None and transport.kit is not None:
+        kit = transport.kit
+        signer = LogSigner(name=kit.party.party_id, origin=config.origin, private_key=kit.audit_key)
+        (config.data_dir / VERIFIER_KEY_FILE).write_text(signer.verifier_key() + "\n")
+        return signer
     key_path = config.data_dir / KEY_FILE
     if not key_path.exists():
         fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -89,25 +97,33 @@ class AuditLogServer(RunningServer):
             self.log = None
 
 
-def create_server(config: AuditLogConfig) -> AuditLogServer:
-    """Opens (or creates) the durable log in `config.data_dir` and serves it.
+def create_server(config: AuditLogConfig, transport: Transport | None = None) -> AuditLogServer:
+    """Opens (or creates) the durable log in `config.data_dir` and serves it: with a kit
+    (`transport`), over mTLS, to the manifest's parties only, each signing as itself.
 
     Raises StoreCorrupted when the stored log does not match its own tree heads,
     RuntimeError when the address cannot be bound.
     """
-    signer = load_log_signer(config)
+    signer = load_log_signer(config, transport)
+    manifest = None if transport is None else transport.manifest
     transparency_log = TransparencyLog(
         store=SqliteLogStore(config.data_dir / DB_FILE),
         signer=signer,
         checkpoint_every=config.checkpoint_every,
+        pinned=None if manifest is None else manifest.audit_signers(),
     )
-    servicer = AuditLogServicer(transparency_log, NonceGuard(config.nonce_capacity))
+    servicer = AuditLogServicer(transparency_log, NonceGuard(config.nonce_capacity), transport)
 
     def register(server: grpc.Server) -> None:
         audit_pb2_grpc.add_AuditLogServicer_to_server(servicer, server)
 
     try:
-        running = start_server(config.server, register, [SERVICE_NAME])
+        running = start_server(
+            config.server,
+            register,
+            [SERVICE_NAME],
+            credentials=None if transport is None else transport.server_credentials(),
+        )
     except BaseException:
         transparency_log.close()
         raise

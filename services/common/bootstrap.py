@@ -13,11 +13,13 @@ import structlog
 from echelon.audit.gate import AuditSink, EgressGate, wall_clock_ms
 from echelon.audit.policy import Policy
 from echelon.audit.record import LOG_PARTY, KeyRegistration, PayloadType, Role
+from echelon.trust.manifest import PartyRole
 
 from .audited import AuditedPeer
 from .identity import Identity
 from .pipelined import PipelinedSink
 from .settings import ServiceConfig
+from .transport import Transport
 
 log = structlog.get_logger(__name__)
 
@@ -29,15 +31,17 @@ def audited_peer(
     policy: Policy,
     audit_address: str,
     *,
+    transport: Transport | None = None,
     pipelined: bool = False,
 ) -> tuple[AuditedPeer, grpc.Channel]:
-    """Connects to the audit log, registers the party's key (one synchronous append),
-    returns its audited wire. `pipelined` (a party across a wide-area link from the log:
-    a boundary agent) appends its later records in the background under the invariant of
-    `services.common.pipelined`."""
+    """Connects to the audit log (mTLS with the party's kit, or plaintext), registers the
+    party's key and its transport (one synchronous append), returns its audited wire.
+    `pipelined` (a party across a wide-area link from the log: a boundary agent) appends
+    its later records in the background under the invariant of `services.common.pipelined`."""
     from services.audit_log.client import AuditClient
 
-    channel = grpc.insecure_channel(audit_address)
+    transport = transport or Transport(kit=None)  # None: plaintext (in-process tests)
+    channel = transport.dial(audit_address, PartyRole.AUDIT_LOG)
     client = AuditClient(channel)
     halt: list[Callable[[str], None]] = []
     pipeline = (
@@ -59,7 +63,7 @@ def audited_peer(
         LOG_PARTY,
         0,
         identity.public_key,
-        KeyRegistration(role=role, signing_key=identity.public_key),
+        KeyRegistration(role=role, signing_key=identity.public_key, transport=transport.name),
         lambda: None,
     )
     peer = AuditedPeer(make_gate(policy), make_gate, pipeline)
@@ -67,20 +71,33 @@ def audited_peer(
     return peer, channel
 
 
+def log_verifier_key(common: ServiceConfig, transport: Transport) -> str:
+    """The audit log's verifier key: `[service].audit_key` when set, else the key the
+    manifest names for the audit-log party (with a kit), else "" (not witnessed)."""
+    if common.audit_key or transport.manifest is None:
+        return common.audit_key
+    return transport.manifest.log_verifier_key()
+
+
 def watch_audit_log(
-    common: ServiceConfig, peer: AuditedPeer, channel: grpc.Channel, stop: threading.Event
+    common: ServiceConfig,
+    peer: AuditedPeer,
+    channel: grpc.Channel,
+    stop: threading.Event,
+    transport: Transport,
 ) -> None:
-    """Starts witnessing the log's tree heads when the log's key is configured."""
+    """Starts witnessing the log's tree heads when the log's key is known."""
     from echelon.audit.checkpoint import load_verifier
 
     from .witnessing import LogWatch
 
-    if not common.audit_key:
+    key = log_verifier_key(common, transport)
+    if not key:
         log.warning("audit_log_not_witnessed", reason="no [service].audit_key configured")
         return
     watch = LogWatch(
         peer=peer,
-        verifier=load_verifier(common.audit_key),
+        verifier=load_verifier(key),
         state_file=common.data_dir / "identity" / "witness.json",
         channel=channel,
     )
