@@ -16,7 +16,7 @@ from typing import Protocol, TypeVar
 
 import structlog
 
-from .errors import PolicyViolation, RecordError
+from .errors import AppendRefused, PolicyViolation, RecordError, VerificationError
 from .log import AppendResult
 from .policy import Policy
 from .record import (
@@ -73,6 +73,7 @@ class EgressGate:
         self._sink = sink
         self._clock = clock
         self._lock = threading.Lock()
+        self._unsent: tuple[bytes, bytes] | None = None  # a record the log did not answer
 
     def send(
         self,
@@ -127,6 +128,14 @@ class EgressGate:
             attributes,
             schema_version,
         )
+
+    def _retry_unsent(self) -> None:
+        """Appends the record whose append failed before (under the lock), with its own
+        counter, so that the party's counters on the log stay consecutive: a gap is then
+        always a finding. Raises what the sink raises when it fails again."""
+        if self._unsent is not None:
+            self._sink.append(*self._unsent)
+            self._unsent = None
 
     def refused_receipt(
         self,
@@ -201,8 +210,15 @@ class EgressGate:
                 levels=self._policy.levels,
                 attributes=attributes,
             )
+            self._retry_unsent()
             data = record.encode()
-            result = self._sink.append(data, self._signer.sign(data))
+            signed = (data, self._signer.sign(data))
+            try:
+                result = self._sink.append(*signed)
+            except Exception as exc:
+                if not isinstance(exc, AppendRefused | RecordError | VerificationError):
+                    self._unsent = signed  # the log did not answer: the same record goes again
+                raise  # (a refusal or a failed proof is the log's verdict: no retry)
         log.info(
             "audit_recorded",
             direction=direction.value,

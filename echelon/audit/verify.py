@@ -210,6 +210,15 @@ def verify_log(
             continue
         if accepted.entry.leaf_hash != stored.leaf_hash:
             report.add("leaf_hash", stored.index, "stored leaf hash does not match the record")
+        party, counter = accepted.entry.party, accepted.entry.counter
+        last = registry.counters.get(party, 0)
+        if counter != last + 1:  # a party retries a failed append with the same counter
+            report.add(
+                "counter_gap",
+                stored.index,
+                f"{party}'s counter {counter} follows {last}: its records "
+                f"{last + 1}..{counter - 1} are not on the log (dropped, or never appended)",
+            )
         registry.add(accepted)
         tree.append(accepted.entry.leaf_hash)
         records.append((stored.index, accepted.record))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,6 +42,9 @@ class AuditLogConfig:
     # Appends after which the log signs a tree head unasked (GetTreeHead always signs one
     # over every entry); 1 signs one per append, at about an Ed25519 signature each.
     checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY
+    # When quiet, the log signs its tail (a head over every entry) at least this often, so
+    # no entry stays uncovered by a signed head for longer; 0: only when asked.
+    sign_every_s: float = 5.0
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"[\x21-\x7e][\x20-\x7e]{0,254}", self.origin):
@@ -53,6 +57,8 @@ class AuditLogConfig:
             raise ValueError(
                 f"AuditLogConfig.nonce_capacity: got {self.nonce_capacity}, want >= 1024"
             )
+        if self.sign_every_s < 0:
+            raise ValueError(f"AuditLogConfig.sign_every_s: got {self.sign_every_s}, want >= 0")
         if self.checkpoint_every < 1:
             raise ValueError(
                 f"AuditLogConfig.checkpoint_every: got {self.checkpoint_every}, want >= 1"
@@ -89,8 +95,10 @@ class AuditLogServer(RunningServer):
     """A running audit log server; `stop` also closes the store."""
 
     log: TransparencyLog | None = None
+    quiet: threading.Event = field(default_factory=threading.Event)  # set: stop signing
 
     def stop(self, grace_s: float = 5.0) -> None:
+        self.quiet.set()
         super().stop(grace_s)
         if self.log is not None:
             self.log.close()
@@ -127,7 +135,7 @@ def create_server(config: AuditLogConfig, transport: Transport | None = None) ->
     except BaseException:
         transparency_log.close()
         raise
-    return AuditLogServer(
+    server = AuditLogServer(
         server=running.server,
         port=running.port,
         health=running.health,
@@ -135,3 +143,23 @@ def create_server(config: AuditLogConfig, transport: Transport | None = None) ->
         health_port=running.health_port,
         log=transparency_log,
     )
+    if config.sign_every_s > 0:
+        threading.Thread(
+            target=_sign_tail,
+            args=(transparency_log, config.sign_every_s, server.quiet),
+            name="sign-tail",
+            daemon=True,
+        ).start()
+    return server
+
+
+def _sign_tail(log_: TransparencyLog, every_s: float, stop: threading.Event) -> None:
+    """Signs a head over the tail whenever entries are uncovered (`tree_head` signs only
+    then), every `every_s` seconds until `stop`."""
+    while not stop.wait(every_s):
+        try:
+            log_.tree_head()
+        except Exception as exc:  # a closed store at shutdown; anything else is logged
+            if not stop.is_set():
+                log.error("tail_not_signed", error=str(exc))
+            return

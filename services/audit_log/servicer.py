@@ -105,7 +105,10 @@ class AuditLogServicer(audit_pb2_grpc.AuditLogServicer):
 
         def append() -> audit_pb2.AppendResponse:
             self._ref("AppendRequest", request.ref, request.HasField("ref"))
-            return self._append(request, "AppendRequest", caller)
+            response = self._append(request, "AppendRequest", caller)
+            if request.prove:
+                self._prove(response, int(request.known_size))
+            return response
 
         return self._serve(context, "AppendRequest", append)
 
@@ -115,16 +118,25 @@ class AuditLogServicer(audit_pb2_grpc.AuditLogServicer):
         """Appends each request in order and answers it; the first refused one ends the
         stream with its status, naming its position."""
         caller = self._caller(context, append=True)
+        proven: int | None = None  # the size of the head this stream's last proof ended at
         for i, request in enumerate(request_iterator):
             what = f"AppendRequest[{i}]"  # its position on the stream, in errors
 
+            start = int(request.known_size) if proven is None else proven
+
             def append(
-                request: audit_pb2.AppendRequest = request, what: str = what
+                request: audit_pb2.AppendRequest = request, what: str = what, start: int = start
             ) -> audit_pb2.AppendResponse:
                 self._ref(what, request.ref, request.HasField("ref"))
-                return self._append(request, what, caller)
+                response = self._append(request, what, caller)
+                if request.prove:
+                    self._prove(response, start)
+                return response
 
-            yield self._serve(context, what, append)
+            response = self._serve(context, what, append)
+            if request.prove:
+                proven = response.tree_head.tree_size
+            yield response
 
     def _append(
         self, request: audit_pb2.AppendRequest, what: str, caller: str | None
@@ -137,6 +149,22 @@ class AuditLogServicer(audit_pb2_grpc.AuditLogServicer):
         return audit_pb2.AppendResponse(
             index=result.index, leaf_hash=result.leaf_hash, tree_head=_tree_head(result.tree_head)
         )
+
+    def _prove(self, response: audit_pb2.AppendResponse, known_size: int) -> None:
+        """Adds a head signed now (it covers the record), the record's inclusion proof under
+        it and the head's consistency with the sender's `known_size`."""
+        head = self._log.tree_head()
+        require(
+            known_size <= head.size,
+            "AppendRequest.known_size",
+            known_size,
+            f"<= {head.size}, the log's size (a larger size is a head this log never had)",
+        )
+        response.tree_head.CopyFrom(_tree_head(head))
+        response.inclusion_proof.extend(self._log.inclusion_proof(response.index, head.size))
+        if known_size:
+            response.consistency_proof.extend(self._log.consistency_proof(known_size, head.size))
+        response.consistency_from = known_size
 
     def _observe(self, result: AppendResult, seconds: float) -> None:
         record = result.record

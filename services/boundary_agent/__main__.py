@@ -42,7 +42,7 @@ from echelon.trust.manifest import FederationManifest, PartyRole
 from echelon.trust.registration import prove_registration
 from echelon_proto.boundary.v1 import boundary_pb2_grpc
 from echelon_proto.coordinator.v1 import session_pb2
-from services.common.bootstrap import audited_peer, watch_audit_log
+from services.common.bootstrap import audited_peer, log_verifier_key, watch_audit_log
 from services.common.identity import load_or_create_identity
 from services.common.obs import configure_logging, start_metrics
 from services.common.portfile import write_port_file
@@ -153,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         common.audit_log,
         transport=transport,
         pipelined=True,
+        log_key=log_verifier_key(common, transport),
     )
     model = ModelIdentity(
         bytes.fromhex(facts.layout.digest()),

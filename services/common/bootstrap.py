@@ -10,8 +10,10 @@ from collections.abc import Callable
 import grpc
 import structlog
 
+from echelon.audit.checkpoint import load_verifier
 from echelon.audit.gate import AuditSink, EgressGate, wall_clock_ms
 from echelon.audit.policy import Policy
+from echelon.audit.proofs import ProofChain
 from echelon.audit.record import LOG_PARTY, KeyRegistration, PayloadType, Role
 from echelon.trust.manifest import PartyRole
 
@@ -33,16 +35,22 @@ def audited_peer(
     *,
     transport: Transport | None = None,
     pipelined: bool = False,
+    log_key: str = "",
 ) -> tuple[AuditedPeer, grpc.Channel]:
     """Connects to the audit log (mTLS with the party's kit, or plaintext), registers the
     party's key and its transport (one synchronous append), returns its audited wire.
     `pipelined` (a party across a wide-area link from the log: a boundary agent) appends
-    its later records in the background under the invariant of `services.common.pipelined`."""
+    its later records in the background under the invariant of `services.common.pipelined`.
+    `log_key` (the log's verifier key; `log_verifier_key`): every append is answered with its
+    proof, checked before the party's next egress (`echelon.audit.proofs`)."""
     from services.audit_log.client import AuditClient
 
     transport = transport or Transport(kit=None)  # None: plaintext (in-process tests)
     channel = transport.dial(audit_address, PartyRole.AUDIT_LOG)
-    client = AuditClient(channel)
+    proofs = ProofChain(load_verifier(log_key)) if log_key else None
+    if proofs is None:
+        log.warning("audit_appends_unproven", party=party, reason="no log key known")
+    client = AuditClient(channel, proofs=proofs)
     halt: list[Callable[[str], None]] = []
     pipeline = (
         PipelinedSink(client, on_failure=lambda reason: halt[0](reason)) if pipelined else None
@@ -87,8 +95,6 @@ def watch_audit_log(
     transport: Transport,
 ) -> None:
     """Starts witnessing the log's tree heads when the log's key is known."""
-    from echelon.audit.checkpoint import load_verifier
-
     from .witnessing import LogWatch
 
     key = log_verifier_key(common, transport)

@@ -28,7 +28,7 @@ from echelon.tomlconfig import ConfigFileError
 from echelon.trust.manifest import FederationManifest, PartyRole
 from echelon_proto.coordinator.v1 import coordinator_pb2_grpc
 from services.common.audited import AuditedPeer
-from services.common.bootstrap import audited_peer, watch_audit_log
+from services.common.bootstrap import audited_peer, log_verifier_key, watch_audit_log
 from services.common.identity import load_or_create_identity
 from services.common.obs import configure_logging, start_metrics
 from services.common.portfile import write_port_file
@@ -123,7 +123,13 @@ def main(argv: list[str] | None = None) -> int:
     identity = load_or_create_identity(PARTY, common.data_dir / "identity", transport.kit)
     policy = config.policy() if manifest is None else manifest.declaration.policy()
     audit, audit_channel = audited_peer(
-        PARTY, Role.COORDINATOR, identity, policy, common.audit_log, transport=transport
+        PARTY,
+        Role.COORDINATOR,
+        identity,
+        policy,
+        common.audit_log,
+        transport=transport,
+        log_key=log_verifier_key(common, transport),
     )
     store = CoordinatorStore(common.data_dir / "state")
     sessions = CoordinatorSessions(

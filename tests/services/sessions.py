@@ -211,6 +211,8 @@ def start_sites(
             ),
         )
         address = f"127.0.0.1:{log.server.port}"
+        assert log.server.log is not None
+        log_key = log.server.log.signer.verifier_key()
         for party, role in [(COORDINATOR, Role.COORDINATOR)] + [(b, Role.BOUNDARY) for b in names]:
             transport = transports.get(party)
             kit = None if transport is None else transport.kit
@@ -224,6 +226,7 @@ def start_sites(
                 address,
                 transport=transport,
                 pipelined=role is Role.BOUNDARY,
+                log_key=log_key,  # every append proven in its answer, as the mains do
             )
             log.peers[party], keys[party] = peer, identity.key
             log.channels.append(channel)
