@@ -345,7 +345,8 @@ class AgentSession:
                         if self.audit.halted is not None:
                             out.put(_END)  # a halted party ends its session; _run stops
                         continue
-                for frame in agent_frames(message, self.run_id):
+                head = b"" if self.audit is None else self.audit.own_head()
+                for frame in agent_frames(message, self.run_id, head):
                     out.put(frame)
                 count_bytes(message, sent=True)
             elif isinstance(command, Train):
@@ -540,6 +541,8 @@ class AgentSession:
                     self._changed.notify_all()
                 log.info("session_open", coordinator=self.address)
                 for frame in frames:
+                    if self.audit is not None and frame.context.witness_head:
+                        self.audit.check_head(COORDINATOR, bytes(frame.context.witness_head))
                     message = reader.feed(frame)
                     if message is None:
                         continue

@@ -76,6 +76,12 @@ def audited_peer(
     )
     peer = AuditedPeer(make_gate(policy), make_gate, pipeline)
     halt.append(peer.halt)
+    if proofs is not None:
+        from .witnessing import SplitViewCheck
+
+        peer.heads = SplitViewCheck(
+            peer=peer, proofs=proofs, verifier=load_verifier(log_key), source=client
+        )
     return peer, channel
 
 

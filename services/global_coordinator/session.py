@@ -208,7 +208,8 @@ class CoordinatorSessions:
             except AuditError as exc:
                 log.error("egress_refused", to=to, kind=type(message).__name__, error=str(exc))
                 return
-        for frame in coordinator_frames(message, self.run_id, self._identity_key):
+        head = b"" if self.audit is None else self.audit.own_head()
+        for frame in coordinator_frames(message, self.run_id, self._identity_key, head):
             out.put(frame)
         count_bytes(message, sent=True)
         metrics.FRAMES_OUT.labels(type(message).__name__).inc()
@@ -485,6 +486,8 @@ class CoordinatorSessions:
         reason = "session closed"
         try:
             for frame in requests:
+                if self.audit is not None and frame.context.witness_head:
+                    self.audit.check_head(boundary, bytes(frame.context.witness_head))
                 message = reader.feed(frame)
                 if message is None:
                     continue

@@ -11,13 +11,17 @@ are consecutive, a failed append being retried with its own counter.
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
+import grpc
 import pytest
 
+from echelon.audit import TransparencyLog
 from echelon.audit.merkle import leaf_hash
 from echelon.audit.record import AuditRecord, PayloadType, leaf_data
+from echelon.audit.store import SqliteLogStore
 from echelon_proto.audit.v1 import audit_pb2
 from echelon_tools.audit import main as audit_cli
 from services.audit_log import server as audit_server
@@ -101,3 +105,70 @@ def test_a_dropped_crossing_halts_its_sender_and_verify_names_the_gap(
     out = capsys.readouterr().out
     assert code == 1
     assert "[counter_gap]" in out and "are not on the log" in out, out[-2000:]
+
+
+class ForkingLog(AuditLogServicer):
+    """The real servicer over two trees signed with the one log key: org-a is shown one
+    (its own records), every other party the other. Each tree is consistent in itself, so
+    each party's own proofs pass; only comparing heads across parties shows the fork."""
+
+    shadow: ClassVar[Path]
+    _view = threading.local()
+
+    def __init__(self, log: TransparencyLog, *args: Any, **kwargs: Any) -> None:
+        super().__init__(log, *args, **kwargs)
+        manifest = self._transport.manifest
+        assert manifest is not None
+        self._trees = {
+            "main": log,
+            "org-a": TransparencyLog(
+                store=SqliteLogStore(ForkingLog.shadow),
+                signer=log.signer,
+                pinned=manifest.audit_signers(),
+            ),
+        }
+        self._log = _Shown(self)  # type: ignore[assignment]
+
+    def tree(self) -> TransparencyLog:
+        return self._trees[getattr(ForkingLog._view, "name", "main")]
+
+    def _caller(self, context: grpc.ServicerContext, *, append: bool = False) -> str | None:
+        party = super()._caller(context, append=append)
+        ForkingLog._view.name = "org-a" if party == "org-a" else "main"
+        return party
+
+
+class _Shown:
+    """The tree the calling party is shown."""
+
+    def __init__(self, servicer: ForkingLog) -> None:
+        self._servicer = servicer
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._servicer.tree(), name)
+
+
+def test_a_log_showing_two_parties_two_trees_is_caught_while_the_run_goes_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(audit_server, "AuditLogServicer", ForkingLog)
+    ForkingLog.shadow = tmp_path / "shadow.db"
+    run = start_run(tmp_path / "run")
+    try:
+        run.release()
+        assert run.sites.audit is not None
+        peers = run.sites.audit.peers
+        # Parties attach their latest verified head to their frames and check each other's:
+        # the coordinator (main tree) and org-a (its own) find that neither tree extends the
+        # other, and halt their egress before the window commits anything of org-a's.
+        assert run.sites.coordinator.wait(
+            lambda: peers["coordinator"].halted is not None or peers["org-a"].halted is not None,
+            TIMEOUT_S,
+        ), "no party noticed the split view"
+        halted = {p: peer.halted for p, peer in peers.items() if peer.halted}
+        assert any("split view" in str(reason) for reason in halted.values()), halted
+        assert not any(
+            "org-a" in c.contributors for c in run.sites.commits
+        )  # nothing of org-a's was summed under the split view
+    finally:
+        run.sites.close()
