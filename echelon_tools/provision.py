@@ -9,6 +9,7 @@ This module reads flags and writes files; the manifest, certificates and enrolme
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import sys
@@ -47,6 +48,7 @@ from echelon.trust.pki import (
     certificate_pem,
     ed25519_public_pem,
     key_sha256,
+    load_ed25519_private,
     load_ed25519_public,
     private_key_pem,
 )
@@ -156,6 +158,33 @@ def provision(spec: FederationSpec, out: Path, *, now: datetime) -> SignedManife
     return signed
 
 
+def rotate(federation: Path, remove: Sequence[str]) -> SignedManifest:
+    """Signs the next version of the federation in `federation` (what `provision` wrote)
+    without the parties in `remove` (a boundary leaving, a revoked party), and writes it to
+    `root/` and to every remaining party's kit; the removed parties' kits keep the old
+    version, which the services of the new one refuse. Raises ValueError or TrustError."""
+    root_dir = federation / ROOT_DIR
+    root_key = load_ed25519_private((root_dir / ROOT_KEY).read_bytes(), ROOT_KEY)
+    previous = SignedManifest.from_bytes((root_dir / MANIFEST).read_bytes())
+    previous.verify(root_public_bytes(root_key))
+    current = previous.manifest
+    unknown = sorted(set(remove) - {p.party_id for p in current.parties})
+    if unknown:
+        raise ValueError(f"--remove: {unknown} are not parties of version {current.version}")
+    kept = tuple(p for p in current.parties if p.party_id not in set(remove))
+    if any(p.role in (PartyRole.COORDINATOR, PartyRole.AUDIT_LOG) for p in current.parties
+           if p.party_id in set(remove)):  # fmt: skip
+        raise ValueError("--remove: the coordinator and the audit log cannot leave their run")
+    signed = dataclasses.replace(current, version=current.version + 1, parties=kept).sign(root_key)
+    signed.check_successor(previous)
+    write_file(root_dir / MANIFEST, signed.to_bytes(), private=False)
+    for party in kept:
+        kit_dir = federation / party.party_id
+        if kit_dir.is_dir():
+            write_file(kit_dir / MANIFEST, signed.to_bytes(), private=False)
+    return signed
+
+
 def keygen(party_id: str, out: Path) -> Path:
     """Generates a party's keys into `out` (0700, keys 0600) and writes the public enrolment
     next to them; returns the enrolment's path. Raises FileExistsError rather than overwrite
@@ -257,7 +286,26 @@ def main_manifest(argv: Sequence[str] | None = None) -> int:
     verify.add_argument("manifest", type=Path, help="manifest.json or a kit directory")
     verify.add_argument("--root", type=Path, required=True, help="the root's root.pub")
     verify.add_argument("--previous", type=Path, help="the version it replaces")
+    rotate_cmd = sub.add_parser(
+        "rotate",
+        help="sign the next version of a development federation (a party leaving or "
+        "revoked) into its root/ and the remaining parties' kits",
+    )
+    rotate_cmd.add_argument("federation", type=Path, help="what `echelon provision --out` wrote")
+    rotate_cmd.add_argument(
+        "--remove", action="append", default=[], metavar="PARTY", help="repeatable"
+    )
     args = parser.parse_args(list(argv) if argv is not None else None)
+    if args.command == "rotate":
+        try:
+            signed = rotate(args.federation, args.remove)
+        except (OSError, ValueError, TrustError) as exc:
+            print(f"echelon manifest rotate: {exc}", file=sys.stderr)
+            return 2
+        digest = hashlib.sha256(signed.to_bytes()).hexdigest()
+        print(f"manifest: run {signed.run_id} version {signed.version} sha256 {digest}")
+        print("parties: " + ", ".join(p.party_id for p in signed.manifest.parties))
+        return 0
     try:
         signed = _read_manifest(args.manifest)
         if args.command == "show":

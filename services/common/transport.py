@@ -22,8 +22,8 @@ import structlog
 
 from echelon.audit.record import TRANSPORT_INSECURE, TRANSPORT_MTLS
 from echelon.trust.errors import TrustError
-from echelon.trust.kit import Kit, load_kit
-from echelon.trust.manifest import FederationManifest, Party, PartyRole
+from echelon.trust.kit import Kit, load_kit, write_file
+from echelon.trust.manifest import FederationManifest, Party, PartyRole, SignedManifest
 from echelon.trust.pki import load_ed25519_public
 
 from .settings import ServiceConfig
@@ -118,6 +118,7 @@ def load_transport(common: ServiceConfig, party: str, role: PartyRole) -> Transp
             f"[service].kit {common.kit}: is the kit of {kit.party.party_id} "
             f"({kit.party.role}), want {party}'s ({role})"
         )
+    _check_version(kit.signed_manifest, Path(common.data_dir) / LAST_MANIFEST)
     log.info(
         "transport_mtls",
         party=party,
@@ -125,3 +126,33 @@ def load_transport(common: ServiceConfig, party: str, role: PartyRole) -> Transp
         manifest_version=kit.manifest.version,
     )
     return Transport(kit=kit)
+
+
+LAST_MANIFEST = "manifest.json"  # in the data dir: the last manifest this service ran under
+
+
+def _check_version(signed: SignedManifest, last: Path) -> None:
+    """Manifest versions only go up: a kit older than the manifest this service last ran
+    under is refused (a rolled-back kit would readmit a revoked party), a newer one must
+    be its successor (same run, same root); the newest is kept in the data dir."""
+    if last.exists():
+        try:
+            previous = SignedManifest.from_bytes(last.read_bytes())
+        except TrustError as exc:
+            raise TransportError(f"{last}: {exc}") from None
+        if signed.version < previous.version or (
+            signed.version == previous.version and signed.to_bytes() != previous.to_bytes()
+        ):
+            raise TransportError(
+                f"kit manifest: version {signed.version} of run {signed.run_id}, but this "
+                f"service last ran under version {previous.version} ({last}); want that "
+                "version or a later one"
+            )
+        if signed.version > previous.version:
+            try:
+                signed.check_successor(previous)
+            except TrustError as exc:
+                raise TransportError(f"kit manifest: not a successor of {last}: {exc}") from None
+            log.info("manifest_rotated", previous=previous.version, version=signed.version)
+    last.parent.mkdir(parents=True, exist_ok=True)
+    write_file(last, signed.to_bytes(), private=False)

@@ -21,6 +21,7 @@ import grpc
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from echelon.audit.record import AuditRecord, Direction
+from echelon.protocol import ProtocolConfig
 from echelon.protocol.events import Train
 from echelon.trust.kit import Kit, load_kit
 from echelon.trust.registration import prove_registration
@@ -31,6 +32,7 @@ from tests.protocol.harness import DIM
 from tests.services.sessions import (
     BASE,
     LAYOUT,
+    ORGS,
     TOKENIZER,
     Sites,
     federation_config,
@@ -94,9 +96,17 @@ class Run:
         ]
 
 
-def start_run(root: Path, *, state: bool = True) -> Run:
+def start_run(
+    root: Path,
+    *,
+    state: bool = True,
+    config: ProtocolConfig = CONFIG,
+    names: tuple[str, ...] = ORGS,
+    revoked: tuple[str, ...] = (),
+) -> Run:
     """Starts the federation; every device waits at its first training run until
-    `Run.release()` (the window is open, keys not yet sent)."""
+    `Run.release()` (the window is open, keys not yet sent). `revoked` boundaries were
+    in version 1 of the manifest and are not in version 2, which the run uses."""
     held: list[Run] = []
     ready = threading.Event()
 
@@ -105,7 +115,9 @@ def start_run(root: Path, *, state: bool = True) -> Run:
         held[0].released.wait(TIMEOUT_S * 3)
 
     sites = start_sites(
-        CONFIG,
+        config,
+        names,
+        revoked=revoked,
         audit=root,
         kits=root / "kits",
         state=root / "state" if state else None,

@@ -7,6 +7,7 @@ audited), and a log its operator fabricated under keys of its own."""
 from __future__ import annotations
 
 import dataclasses
+import shutil
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +21,7 @@ from echelon.audit.record import Direction, PayloadType
 from echelon.audit.signing import Signer
 from echelon.audit.store import SqliteLogStore
 from echelon.declaration import SecureAggregationConfig
+from echelon.trust.kit import load_kit
 from echelon.trust.manifest import PartyRole
 from echelon_proto.audit.v1 import audit_pb2, audit_pb2_grpc
 from echelon_proto.coordinator.v1 import coordinator_pb2, coordinator_pb2_grpc
@@ -28,13 +30,24 @@ from echelon_tools.audit import main as audit_cli
 from services.boundary_agent.__main__ import accept_declaration
 from services.boundary_agent.session import AgentSession, Backoff, Hello
 from services.common.server import ServerConfig, start_server
-from services.common.transport import Transport
+from services.common.settings import ServiceConfig
+from services.common.transport import Transport, TransportError, load_transport
 from services.common.wire import new_ref, vector_sha256
 from tests.protocol.harness import DIM
 from tests.services.sessions import BASE, LAYOUT, MODEL, TOKENIZER, declaration
 from tests.trust.conftest import make_federation
 
-from .harness import CONFIG, TIMEOUT_S, Run, honest_digests, kit_channel, refused, start_run
+from .harness import (
+    CONFIG,
+    TIMEOUT_S,
+    Run,
+    attempt_session,
+    hello_frame,
+    honest_digests,
+    kit_channel,
+    refused,
+    start_run,
+)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -296,3 +309,55 @@ def test_a_log_fabricated_under_the_operators_own_keys_is_refused_with_the_manif
     # The genuine log passes with the same manifest.
     assert audit_cli(["verify", "--db", str(db),
                       "--manifest", str(run.root / "kits" / "auditor")]) == 0  # fmt: skip
+
+
+def test_a_revoked_party_is_refused_after_a_manifest_rotation(tmp_path: Path) -> None:
+    """org-c was a party of version 1 and is revoked by version 2 (`echelon manifest
+    rotate --remove org-c`); the run uses version 2. org-c's certificate is still valid
+    and from the federation's CA, but it names no party of version 2: the coordinator and
+    the log refuse it, and the others' run goes on. A service given an older kit than it
+    last ran with refuses to start (a rolled-back kit would readmit org-c)."""
+    config = dataclasses.replace(CONFIG, window=dataclasses.replace(CONFIG.window, min_cohort=2))
+    run = start_run(tmp_path / "run", config=config, names=("org-a", "org-b"),
+                    revoked=("org-c",))  # fmt: skip
+    try:
+        revoked = load_kit(run.root / "kits" / "org-c")  # version 1, still on org-c's disk
+        assert revoked.manifest.version == 1
+        assert run.kit("coordinator").manifest.version == 2
+        transcript = attempt_session(
+            kit_channel(run.address, revoked),
+            hello_frame(
+                "org-c",
+                revoked.identity_key.public_key().public_bytes_raw(),
+                prove_with=revoked.identity_key,
+            ),
+        )
+        assert transcript.code == grpc.StatusCode.PERMISSION_DENIED, transcript
+        assert "want the certificate identity of exactly one party of run" in transcript.detail
+        assert "version 2" in transcript.detail and transcript.frames == []
+        with kit_channel(run.audit_address, revoked, "audit-log") as channel:
+            stub = audit_pb2_grpc.AuditLogStub(channel)
+            code, detail = refused(
+                lambda: stub.GetTreeHead(audit_pb2.GetTreeHeadRequest(ref=new_ref(0)), timeout=5)
+            )
+        assert code == grpc.StatusCode.PERMISSION_DENIED and "version 2" in detail
+        digests = run.finish()
+        assert len(digests) == 1
+        assert all(c.contributors == ("org-a", "org-b") for c in run.sites.commits)
+    finally:
+        run.sites.close()
+    # The coordinator's version-1 kit is refused once it ran under version 2.
+    old = tmp_path / "old-kit"
+    shutil.copytree(run.root / "kits" / "coordinator", old)
+    (old / "manifest.json").write_bytes(
+        (run.root / "kits" / "org-c" / "manifest.json").read_bytes()
+    )
+    data = tmp_path / "coordinator-data"
+    common = ServiceConfig(
+        host="127.0.0.1", port=0, metrics_host="127.0.0.1", metrics_port=-1,
+        data_dir=data, kit=str(run.root / "kits" / "coordinator"),
+    )  # fmt: skip
+    load_transport(common, "coordinator", PartyRole.COORDINATOR)
+    with pytest.raises(TransportError, match="last ran under version 2"):
+        load_transport(dataclasses.replace(common, kit=str(old)), "coordinator",
+                       PartyRole.COORDINATOR)  # fmt: skip

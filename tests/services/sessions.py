@@ -35,7 +35,7 @@ from echelon.trust.kit import load_kit
 from echelon.trust.manifest import PartyRole
 from echelon.trust.registration import prove_registration
 from echelon_proto.coordinator.v1 import coordinator_pb2_grpc
-from echelon_tools.provision import FederationSpec, provision
+from echelon_tools.provision import FederationSpec, provision, rotate
 from services.audit_log.server import AuditLogConfig, AuditLogServer, create_server
 from services.boundary_agent.session import AgentSession, Backoff, Hello
 from services.common.audited import AuditedPeer
@@ -184,6 +184,7 @@ def start_sites(
     trainer: Callable[[str], ScriptedTrainer] = ScriptedTrainer,
     state: Path | None = None,
     kits: Path | None = None,
+    revoked: tuple[str, ...] = (),
 ) -> Sites:
     """Starts the coordinator and the agents; `gate(sites, boundary, train)` may hold a
     training run until a protocol event (it is called in the agent's training thread).
@@ -193,8 +194,10 @@ def start_sites(
     (a directory) gives the coordinator a durable store there, as its main has, which it
     resumes from and commits every version to. `kits` (a directory; needs `audit`)
     provisions a federation there and runs every party from its kit, as their mains do
-    with `[service].kit`: mTLS on every channel, the manifest's keys and run."""
-    transports = _transports(config, names, kits, audit)
+    with `[service].kit`: mTLS on every channel, the manifest's keys and run; `revoked`
+    boundaries are provisioned too and then removed by a rotation to version 2 (`names`
+    are the ones that remain and run; the revoked keep their version-1 kits)."""
+    transports = _transports(config, names, kits, audit, revoked)
     store = None if state is None else CoordinatorStore(state)
     core = RecordingCore(config, None if store is None else restore_state(store, DIM))
     log: Audit | None = None
@@ -311,17 +314,24 @@ def start_sites(
 
 
 def _transports(
-    config: ProtocolConfig, names: tuple[str, ...], kits: Path | None, audit: Path | None
+    config: ProtocolConfig,
+    names: tuple[str, ...],
+    kits: Path | None,
+    audit: Path | None,
+    revoked: tuple[str, ...] = (),
 ) -> dict[str, Transport]:
     """Each party's transport from a federation provisioned in `kits` (none without)."""
     if kits is None:
         return {}
     assert audit is not None, "a federation runs with its audit log: give `audit` too"
+    boundaries = (*names, *revoked)
     provision(
-        FederationSpec(declaration=declaration(config), boundaries=names, auditors=(AUDITOR,)),
+        FederationSpec(declaration=declaration(config), boundaries=boundaries, auditors=(AUDITOR,)),
         kits,
         now=datetime.now(UTC),
     )
+    if revoked:
+        rotate(kits, revoked)
     return {party: Transport(load_kit(kits / party)) for party in (COORDINATOR, LOG_PARTY, *names)}
 
 
