@@ -59,6 +59,9 @@ class DeploymentSpec:
     # `operator` that this launcher calls with) and run every service from its kit.
     # False: every service is told `insecure = true` (plaintext, said in the audit log).
     mtls: bool = False
+    # Without mTLS: whether the services know the log's key (witnessing, and a proof in the
+    # answer to every append); False runs without both, the baseline `bench_trust` compares.
+    witness: bool = True
 
 
 OPERATOR = "operator"  # the launcher's own party: an auditor (reads status and the log)
@@ -304,7 +307,7 @@ class Deployment:
             table["kit"] = str(self.kits / name)
         else:
             table["insecure"] = True
-            if "audit_log" in dials:
+            if "audit_log" in dials and self.spec.witness:
                 table["audit_key"] = str(self.spec.root / "audit-log" / VERIFIER_KEY_FILE)
         return table
 

@@ -224,6 +224,7 @@ class TransparencyLog:
         self._checkpoint_every = checkpoint_every
         self._lock = threading.Lock()
         self._registry = Registry(pinned)
+        self._unstored: SignedTreeHead | None = None  # the latest head signed for a proof
         self._tree = MerkleTree()
         size = store.size()
         for start in range(0, size, 4096):
@@ -319,6 +320,21 @@ class TransparencyLog:
         """A signed head of the whole log: signed and stored now if entries are uncovered."""
         with self._lock:
             return self._checkpoint_locked()
+
+    def proof_head(self) -> SignedTreeHead:
+        """A head signed over the whole log for an append's proof: signed now when entries
+        are uncovered, but not stored (a stored head costs a transaction; the entries it
+        covers are durable, so the log signs the same root again after a restart). The
+        stored heads follow `checkpoint_every`, requests (`tree_head`) and the tail timer."""
+        with self._lock:
+            size = self._tree.size
+            if self._head.size == size:
+                return self._head
+            latest = self._unstored
+            if latest is None or latest.size != size:
+                latest = self._signer.sign(size, self._tree.root())
+                self._unstored = latest
+            return latest
 
     def _checkpoint_locked(self) -> SignedTreeHead:
         if self._head.size < self._tree.size:

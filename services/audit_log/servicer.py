@@ -153,7 +153,7 @@ class AuditLogServicer(audit_pb2_grpc.AuditLogServicer):
     def _prove(self, response: audit_pb2.AppendResponse, known_size: int) -> None:
         """Adds a head signed now (it covers the record), the record's inclusion proof under
         it and the head's consistency with the sender's `known_size`."""
-        head = self._log.tree_head()
+        head = self._log.proof_head()
         require(
             known_size <= head.size,
             "AppendRequest.known_size",

@@ -10,7 +10,6 @@ person looks (the gate's `halt`).
 
 from __future__ import annotations
 
-import queue
 import threading
 from pathlib import Path
 
@@ -92,7 +91,8 @@ class SplitViewCheck:
         self._proofs = proofs
         self._verifier = verifier
         self._source = source
-        self._queue: queue.Queue[tuple[str, bytes]] = queue.Queue(maxsize=256)
+        self._pending: dict[str, bytes] = {}  # the newest head of each sender, unchecked
+        self._wake = threading.Condition()
         self._seen: set[bytes] = set()
         self.checked = 0
         self.split: str | None = None
@@ -112,20 +112,22 @@ class SplitViewCheck:
         if len(self._seen) >= 4096:  # a peer sending junk heads cannot grow this
             self._seen.clear()
         self._seen.add(checkpoint)
-        try:
-            self._queue.put_nowait((sender, checkpoint))
-        except queue.Full:
-            log.warning("tree_head_check_skipped", sender=sender, reason="queue full")
+        with self._wake:  # only a sender's newest head waits: a busy peer costs one check
+            self._pending[sender] = checkpoint
+            self._wake.notify()
 
     def _run(self) -> None:
         while True:
-            sender, checkpoint = self._queue.get()
-            try:
-                self._check(sender, checkpoint)
-            except Exception as exc:  # the log unreachable: checked again with a later head
-                self._seen.discard(checkpoint)
-                log.warning("tree_head_unchecked", sender=sender, error=str(exc))
-            self.checked += 1
+            with self._wake:
+                self._wake.wait_for(lambda: bool(self._pending))
+                batch, self._pending = self._pending, {}
+            for sender, checkpoint in batch.items():
+                try:
+                    self._check(sender, checkpoint)
+                except Exception as exc:  # the log unreachable: checked with a later head
+                    self._seen.discard(checkpoint)
+                    log.warning("tree_head_unchecked", sender=sender, error=str(exc))
+                self.checked += 1
 
     def _check(self, sender: str, checkpoint: bytes) -> None:
         try:
