@@ -32,6 +32,8 @@ from echelon.trust.kit import (
     ROOT_PUB,
     TLS_CERT,
     TLS_KEY,
+    Kit,
+    load_kit,
     make_private_dir,
     write_file,
 )
@@ -183,6 +185,44 @@ def rotate(federation: Path, remove: Sequence[str]) -> SignedManifest:
         if kit_dir.is_dir():
             write_file(kit_dir / MANIFEST, signed.to_bytes(), private=False)
     return signed
+
+
+KIT_FILES = (TLS_KEY, AUDIT_KEY, IDENTITY_KEY, TLS_CERT, CA_CERT, MANIFEST, ROOT_PUB)
+
+
+def install_kit(source: Path, target: Path) -> Kit:
+    """Copies a kit from where it was delivered (e.g. a Kubernetes Secret volume: read-only,
+    its own modes and symlinks) into `target`, a private directory (0700, keys 0600) that
+    `load_kit` accepts; returns the loaded kit. Raises KitError when the copy is not a
+    consistent kit, OSError when a file is missing."""
+    make_private_dir(target)
+    for name in KIT_FILES:
+        data = (source / name).read_bytes()  # through the Secret's symlinks
+        write_file(target / name, data, private=name in (TLS_KEY, AUDIT_KEY, IDENTITY_KEY))
+    return load_kit(target)
+
+
+def main_kit(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="echelon kit",
+        description="Install a delivered kit into a private directory the services accept.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    install = sub.add_parser("install", help="copy SOURCE's kit into TARGET (0700, keys 0600)")
+    install.add_argument("source", type=Path)
+    install.add_argument("target", type=Path)
+    args = parser.parse_args(list(argv) if argv is not None else None)
+    try:
+        kit = install_kit(args.source, args.target)
+    except (OSError, TrustError) as exc:
+        print(f"echelon kit install: {exc}", file=sys.stderr)
+        return 2
+    manifest = kit.manifest
+    print(
+        f"kit {kit.party.party_id} ({kit.party.role}) installed in {args.target}: run "
+        f"{manifest.run_id} version {manifest.version}"
+    )
+    return 0
 
 
 def keygen(party_id: str, out: Path) -> Path:
