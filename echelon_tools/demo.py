@@ -209,14 +209,15 @@ def main(argv: list[str]) -> int:
         help="plaintext, no federation kits (the audit log and its verdict say so)",
     )
     # Set by `make demo-netns` (echelon_tools.netns), which runs this inside ech-global.
-    parser.add_argument("--netns", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--netns", metavar="PREFIX", help=argparse.SUPPRESS)
     parser.add_argument("--loss", type=float, default=0.0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     net = None
-    if args.netns:
+    if args.netns is not None:
         from echelon_tools.netns import GlobalPlane
 
-        net = GlobalPlane.inside(tuple(org for org, _ in ORGS), args.wan_ms, args.loss)
+        orgs = tuple(org for org, _ in ORGS)
+        net = GlobalPlane.inside(orgs, args.wan_ms, args.loss, args.netns)
     where = net.where if net is not None else "loopback"
     print(f"Echelon demo: 2 organizations x 2 devices, coordinator, audit log ({where})")
     print("corpus:")

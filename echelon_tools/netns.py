@@ -53,8 +53,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-GLOBAL_NS = "ech-global"
-NS_PREFIX = "ech-"
+NS_PREFIX = "ech-"  # the namespaces: ech-global, ech-org-a, ech-org-b (another prefix: tests)
 SUBNET = "10.77.{}.0/24"  # one /24 per organization's link: .1 the global end, .2 the org's
 CLONE_NEWNET = 0x40000000
 _COUNT, _LOSS, _INBOUND = "ech-count", "ech-loss", "ech-inbound"
@@ -77,6 +76,11 @@ class Topology:
     orgs: tuple[str, ...]
     delay_ms: float
     loss_pct: float
+    prefix: str = NS_PREFIX
+
+    @property
+    def global_ns(self) -> str:
+        return f"{self.prefix}global"
 
     def __post_init__(self) -> None:
         if self.delay_ms < 0 or not 0 <= self.loss_pct < 100:
@@ -90,7 +94,7 @@ class Topology:
         return tuple(
             Link(
                 org=org,
-                netns=f"{NS_PREFIX}{org}",
+                netns=f"{self.prefix}{org}",
                 global_if=f"vg-{org}"[:15],
                 org_if=f"vo-{org}"[:15],
                 global_ip=SUBNET.format(i + 1).replace("0/24", "1"),
@@ -101,15 +105,15 @@ class Topology:
 
     @property
     def namespaces(self) -> tuple[str, ...]:
-        return (*(link.netns for link in self.links), GLOBAL_NS)
+        return (*(link.netns for link in self.links), self.global_ns)
 
     def describe(self) -> list[str]:
         links = ", ".join(f"{link.org} {link.org_ip} <-> {link.global_ip}" for link in self.links)
         return [
-            f"network namespaces: {GLOBAL_NS} (audit log, coordinator, WAN proxies), "
+            f"network namespaces: {self.global_ns} (audit log, coordinator, WAN proxies), "
             + ", ".join(link.netns for link in self.links),
             f"veth links: {links}",
-            f"WAN: {self.delay_ms:g} ms one way (delaying proxies in {GLOBAL_NS}), "
+            f"WAN: {self.delay_ms:g} ms one way (delaying proxies in {self.global_ns}), "
             f"{self.loss_pct:g}% random packet loss in each direction (iptables statistic)",
         ]
 
@@ -192,10 +196,10 @@ def setup(topology: Topology) -> None:
         _run("ip", "-n", ns, "link", "set", "lo", "up")
     probability = f"{topology.loss_pct / 100:.6f}"
     for link in topology.links:
-        _run("ip", "-n", GLOBAL_NS, "link", "add", link.global_if, "type", "veth",
+        _run("ip", "-n", topology.global_ns, "link", "add", link.global_if, "type", "veth",
              "peer", "name", link.org_if, "netns", link.netns)  # fmt: skip
         for ns, dev, ip in (
-            (GLOBAL_NS, link.global_if, link.global_ip),
+            (topology.global_ns, link.global_if, link.global_ip),
             (link.netns, link.org_if, link.org_ip),
         ):
             _run("ip", "-n", ns, "addr", "add", f"{ip}/24", "dev", dev)
@@ -219,7 +223,7 @@ def loss_report(topology: Topology) -> list[str]:
     lines = ["packets across the WAN links (arrived at the receiving end / dropped as loss):"]
     inbound = 0
     for link in topology.links:
-        glob = _counters_dev(GLOBAL_NS, link.global_if)
+        glob = _counters_dev(topology.global_ns, link.global_if)
         org = _counters_dev(link.netns, link.org_if)
         inbound += org.get(_INBOUND, 0)
         for name, got in ((f"{link.org} -> global", glob), (f"global -> {link.org}", org)):
@@ -334,15 +338,19 @@ class GlobalPlane:
         self._dir: Path | None = None
 
     @classmethod
-    def inside(cls, orgs: tuple[str, ...], delay_ms: float, loss_pct: float) -> GlobalPlane:
-        """Raises SystemExit unless this process runs in ech-global with the topology set up."""
+    def inside(
+        cls, orgs: tuple[str, ...], delay_ms: float, loss_pct: float, prefix: str = NS_PREFIX
+    ) -> GlobalPlane:
+        """Raises SystemExit unless this process runs in the global namespace of a topology
+        that is set up."""
+        topology = Topology(orgs, delay_ms, loss_pct, prefix)
         here = current_namespace()
-        if here != GLOBAL_NS:
+        if here != topology.global_ns:
             raise SystemExit(
-                f"echelon demo --netns runs inside {GLOBAL_NS} (here: {here or 'the host'}); "
-                "start it with `make demo-netns` (python -m echelon_tools.netns)"
+                f"echelon demo --netns runs inside {topology.global_ns} (here: "
+                f"{here or 'the host'}); start it with `make demo-netns` "
+                "(python -m echelon_tools.netns)"
             )
-        topology = Topology(orgs, delay_ms, loss_pct)
         missing = set(topology.namespaces) - existing_namespaces()
         if missing:
             raise SystemExit(f"echelon demo --netns: namespaces missing: {sorted(missing)}")
@@ -413,10 +421,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--wan-ms", type=float, default=50.0, help="one-way WAN delay")
     parser.add_argument("--loss", type=float, default=1.0, help="packet loss %%, each direction")
     parser.add_argument("--cache", type=Path, default=Path(".cache"))
+    parser.add_argument("--prefix", default=NS_PREFIX, help="of the namespaces' names")
     args, demo_args = parser.parse_known_args(argv)
     from echelon_tools.demo import ORGS
 
-    topology = Topology(tuple(org for org, _ in ORGS), args.wan_ms, args.loss)
+    topology = Topology(tuple(org for org, _ in ORGS), args.wan_ms, args.loss, args.prefix)
     reason = unavailable()
     if reason is not None:
         print(f"make demo-netns: skipped: {reason}")
@@ -444,9 +453,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         setup(topology)
         child = subprocess.Popen(
-            ["ip", "netns", "exec", GLOBAL_NS, sys.executable, "-m", "echelon_tools.cli",
-             "demo", "--netns", "--wan-ms", str(args.wan_ms), "--loss", str(args.loss),
-             "--cache", str(args.cache), *demo_args],
+            ["ip", "netns", "exec", topology.global_ns, sys.executable, "-m",
+             "echelon_tools.cli", "demo", "--netns", topology.prefix, "--wan-ms",
+             str(args.wan_ms), "--loss", str(args.loss), "--cache", str(args.cache),
+             *demo_args],
             start_new_session=True,
         )  # fmt: skip
         code = child.wait()
@@ -460,6 +470,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"make demo-netns: {exc}")
         code = 1
     finally:
+        for s in previous:  # nothing interrupts the teardown
+            signal.signal(s, signal.SIG_IGN)
         if child is not None and child.poll() is None:
             child.send_signal(signal.SIGINT)
             try:
