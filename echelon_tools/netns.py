@@ -54,7 +54,7 @@ from types import FrameType
 from typing import Any
 
 NS_PREFIX = "ech-"  # the namespaces: ech-global, ech-org-a, ech-org-b (another prefix: tests)
-SUBNET = "10.77.{}.0/24"  # one /24 per organization's link: .1 the global end, .2 the org's
+SUBNET = "10.77.{}"  # 10.77.N.0/24: organization N's link, .1 the global end, .2 the org's
 CLONE_NEWNET = 0x40000000
 _COUNT, _LOSS, _INBOUND = "ech-count", "ech-loss", "ech-inbound"
 
@@ -73,6 +73,8 @@ class Link:
 
 @dataclass(frozen=True)
 class Topology:
+    """The namespaces, links, one-way delay (ms) and packet loss (%, each direction)."""
+
     orgs: tuple[str, ...]
     delay_ms: float
     loss_pct: float
@@ -97,8 +99,8 @@ class Topology:
                 netns=f"{self.prefix}{org}",
                 global_if=f"vg-{org}"[:15],
                 org_if=f"vo-{org}"[:15],
-                global_ip=SUBNET.format(i + 1).replace("0/24", "1"),
-                org_ip=SUBNET.format(i + 1).replace("0/24", "2"),
+                global_ip=f"{SUBNET.format(i + 1)}.1",
+                org_ip=f"{SUBNET.format(i + 1)}.2",
             )
             for i, org in enumerate(self.orgs)
         )
@@ -138,13 +140,18 @@ def unavailable() -> str | None:
     if made.returncode != 0:
         return f"`ip netns add` does not work here: {made.stderr.strip()}"
     try:
-        rule = subprocess.run(
-            ["ip", "netns", "exec", probe, "iptables", "-A", "INPUT", "-m", "statistic",
-             "--mode", "random", "--probability", "0.5", "-j", "DROP"],
-            capture_output=True, text=True,
-        )  # fmt: skip
-        if rule.returncode != 0:
-            return f"iptables' statistic match does not work here: {rule.stderr.strip()}"
+        for match in (
+            ["-m", "statistic", "--mode", "random", "--probability", "0.5"],
+            ["-p", "tcp", "--syn", "-m", "conntrack", "--ctstate", "NEW"],
+            ["-m", "comment", "--comment", _COUNT],
+        ):
+            rule = subprocess.run(
+                ["ip", "netns", "exec", probe, "iptables", "-A", "INPUT", *match, "-j", "DROP"],
+                capture_output=True,
+                text=True,
+            )
+            if rule.returncode != 0:
+                return f"iptables {' '.join(match[:2])} does not work here: {rule.stderr.strip()}"
     finally:
         subprocess.run(["ip", "netns", "del", probe], capture_output=True)
     return None
@@ -264,6 +271,7 @@ class Console:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._ready = threading.Event()
         self._error: str | None = None
+        self._relays: set[asyncio.Task[Any]] = set()  # held: the server's stream holds none
         self._thread = threading.Thread(target=self._serve, name=f"console-{netns}", daemon=True)
 
     def start(self) -> None:
@@ -302,6 +310,9 @@ class Console:
 
     async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         target: asyncio.StreamWriter | None = None
+        task = asyncio.current_task()
+        if task is not None:
+            self._relays.add(task)
         try:
             port = int(json.loads(self.port_file.read_text())["grpc"])
             t_reader, target = await asyncio.open_connection("127.0.0.1", port)
@@ -312,6 +323,8 @@ class Console:
             for w in (writer, target):
                 if w is not None:
                     w.close()
+            if task is not None:
+                self._relays.discard(task)
 
     def stop(self) -> None:
         if self._loop is not None and self._thread.is_alive():

@@ -7,15 +7,25 @@ beside it keeps its ech-* namespaces.
 
 from __future__ import annotations
 
+import json
 import os
+import socket
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
-from echelon_tools.netns import Topology, existing_namespaces, loss_report, setup, teardown
+from echelon_tools.netns import (
+    Console,
+    Topology,
+    existing_namespaces,
+    loss_report,
+    setup,
+    teardown,
+)
 
 REASON = None
 if sys.platform == "linux":
@@ -113,3 +123,28 @@ def test_teardown_stops_what_runs_inside(topology: Topology) -> None:
     assert set(removed) == set(topology.namespaces)
     assert sleeper.wait(timeout=10) is not None
     assert not set(topology.namespaces) & existing_namespaces()
+
+
+def test_console_reaches_an_agent_port_on_the_namespace_loopback(
+    topology: Topology, tmp_path: Path
+) -> None:
+    """The demo reads each agent's status through a unix socket relayed into its namespace
+    (nothing dials into the organization over the network)."""
+    a = topology.links[0]
+    server = _serve(a.netns, 7003, "c")  # binds 0.0.0.0, so also the namespace's 127.0.0.1
+    port_file = tmp_path / "org-a.json"
+    port_file.write_text(json.dumps({"grpc": 7003}))
+    console = Console(a.netns, tmp_path / "org-a.sock", port_file)
+    try:
+        console.start()
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(10)
+            sock.connect(str(console.path))
+            got = b""
+            while chunk := sock.recv(65536):
+                got += chunk
+        assert got == b"c" * 50_000
+    finally:
+        console.stop()
+        server.kill()
+        server.wait()
