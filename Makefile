@@ -29,7 +29,7 @@ LOCK_DIGEST := $(shell cat $(TORCH_LOCK) $(LOCK) pyproject.toml 2>/dev/null | $(
 STAMP := $(VENV)/.installed-$(VARIANT)-$(LOCK_DIGEST)
 PIP := $(BIN)/python -m pip --disable-pip-version-check
 
-.PHONY: venv lock proto check-proto corpus deploy-tools demo test lint typecheck bench clean
+.PHONY: venv lock proto check-proto corpus deploy-tools demo demo-netns test lint typecheck bench clean
 
 venv: $(STAMP)
 
@@ -73,6 +73,16 @@ deploy-tools:
 
 demo: $(STAMP) corpus
 	$(BIN)/echelon demo --cache $(CACHE)
+
+# The demo across an emulated WAN: the global plane and each organization in a network namespace
+# of its own, veth links with NETNS_WAN_MS of one-way delay (delaying proxies) and NETNS_LOSS %
+# packet loss each way (iptables), namespaces always removed (echelon_tools/netns.py). Root only:
+# skipped with a message otherwise. DEMO_ARGS go to `echelon demo`, e.g. DEMO_ARGS="--windows 4".
+NETNS_WAN_MS ?= 50
+NETNS_LOSS ?= 1
+demo-netns: $(STAMP) corpus
+	$(BIN)/python -m echelon_tools.netns --cache $(CACHE) --wan-ms $(NETNS_WAN_MS) \
+	  --loss $(NETNS_LOSS) --root var/demo-netns $(DEMO_ARGS)
 
 # Deploy tests fail, not skip, when a tool is missing (tests/deploy/conftest.py). Not an
 # ECHELON_* name: the services refuse unknown ECHELON_* variables, and test services inherit it.

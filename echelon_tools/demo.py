@@ -19,6 +19,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 
@@ -207,8 +208,18 @@ def main(argv: list[str]) -> int:
         action="store_true",
         help="plaintext, no federation kits (the audit log and its verdict say so)",
     )
+    # Set by `make demo-netns` (echelon_tools.netns), which runs this inside ech-global.
+    parser.add_argument("--netns", metavar="PREFIX", help=argparse.SUPPRESS)
+    parser.add_argument("--loss", type=float, default=0.0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    print("Echelon demo: 2 organizations x 2 devices, coordinator, audit log (loopback)")
+    net = None
+    if args.netns is not None:
+        from echelon_tools.netns import GlobalPlane
+
+        orgs = tuple(org for org, _ in ORGS)
+        net = GlobalPlane.inside(orgs, args.wan_ms, args.loss, args.netns)
+    where = net.where if net is not None else "loopback"
+    print(f"Echelon demo: 2 organizations x 2 devices, coordinator, audit log ({where})")
     print("corpus:")
     paths = _corpus(args.cache / "corpus", 4 << 20)
     print("base model: a tiny Llama pretrained on public text (Python stdlib docstrings):")
@@ -216,7 +227,8 @@ def main(argv: list[str]) -> int:
     if args.root.exists():
         shutil.rmtree(args.root)
     started = time.monotonic()
-    deployment = Deployment(_spec(args, paths, base))
+    spec = _spec(args, paths, base)
+    deployment = Deployment(net.apply(spec) if net is not None else spec)
     try:
         print("starting services (each agent spawns its workers) ...")
         deployment.start()
@@ -243,11 +255,16 @@ def main(argv: list[str]) -> int:
     print("\nstopping services ...")
     codes = deployment.stop()
     print("  exit codes: " + ", ".join(f"{n}={c}" for n, c in codes.items()))
-    return _finish(args, deployment, int(status.windows_completed), tokens, checkpoint)
+    return _finish(args, deployment, int(status.windows_completed), tokens, checkpoint, net)
 
 
 def _finish(
-    args: argparse.Namespace, deployment: Deployment, windows: int, tokens: int, checkpoint: str
+    args: argparse.Namespace,
+    deployment: Deployment,
+    windows: int,
+    tokens: int,
+    checkpoint: str,
+    net: Any = None,  # echelon_tools.netns.GlobalPlane, under make demo-netns
 ) -> int:
     from echelon_tools.evaluate import generate_sample, heldout_losses
 
@@ -292,6 +309,10 @@ def _finish(
     print("  " + checkpoint.rstrip().replace("\n", "\n  "))
     print(f"exported adapter       {args.root / 'export' / 'adapter'}")
     print(f"sample from it         {sample!r}")
+    if net is not None:
+        print("-" * 72)
+        print("\n".join(net.report()))
+        net.close()
     print("=" * 72)
     improved = all(after < before for before, after in losses.values())
     return 0 if verify.returncode == 0 and improved else 1

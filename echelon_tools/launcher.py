@@ -45,6 +45,9 @@ class Site:
     workers: int = 2
     wan_delay_s: float = 0.0  # one-way delay to and from the global plane (a delaying proxy)
     bandwidth_mbps: float | None = None  # cap on that link, per direction
+    # The global plane's address as this organization reaches it: its delaying proxies listen
+    # there, in the launcher's network namespace (echelon_tools.netns). None: loopback.
+    wan_host: str | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -62,6 +65,11 @@ class DeploymentSpec:
     # Without mTLS: whether the services know the log's key (witnessing, and a proof in the
     # answer to every append); False runs without both, the baseline `bench_trust` compares.
     witness: bool = True
+    # Per service name: a prefix for its command line, e.g. ("ip", "netns", "exec", "ech-org-a").
+    command_prefix: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    # Per service name: the address this launcher's caller dials it at, where 127.0.0.1 does not
+    # reach it (a service in another network namespace: a unix socket relayed into it).
+    observe_at: dict[str, str] = field(default_factory=dict)
 
 
 OPERATOR = "operator"  # the launcher's own party: an auditor (reads status and the log)
@@ -75,10 +83,11 @@ class Service:
     port_file: Path
     log_path: Path
     ports: dict[str, int] = field(default_factory=dict)
+    dial: str | None = None  # where the caller reaches it, if not 127.0.0.1:<grpc port>
 
     @property
     def address(self) -> str:
-        return f"127.0.0.1:{self.ports['grpc']}"
+        return self.dial or f"127.0.0.1:{self.ports['grpc']}"
 
 
 def _merge(base: dict[str, dict[str, Any]], extra: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -115,14 +124,22 @@ class Deployment:
         env["PYTHONUNBUFFERED"] = "1"
         with log_path.open("ab") as log:
             process = subprocess.Popen(
-                [sys.executable, "-m", module, *args, "--port-file", str(port_file)],
+                [
+                    *self.spec.command_prefix.get(name, ()),
+                    sys.executable,
+                    "-m",
+                    module,
+                    *args,
+                    "--port-file",
+                    str(port_file),
+                ],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 env=env,
                 start_new_session=True,
             )
-        service = Service(name, process, port_file, log_path)
+        service = Service(name, process, port_file, log_path, dial=self.spec.observe_at.get(name))
         self.services[name] = service
         return service
 
@@ -271,13 +288,18 @@ class Deployment:
     def _wan_links(self, site: Site, coordinator_port: int, audit_port: int) -> tuple[str, str]:
         """The addresses an organization dials out to (coordinator, audit log): direct, or
         through delaying proxies, so that every link to the global plane crosses the WAN."""
-        if site.wan_delay_s <= 0 and site.bandwidth_mbps is None:
+        if site.wan_delay_s <= 0 and site.bandwidth_mbps is None and site.wan_host is None:
             return f"127.0.0.1:{coordinator_port}", f"127.0.0.1:{audit_port}"
         if self._wan is None:
             self._wan = ProxyHost()
-        to_coordinator = self._wan.proxy(coordinator_port, site.wan_delay_s, site.bandwidth_mbps)
-        to_audit = self._wan.proxy(audit_port, site.wan_delay_s, site.bandwidth_mbps)
-        return f"127.0.0.1:{to_coordinator}", f"127.0.0.1:{to_audit}"
+        host = site.wan_host or "127.0.0.1"
+        to_coordinator = self._wan.proxy(
+            coordinator_port, site.wan_delay_s, site.bandwidth_mbps, listen_host=host
+        )
+        to_audit = self._wan.proxy(
+            audit_port, site.wan_delay_s, site.bandwidth_mbps, listen_host=host
+        )
+        return f"{host}:{to_coordinator}", f"{host}:{to_audit}"
 
     def agent_config(self, boundary: str) -> Path:
         return self.spec.root / "config" / f"{boundary}.toml"
