@@ -169,8 +169,21 @@ def main(argv: list[str] | None = None) -> int:
     session: AgentSession | None = None
 
     def start_devices(declaration: RunDeclaration) -> None:
+        security = device_security(declaration, export.k_min, setup.devices.workers)
+        need = max(security.k_min, 2)
+        if security.secure is not None and setup.devices.workers < need:
+            # Every window would be refused inside the boundary (level 1 sums at least
+            # k_min devices): say so once and stop, rather than decline window after window.
+            log.error(
+                "devices_below_k_min",
+                workers=setup.devices.workers,
+                want=need,
+                detail="[devices].workers is below the run's k_min with level 1 on: this "
+                "boundary could never contribute; run more workers",
+            )
+            failed.set()
+            return
         try:
-            security = device_security(declaration, export.k_min, setup.devices.workers)
             pools.append(start_pool(setup, facts, data_dir, security))
         except PoolError as exc:
             log.error("device_pool_failed", error=str(exc))
@@ -306,7 +319,10 @@ def main(argv: list[str] | None = None) -> int:
     def watch_refusal() -> None:
         assert session is not None
         session.wait(lambda: session.log.refused is not None or failed.is_set(), float("inf"))
-        log.error("agent_stopping", reason=session.log.refused or "device pool failed")
+        log.error(
+            "agent_stopping",
+            reason=session.log.refused or "devices failed to start (see the error before)",
+        )
         os.kill(os.getpid(), signal.SIGTERM)
 
     threading.Thread(target=watch_refusal, name="refusal", daemon=True).start()
