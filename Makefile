@@ -96,12 +96,14 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
+# bench_trust: the same deployment with mTLS, authorization and proofs on, against all off.
 # bench_e2e: real deployments against the same devices with no sync (a few minutes); it uses
 # the corpus that `make corpus` fetched, or the standard-library texts where it is missing.
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_secagg.py
 	$(BIN)/python benchmarks/bench_audit.py
 	$(BIN)/python benchmarks/bench_e2e.py $(BENCH_E2E_ARGS)
+	$(BIN)/python benchmarks/bench_trust.py
 
 clean:
 	rm -rf $(VENV) var .mypy_cache .ruff_cache .pytest_cache
