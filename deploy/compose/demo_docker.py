@@ -158,7 +158,7 @@ def run(compose: Compose, out: Path, windows: int) -> int:
         "python",
         "/opt/echelon-demo/watch.py",
         "--out",
-        "/srv/demo",
+        "/var/lib/echelon",
         "--windows",
         str(windows),
     )
@@ -179,7 +179,7 @@ def run(compose: Compose, out: Path, windows: int) -> int:
             "python",
             "/opt/echelon-demo/summary.py",
             "--out",
-            "/srv/demo",
+            "/var/lib/echelon",
             "--tokens",
             str(tokens),
         ],
@@ -196,7 +196,7 @@ def run(compose: Compose, out: Path, windows: int) -> int:
             "tar",
             "demo-summary",
             "-C",
-            "/srv/demo",
+            "/var/lib/echelon",
             "-cf",
             "-",
             "export",
@@ -221,6 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--project", default="echelon-demo", help="compose project name")
     parser.add_argument("--keep", action="store_true", help="leave the deployment up")
     args = parser.parse_args(argv)
+    started = time.monotonic()
     run_config = load_toml(HERE / "config" / "coordinator.toml")
     windows = int(run_config["coordinator"]["windows"])
     print("Echelon demo in containers: 2 organizations x 2 devices, coordinator, audit log,")
@@ -252,6 +253,7 @@ def main(argv: list[str] | None = None) -> int:
             compose.run(
                 "down", "--volumes", "--remove-orphans", capture=True, check=False, quiet=True
             )
+        print(f"demo-docker: {time.monotonic() - started:.0f}s in all")
 
 
 if __name__ == "__main__":

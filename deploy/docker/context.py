@@ -103,8 +103,11 @@ def project_wheel(out: Path) -> Path:
     leftovers = [p for p in (Path("build"), Path("echelon.egg-info")) if not p.exists()]
     command = [sys.executable, "-m", "pip", "--disable-pip-version-check", "wheel", "--quiet"]
     command += ["--no-deps", "--no-build-isolation", "--no-index", "-w", str(out), "."]
+    # Fixed zip timestamps: the same code gives the same wheel, byte for byte, so that the
+    # image's project layer stays cached until the code changes.
+    env = {**os.environ, "SOURCE_DATE_EPOCH": "315532800"}
     try:
-        subprocess.run(command, check=True)
+        subprocess.run(command, check=True, env=env)
     finally:
         for path in leftovers:
             shutil.rmtree(path, ignore_errors=True)

@@ -3,7 +3,8 @@
 # (idempotent), with the flags this kind of machine needs (docs/operations.md, "Running
 # the multi-site demo in containers"): no iptables, no default bridge, explicit ulimits.
 #
-#   sh deploy/docker/engine.sh [STATE_DIR] [SOCKET]
+#   sh deploy/docker/engine.sh [STATE_DIR] [SOCKET]        start (if not running)
+#   sh deploy/docker/engine.sh STATE_DIR SOCKET stop        stop the one it started
 #
 # STATE_DIR (default /var/lib/echelon-docker) holds the images, containers and volumes
 # (data/), the engine's runtime files (exec/), its pid file and its log (dockerd.log).
@@ -13,6 +14,24 @@ set -eu
 state=${1:-/var/lib/echelon-docker}
 socket=${2:-/run/echelon-docker.sock}
 export DOCKER_HOST="unix://$socket"
+pidfile="$state/dockerd.pid"
+
+if [ "${3:-start}" = stop ]; then
+    if [ -f "$pidfile" ] && kill -0 "$(cat "$pidfile")" 2>/dev/null; then
+        pid=$(cat "$pidfile")
+        kill "$pid"
+        tries=0
+        while kill -0 "$pid" 2>/dev/null; do
+            tries=$((tries + 1))
+            [ "$tries" -le 30 ] || { echo "docker engine: dockerd $pid still runs after 30 s" >&2; exit 1; }
+            sleep 1
+        done
+        echo "docker engine: stopped dockerd $pid"
+    else
+        echo "docker engine: no dockerd of ours runs ($pidfile)"
+    fi
+    exit 0
+fi
 
 if docker info >/dev/null 2>&1; then
     echo "docker engine: running at $DOCKER_HOST"
@@ -27,7 +46,6 @@ if [ "$(id -u)" != 0 ]; then
     exit 1
 fi
 mkdir -p "$state/data" "$state/exec" "$(dirname "$socket")"
-pidfile="$state/dockerd.pid"
 if [ -f "$pidfile" ] && kill -0 "$(cat "$pidfile")" 2>/dev/null; then
     echo "docker engine: dockerd $(cat "$pidfile") runs but does not answer at $DOCKER_HOST;" \
         "see $state/dockerd.log" >&2

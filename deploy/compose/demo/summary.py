@@ -1,12 +1,15 @@
 """`make demo-docker`'s summary (compose service demo-summary, with no network), run once
 every service has stopped: the same `echelon audit verify`, held-out losses, exported
 adapter and sample as `make demo`, from the deployment's volumes mounted read-only at
-/srv/state/<service> and its configuration at /srv/config."""
+/srv/state/<service> and its configuration at /srv/config. The volumes are copied first
+into OUT/state (SQLite opens even a database it only reads with write access to its
+directory), so that nothing here can change the deployment's own state."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -45,7 +48,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     windows = int(json.loads((args.out / "status.json").read_text())["windows"])
     checkpoint = (args.out / "checkpoint.txt").read_text()
-    deployment = StoppedDeployment(args.state, args.config, args.out)
+    state = args.out / "state"
+    if state.exists():
+        shutil.rmtree(state)
+    shutil.copytree(args.state, state)
+    deployment = StoppedDeployment(state, args.config, args.out)
     return demo._finish(
         SimpleNamespace(root=args.out),  # type: ignore[arg-type]
         deployment,  # type: ignore[arg-type]
