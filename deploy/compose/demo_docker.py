@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -130,10 +131,35 @@ def tokens_trained(compose: Compose) -> int:
     return total
 
 
+PROMETHEUS = ("prometheus-global", "prometheus-org-a", "prometheus-org-b")
+_TARGETS = (
+    "import json, urllib.request\n"
+    "url = 'http://127.0.0.1:9090/api/v1/targets?state=active'\n"
+    "reply = json.load(urllib.request.urlopen(url, timeout=5))\n"
+    "for t in reply['data']['activeTargets']:\n"
+    "    print(t['scrapeUrl'], t['health'], t['lastError'] or '-')\n"
+)
+
+
+def scraped(compose: Compose) -> bool:
+    """Whether each Prometheus scrapes its targets (each asked inside its own container, on
+    its own network): the global plane's the coordinator and the audit log, each
+    organization's its own agent. Prints one line per target."""
+    healthy = True
+    for service in PROMETHEUS:
+        text = compose.run("exec", "-T", service, "python3", "-c", _TARGETS, capture=True)
+        for line in text.splitlines() or ["(no targets) - -"]:
+            url, health, error = line.split(" ", 2)
+            healthy = healthy and health == "up"
+            shown = "" if error == "-" else f" ({error})"
+            print(f"  {service:<18} {url:<40} {health}{shown}")
+    return healthy
+
+
 def save_logs(compose: Compose, out: Path) -> None:
     logs = out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    for service in (*STOP_ORDER, "prometheus-global", "prometheus-org-a", "prometheus-org-b"):
+    for service in (*STOP_ORDER, *PROMETHEUS):
         text = compose.run("logs", "--no-color", service, capture=True, check=False)
         (logs / f"{service}.log").write_text(text)
 
@@ -163,6 +189,8 @@ def run(compose: Compose, out: Path, windows: int) -> int:
         str(windows),
     )
     tokens = tokens_trained(compose)
+    print("\nPrometheus targets (each Prometheus on its own network):")
+    targets_up = scraped(compose)
     print("\nstopping services ...")
     for service in STOP_ORDER:
         compose.run("stop", service, capture=True)
@@ -211,7 +239,14 @@ def run(compose: Compose, out: Path, windows: int) -> int:
     print(f"logs, audit report and exported adapter in {out}")
     if any(code != "0" for code in codes.values()):
         return 1
+    if not targets_up:
+        print("demo-docker: a Prometheus target was down (see above)")
+        return 1
     return summary.returncode
+
+
+def _terminated(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -222,6 +257,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", action="store_true", help="leave the deployment up")
     args = parser.parse_args(argv)
     started = time.monotonic()
+    # A SIGTERM (a CI job's timeout, `kill`) tears the deployment down too, as Ctrl-C does.
+    signal.signal(signal.SIGTERM, _terminated)
     run_config = load_toml(HERE / "config" / "coordinator.toml")
     windows = int(run_config["coordinator"]["windows"])
     print("Echelon demo in containers: 2 organizations x 2 devices, coordinator, audit log,")

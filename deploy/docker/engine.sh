@@ -1,7 +1,7 @@
 #!/bin/sh
 # Starts a private Docker engine on its own socket unless one already answers there
-# (idempotent), with the flags this kind of machine needs (docs/operations.md, "Running
-# the multi-site demo in containers"): no iptables, no default bridge, explicit ulimits.
+# (idempotent), with the flags this kind of machine needs (deploy/compose/README.md):
+# no iptables, no default bridge, explicit ulimits.
 #
 #   sh deploy/docker/engine.sh [STATE_DIR] [SOCKET]        start (if not running)
 #   sh deploy/docker/engine.sh STATE_DIR SOCKET stop        stop the one it started

@@ -17,6 +17,7 @@ from types import SimpleNamespace
 from echelon.tomlconfig import dumps, load_toml
 from echelon_tools import demo
 from services.audit_log.server import DB_FILE
+from services.common.obs import configure_logging
 
 
 class StoppedDeployment:
@@ -46,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", type=Path, default=Path("/srv/config"))
     parser.add_argument("--tokens", type=int, required=True, help="tokens the agents trained")
     args = parser.parse_args(argv)
+    configure_logging("demo-summary", "warning", json=False)  # the summary, not the steps
     windows = int(json.loads((args.out / "status.json").read_text())["windows"])
     checkpoint = (args.out / "checkpoint.txt").read_text()
     state = args.out / "state"
