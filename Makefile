@@ -29,7 +29,7 @@ LOCK_DIGEST := $(shell cat $(TORCH_LOCK) $(LOCK) pyproject.toml 2>/dev/null | $(
 STAMP := $(VENV)/.installed-$(VARIANT)-$(LOCK_DIGEST)
 PIP := $(BIN)/python -m pip --disable-pip-version-check
 
-.PHONY: venv lock proto check-proto corpus deploy-tools demo test lint typecheck bench clean
+.PHONY: venv lock proto check-proto corpus deploy-tools demo demo-netns test lint typecheck bench clean
 .PHONY: docker-tools docker-engine docker-engine-stop image image-prometheus demo-docker
 
 venv: $(STAMP)
@@ -76,6 +76,16 @@ deploy-tools:
 
 demo: $(STAMP) corpus
 	$(BIN)/echelon demo --cache $(CACHE)
+
+# The demo across an emulated WAN: the global plane and each organization in a network namespace
+# of its own, veth links with NETNS_WAN_MS of one-way delay (delaying proxies) and NETNS_LOSS %
+# packet loss each way (iptables), namespaces always removed (echelon_tools/netns.py). Root only:
+# skipped with a message otherwise. DEMO_ARGS go to `echelon demo`, e.g. DEMO_ARGS="--windows 4".
+NETNS_WAN_MS ?= 50
+NETNS_LOSS ?= 1
+demo-netns: $(STAMP) corpus
+	$(BIN)/python -m echelon_tools.netns --cache $(CACHE) --wan-ms $(NETNS_WAN_MS) \
+	  --loss $(NETNS_LOSS) --root var/demo-netns $(DEMO_ARGS)
 
 # `make demo-docker`: the same demo in containers (deploy/docker, deploy/compose): a
 # private engine on its own socket, images built locally without network access (a
@@ -131,12 +141,14 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
+# bench_trust: the same deployment with mTLS, authorization and proofs on, against all off.
 # bench_e2e: real deployments against the same devices with no sync (a few minutes); it uses
 # the corpus that `make corpus` fetched, or the standard-library texts where it is missing.
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_secagg.py
 	$(BIN)/python benchmarks/bench_audit.py
 	$(BIN)/python benchmarks/bench_e2e.py $(BENCH_E2E_ARGS)
+	$(BIN)/python benchmarks/bench_trust.py
 
 clean:
 	rm -rf $(VENV) var .mypy_cache .ruff_cache .pytest_cache

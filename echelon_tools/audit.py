@@ -27,6 +27,10 @@ from echelon.audit.record import (
 from echelon.audit.store import SqliteLogStore, StoredEntry
 from echelon.audit.verify import verify_log
 from echelon.audit.witness import read_checkpoint
+from echelon.trust.errors import TrustError
+from echelon.trust.kit import MANIFEST, ROOT_PUB
+from echelon.trust.manifest import FederationManifest, SignedManifest
+from echelon.trust.pki import load_ed25519_public
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -48,6 +52,18 @@ def _parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         help="a party's witness file (latest tree head it verified); repeatable",
+    )
+    verify.add_argument(
+        "--manifest",
+        type=Path,
+        help="the run's signed manifest (or a kit directory): the log's key and every "
+        "party's key are taken from it, and a log under any other key is refused",
+    )
+    verify.add_argument(
+        "--root",
+        type=Path,
+        help="the federation root's root.pub (out of band) the manifest must verify against; "
+        "default: root.pub beside the manifest",
     )
     verify.add_argument("--json", type=Path, help="also write the report as JSON to this file")
     show = sub.add_parser("show", help="list records as a table")
@@ -93,10 +109,40 @@ def _load_key(args: argparse.Namespace) -> NoteVerifier | None:
     return load_verifier(text)
 
 
+def _manifest(args: argparse.Namespace) -> FederationManifest | None:
+    """The manifest given with --manifest, verified against --root (or its root.pub)."""
+    if args.manifest is None:
+        if args.root is not None:
+            raise ConfigError("--root: given without --manifest, want both or neither")
+        return None
+    path: Path = args.manifest
+    folder = path if path.is_dir() else path.parent
+    file = path / MANIFEST if path.is_dir() else path
+    root_path: Path = args.root or folder / ROOT_PUB
+    try:
+        root = load_ed25519_public(root_path.read_bytes(), str(root_path))
+        return SignedManifest.from_bytes(file.read_bytes()).verify(root)
+    except TrustError as exc:
+        raise ConfigError(f"--manifest {file}: {exc}") from None
+
+
 def _verify(args: argparse.Namespace) -> int:
+    manifest = _manifest(args)
     store = _open(args.db)
     try:
         verifier = _load_key(args)
+        if manifest is not None:
+            named = load_verifier(manifest.log_verifier_key())
+            given = verifier if args.log_key is not None else None
+            if given is not None and (given.name, given.public_key) != (
+                named.name,
+                named.public_key,
+            ):
+                raise ConfigError(
+                    "--log-key: differs from the audit log key the manifest names; want that "
+                    "key (or leave --log-key out)"
+                )
+            verifier = named  # never the key file beside the log: the operator wrote that
         witnessed = [read_checkpoint(p) for p in args.witness]
         report = verify_log(
             _all_entries(store),
@@ -104,6 +150,9 @@ def _verify(args: argparse.Namespace) -> int:
             verifier=verifier,
             witnessed=witnessed,
             triggers=store.triggers(),
+            signers=None if manifest is None else manifest.audit_signers(),
+            declared=None if manifest is None else manifest.declaration.to_canonical_bytes(),
+            manifest="" if manifest is None else f"{manifest.run_id} version {manifest.version}",
         )
     finally:
         store.close()

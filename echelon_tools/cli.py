@@ -1,5 +1,5 @@
 """The `echelon` command: `demo`, `export`, `audit`, `replay`, `contest`, `wan-check`,
-`provision`, `keygen`, `manifest`."""
+`provision`, `keygen`, `manifest`, `kit`."""
 
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ commands:
   wan-check  the services under WAN delay against the simulator's prediction
   provision  write a development federation: root, CA, one kit per party, signed manifest
   keygen   generate a party's keys locally; write only the public enrolment to send
-  manifest   show or verify a signed federation manifest (echelon manifest --help)
+  manifest   show, verify or rotate a signed federation manifest (echelon manifest --help)
+  kit      install a delivered kit into a private directory (echelon kit install SRC DST)
 """
 
 
@@ -44,6 +45,8 @@ def main(argv: list[str] | None = None) -> int:
         from echelon_tools.provision import main_keygen as run
     elif command == "manifest":
         from echelon_tools.provision import main_manifest as run
+    elif command == "kit":
+        from echelon_tools.provision import main_kit as run
     else:
         print(f"echelon: unknown command {command!r}\n{USAGE}", file=sys.stderr)
         return 2

@@ -1,6 +1,8 @@
 """A delaying TCP proxy for real-latency checks: listens on loopback, forwards every connection
 to one target, and delivers each direction's bytes no earlier than `delay_s` after they were
-read, at most `bandwidth_mbps` fast. Pure asyncio, bounded buffers, loopback only.
+read, at most `bandwidth_mbps` fast. Pure asyncio, bounded buffers. It targets loopback only
+and listens on loopback unless told another address (`listen_host`: the global plane's end of
+a namespace's link, echelon_tools.netns).
 
     proxy = DelayProxy(target_port=50051, config=DelayConfig(up_delay_s=0.2, down_delay_s=0.2))
     port = await proxy.start()      # clients connect to 127.0.0.1:port
@@ -89,14 +91,20 @@ class _Pipe:
 
 
 class DelayProxy:
-    """Forwards 127.0.0.1:<port> to `target_host:target_port` with injected delay."""
+    """Forwards `listen_host`:<port> to `target_host:target_port` with injected delay."""
 
     def __init__(
-        self, *, target_port: int, config: DelayConfig, target_host: str = LOOPBACK
+        self,
+        *,
+        target_port: int,
+        config: DelayConfig,
+        target_host: str = LOOPBACK,
+        listen_host: str = LOOPBACK,
     ) -> None:
         if target_host not in (LOOPBACK, "localhost", "::1"):
             raise ValueError(f"DelayProxy.target_host: got {target_host!r}, want loopback only")
         self.target = (target_host, target_port)
+        self.listen_host = listen_host
         self.config = config
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -109,8 +117,8 @@ class DelayProxy:
         return int(self._server.sockets[0].getsockname()[1])
 
     async def start(self) -> int:
-        """Listens on an ephemeral loopback port; returns it."""
-        self._server = await asyncio.start_server(self._handle, LOOPBACK, 0)
+        """Listens on an ephemeral port of `listen_host`; returns it."""
+        self._server = await asyncio.start_server(self._handle, self.listen_host, 0)
         return self.port
 
     async def stop(self) -> None:

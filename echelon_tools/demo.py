@@ -19,6 +19,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 
@@ -91,6 +92,7 @@ def _spec(args: argparse.Namespace, paths: dict[str, Path], base: Path) -> Deplo
     seq = args.seq_len
     return DeploymentSpec(
         root=args.root,
+        mtls=not args.insecure,
         sites=tuple(
             Site(
                 boundary=org,
@@ -201,8 +203,23 @@ def main(argv: list[str]) -> int:
         default=300,
         help="steps of base-model pretraining on public text (cached)",
     )
+    parser.add_argument(
+        "--insecure",
+        action="store_true",
+        help="plaintext, no federation kits (the audit log and its verdict say so)",
+    )
+    # Set by `make demo-netns` (echelon_tools.netns), which runs this inside ech-global.
+    parser.add_argument("--netns", metavar="PREFIX", help=argparse.SUPPRESS)
+    parser.add_argument("--loss", type=float, default=0.0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    print("Echelon demo: 2 organizations x 2 devices, coordinator, audit log (loopback)")
+    net = None
+    if args.netns is not None:
+        from echelon_tools.netns import GlobalPlane
+
+        orgs = tuple(org for org, _ in ORGS)
+        net = GlobalPlane.inside(orgs, args.wan_ms, args.loss, args.netns)
+    where = net.where if net is not None else "loopback"
+    print(f"Echelon demo: 2 organizations x 2 devices, coordinator, audit log ({where})")
     print("corpus:")
     paths = _corpus(args.cache / "corpus", 4 << 20)
     print("base model: a tiny Llama pretrained on public text (Python stdlib docstrings):")
@@ -210,7 +227,8 @@ def main(argv: list[str]) -> int:
     if args.root.exists():
         shutil.rmtree(args.root)
     started = time.monotonic()
-    deployment = Deployment(_spec(args, paths, base))
+    spec = _spec(args, paths, base)
+    deployment = Deployment(net.apply(spec) if net is not None else spec)
     try:
         print("starting services (each agent spawns its workers) ...")
         deployment.start()
@@ -224,7 +242,7 @@ def main(argv: list[str]) -> int:
             if (st := _agent_status(deployment.services[org].address)) is not None
         )
         status = deployment.coordinator_status()
-        with grpc.insecure_channel(deployment.services["audit-log"].address) as channel:
+        with deployment.channel("audit-log") as channel:
             checkpoint = AuditClient(channel).tree_head().checkpoint.decode()
     except KeyboardInterrupt:
         print("\ninterrupted: stopping every process ...")
@@ -237,32 +255,34 @@ def main(argv: list[str]) -> int:
     print("\nstopping services ...")
     codes = deployment.stop()
     print("  exit codes: " + ", ".join(f"{n}={c}" for n, c in codes.items()))
-    return _finish(args, deployment, int(status.windows_completed), tokens, checkpoint)
+    return _finish(args, deployment, int(status.windows_completed), tokens, checkpoint, net)
 
 
 def _finish(
-    args: argparse.Namespace, deployment: Deployment, windows: int, tokens: int, checkpoint: str
+    args: argparse.Namespace,
+    deployment: Deployment,
+    windows: int,
+    tokens: int,
+    checkpoint: str,
+    net: Any = None,  # echelon_tools.netns.GlobalPlane, under make demo-netns
 ) -> int:
     from echelon_tools.evaluate import generate_sample, heldout_losses
 
     db = deployment.audit_db
     report_path = args.root / "audit-report.json"
+    # The parties' own witness state (the latest tree head each verified), and with mTLS the
+    # manifest: the log's and every party's keys come from it, not from the log.
+    witnesses = sorted(args.root.glob("*/identity/witness.json"))
+    checks = [arg for w in witnesses for arg in ("--witness", str(w))]
+    if deployment.manifest is not None:
+        checks += ["--manifest", str(deployment.manifest)]
+    command = [sys.executable, "-m", "echelon_tools.cli", "audit", "verify", "--db", str(db)]
     verify = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "echelon_tools.cli",
-            "audit",
-            "verify",
-            "--db",
-            str(db),
-            "--json",
-            str(report_path),
-        ],
+        [*command, *checks, "--json", str(report_path)],
         capture_output=True,
         text=True,
     )
-    print("\n$ echelon audit verify --db", _shown(db))
+    print("\n$ echelon audit verify --db", _shown(db), " ".join(_shown(Path(c)) for c in checks))
     print(verify.stdout.rstrip())
     report = json.loads(report_path.read_text()) if report_path.exists() else {}
     bytes_by_type, entries = _audit_bytes(db)
@@ -280,6 +300,8 @@ def _finish(
     for name, size in sorted(bytes_by_type.items(), key=lambda kv: -kv[1]):
         print(f"  {name:<22}{size:>14,}")
     print(f"audit entries          {entries}")
+    transport = "mTLS, every party from its kit of the signed manifest"
+    print(f"transport              {transport if deployment.manifest else 'INSECURE (plaintext)'}")
     print(
         f"audit verify           {report.get('summary', verify.stdout.strip().splitlines()[-1:])}"
     )
@@ -287,6 +309,10 @@ def _finish(
     print("  " + checkpoint.rstrip().replace("\n", "\n  "))
     print(f"exported adapter       {args.root / 'export' / 'adapter'}")
     print(f"sample from it         {sample!r}")
+    if net is not None:
+        print("-" * 72)
+        print("\n".join(net.report()))
+        net.close()
     print("=" * 72)
     improved = all(after < before for before, after in losses.values())
     return 0 if verify.returncode == 0 and improved else 1

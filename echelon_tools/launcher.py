@@ -8,6 +8,7 @@ demo and the end-to-end tests use this one launcher.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import os
@@ -16,12 +17,14 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import grpc
 
 from echelon.audit.checkpoint import VERIFIER_KEY_FILE
+from echelon.declaration import ModelIdentity
 from echelon.tomlconfig import dumps
 from echelon_proto.coordinator.v1 import coordinator_pb2, coordinator_pb2_grpc
 from echelon_tools.wan import ProxyHost
@@ -42,6 +45,9 @@ class Site:
     workers: int = 2
     wan_delay_s: float = 0.0  # one-way delay to and from the global plane (a delaying proxy)
     bandwidth_mbps: float | None = None  # cap on that link, per direction
+    # The global plane's address as this organization reaches it: its delaying proxies listen
+    # there, in the launcher's network namespace (echelon_tools.netns). None: loopback.
+    wan_host: str | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -52,6 +58,22 @@ class DeploymentSpec:
     coordinator_tables: dict[str, dict[str, Any]] = field(default_factory=dict)
     agent_tables: dict[str, dict[str, Any]] = field(default_factory=dict)
     log_level: str = "info"
+    # mTLS: provision a development federation (one kit per party, plus an auditor kit
+    # `operator` that this launcher calls with) and run every service from its kit.
+    # False: every service is told `insecure = true` (plaintext, said in the audit log).
+    mtls: bool = False
+    # Without mTLS: whether the services know the log's key (witnessing, and a proof in the
+    # answer to every append); False runs without both, the baseline `bench_trust` compares.
+    witness: bool = True
+    # Per service name: a prefix for its command line, e.g. ("ip", "netns", "exec", "ech-org-a").
+    command_prefix: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    # Per service name: the address this launcher's caller dials it at, where 127.0.0.1 does not
+    # reach it (a service in another network namespace: a unix socket relayed into it).
+    observe_at: dict[str, str] = field(default_factory=dict)
+
+
+OPERATOR = "operator"  # the launcher's own party: an auditor (reads status and the log)
+KITS = "kits"
 
 
 @dataclass
@@ -61,10 +83,11 @@ class Service:
     port_file: Path
     log_path: Path
     ports: dict[str, int] = field(default_factory=dict)
+    dial: str | None = None  # where the caller reaches it, if not 127.0.0.1:<grpc port>
 
     @property
     def address(self) -> str:
-        return f"127.0.0.1:{self.ports['grpc']}"
+        return self.dial or f"127.0.0.1:{self.ports['grpc']}"
 
 
 def _merge(base: dict[str, dict[str, Any]], extra: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -101,14 +124,22 @@ class Deployment:
         env["PYTHONUNBUFFERED"] = "1"
         with log_path.open("ab") as log:
             process = subprocess.Popen(
-                [sys.executable, "-m", module, *args, "--port-file", str(port_file)],
+                [
+                    *self.spec.command_prefix.get(name, ()),
+                    sys.executable,
+                    "-m",
+                    module,
+                    *args,
+                    "--port-file",
+                    str(port_file),
+                ],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 env=env,
                 start_new_session=True,
             )
-        service = Service(name, process, port_file, log_path)
+        service = Service(name, process, port_file, log_path, dial=self.spec.observe_at.get(name))
         self.services[name] = service
         return service
 
@@ -135,9 +166,12 @@ class Deployment:
         return path
 
     def start(self, timeout_s: float = 300.0) -> None:
-        """Starts audit log, coordinator and agents, waiting for each to listen."""
+        """Starts audit log, coordinator and agents, waiting for each to listen (with
+        `mtls`, first provisions the federation the services run from)."""
         spec = self.spec
         try:
+            if spec.mtls:
+                self._provision()
             audit_cfg = self._write("audit-log", {"service": self._service_table("audit-log")})
             audit = self._spawn("audit-log", "services.audit_log", ["--config", str(audit_cfg)])
             self._wait(audit, 60)
@@ -157,23 +191,7 @@ class Deployment:
                 coordinator_at, audit_at = self._wan_links(
                     site, coordinator.ports["grpc"], audit.ports["grpc"]
                 )
-                cfg = self._write(
-                    site.boundary,
-                    _merge(
-                        {
-                            "service": self._service_table(
-                                site.boundary, audit_log=audit_at, coordinator=coordinator_at
-                            ),
-                            "agent": {"boundary": site.boundary},
-                            "devices": {"workers": site.workers},
-                            "data": {"files": [str(p.resolve()) for p in site.data_files]},
-                            "tokenizer": {
-                                "files": [str(p.resolve()) for p in spec.tokenizer_files]
-                            },
-                        },
-                        spec.agent_tables,
-                    ),
-                )
+                cfg = self._write(site.boundary, self._agent_tables(site, coordinator_at, audit_at))
                 agents.append(
                     self._spawn(site.boundary, "services.boundary_agent", ["--config", str(cfg)])
                 )
@@ -183,16 +201,105 @@ class Deployment:
             self.stop()
             raise
 
+    def _agent_tables(self, site: Site, coordinator_at: str, audit_at: str) -> dict[str, Any]:
+        return _merge(
+            {
+                "service": self._service_table(
+                    site.boundary, audit_log=audit_at, coordinator=coordinator_at
+                ),
+                "agent": {"boundary": site.boundary},
+                "devices": {"workers": site.workers},
+                "data": {"files": [str(p.resolve()) for p in site.data_files]},
+                "tokenizer": {"files": [str(p.resolve()) for p in self.spec.tokenizer_files]},
+            },
+            self.spec.agent_tables,
+        )
+
+    def _provision(self) -> None:
+        """A development federation in `root/kits`: the model identity as the first site's
+        agent computes it (`--print-model`), the declaration as the coordinator's tables
+        make it, one kit per party and the operator's (an auditor)."""
+        from services.common.settings import COORDINATOR, add_arguments, resolve
+        from services.global_coordinator.__main__ import load_config
+
+        from .provision import FederationSpec, provision
+
+        spec = self.spec
+        site = spec.sites[0]
+        cfg = self._write(site.boundary, self._agent_tables(site, "127.0.0.1:1", "127.0.0.1:1"))
+        env = {k: v for k, v in os.environ.items() if not k.startswith("ECHELON_")}
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "services.boundary_agent",
+                "--config",
+                str(cfg),
+                "--print-model",
+            ],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=300,
+            check=False,
+        )
+        if done.returncode != 0:
+            raise LaunchError(f"{site.boundary} --print-model failed:\n{done.stderr[-3000:]}")
+        layout, base, tokenizer, dim = done.stdout.strip().splitlines()[-1].split(":")
+        model = ModelIdentity(
+            bytes.fromhex(layout), bytes.fromhex(base), bytes.fromhex(tokenizer), int(dim)
+        )
+        tables = _merge({"service": {"data_dir": str(spec.root / "coordinator")}}, {})
+        coordinator_cfg = self._write("coordinator", _merge(tables, spec.coordinator_tables))
+        parser = argparse.ArgumentParser()
+        add_arguments(parser, COORDINATOR)
+        config = load_config(
+            resolve(COORDINATOR, parser.parse_args(["--config", str(coordinator_cfg)]), {})
+        )
+        provision(
+            FederationSpec(
+                declaration=config.declaration(model),
+                boundaries=tuple(s.boundary for s in spec.sites),
+                auditors=(OPERATOR,),
+            ),
+            self.kits,
+            now=datetime.now(UTC),
+        )
+
+    @property
+    def kits(self) -> Path:
+        return self.spec.root / KITS
+
+    @property
+    def manifest(self) -> Path | None:
+        """The signed manifest the services run under (None: an insecure deployment)."""
+        return self.kits / OPERATOR / "manifest.json" if self.spec.mtls else None
+
+    def channel(self, name: str) -> grpc.Channel:
+        """A channel to service `name` (coordinator, audit-log): mTLS as the operator."""
+        address = self.services[name].address
+        if not self.spec.mtls:
+            return grpc.insecure_channel(address)
+        from echelon.trust.kit import load_kit
+        from services.common.tls import secure_channel
+
+        return secure_channel(address, load_kit(self.kits / OPERATOR), name)
+
     def _wan_links(self, site: Site, coordinator_port: int, audit_port: int) -> tuple[str, str]:
         """The addresses an organization dials out to (coordinator, audit log): direct, or
         through delaying proxies, so that every link to the global plane crosses the WAN."""
-        if site.wan_delay_s <= 0 and site.bandwidth_mbps is None:
+        if site.wan_delay_s <= 0 and site.bandwidth_mbps is None and site.wan_host is None:
             return f"127.0.0.1:{coordinator_port}", f"127.0.0.1:{audit_port}"
         if self._wan is None:
             self._wan = ProxyHost()
-        to_coordinator = self._wan.proxy(coordinator_port, site.wan_delay_s, site.bandwidth_mbps)
-        to_audit = self._wan.proxy(audit_port, site.wan_delay_s, site.bandwidth_mbps)
-        return f"127.0.0.1:{to_coordinator}", f"127.0.0.1:{to_audit}"
+        host = site.wan_host or "127.0.0.1"
+        to_coordinator = self._wan.proxy(
+            coordinator_port, site.wan_delay_s, site.bandwidth_mbps, listen_host=host
+        )
+        to_audit = self._wan.proxy(
+            audit_port, site.wan_delay_s, site.bandwidth_mbps, listen_host=host
+        )
+        return f"{host}:{to_coordinator}", f"{host}:{to_audit}"
 
     def agent_config(self, boundary: str) -> Path:
         return self.spec.root / "config" / f"{boundary}.toml"
@@ -218,12 +325,16 @@ class Deployment:
             "log_level": self.spec.log_level,
             **dials,
         }
-        if "audit_log" in dials:
-            table["audit_key"] = str(self.spec.root / "audit-log" / VERIFIER_KEY_FILE)
+        if self.spec.mtls:  # the log's key comes from the manifest
+            table["kit"] = str(self.kits / name)
+        else:
+            table["insecure"] = True
+            if "audit_log" in dials and self.spec.witness:
+                table["audit_key"] = str(self.spec.root / "audit-log" / VERIFIER_KEY_FILE)
         return table
 
     def coordinator_status(self, timeout_s: float = 5.0) -> coordinator_pb2.CoordinatorStatus:
-        with grpc.insecure_channel(self.services["coordinator"].address) as channel:
+        with self.channel("coordinator") as channel:
             stub = coordinator_pb2_grpc.CoordinatorStub(channel)
             return stub.GetStatus(
                 coordinator_pb2.GetStatusRequest(ref=new_ref(0)), timeout=timeout_s

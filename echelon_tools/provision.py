@@ -9,6 +9,7 @@ This module reads flags and writes files; the manifest, certificates and enrolme
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import sys
@@ -31,6 +32,8 @@ from echelon.trust.kit import (
     ROOT_PUB,
     TLS_CERT,
     TLS_KEY,
+    Kit,
+    load_kit,
     make_private_dir,
     write_file,
 )
@@ -47,6 +50,7 @@ from echelon.trust.pki import (
     certificate_pem,
     ed25519_public_pem,
     key_sha256,
+    load_ed25519_private,
     load_ed25519_public,
     private_key_pem,
 )
@@ -156,6 +160,71 @@ def provision(spec: FederationSpec, out: Path, *, now: datetime) -> SignedManife
     return signed
 
 
+def rotate(federation: Path, remove: Sequence[str]) -> SignedManifest:
+    """Signs the next version of the federation in `federation` (what `provision` wrote)
+    without the parties in `remove` (a boundary leaving, a revoked party), and writes it to
+    `root/` and to every remaining party's kit; the removed parties' kits keep the old
+    version, which the services of the new one refuse. Raises ValueError or TrustError."""
+    root_dir = federation / ROOT_DIR
+    root_key = load_ed25519_private((root_dir / ROOT_KEY).read_bytes(), ROOT_KEY)
+    previous = SignedManifest.from_bytes((root_dir / MANIFEST).read_bytes())
+    previous.verify(root_public_bytes(root_key))
+    current = previous.manifest
+    unknown = sorted(set(remove) - {p.party_id for p in current.parties})
+    if unknown:
+        raise ValueError(f"--remove: {unknown} are not parties of version {current.version}")
+    kept = tuple(p for p in current.parties if p.party_id not in set(remove))
+    if any(p.role in (PartyRole.COORDINATOR, PartyRole.AUDIT_LOG) for p in current.parties
+           if p.party_id in set(remove)):  # fmt: skip
+        raise ValueError("--remove: the coordinator and the audit log cannot leave their run")
+    signed = dataclasses.replace(current, version=current.version + 1, parties=kept).sign(root_key)
+    signed.check_successor(previous)
+    write_file(root_dir / MANIFEST, signed.to_bytes(), private=False)
+    for party in kept:
+        kit_dir = federation / party.party_id
+        if kit_dir.is_dir():
+            write_file(kit_dir / MANIFEST, signed.to_bytes(), private=False)
+    return signed
+
+
+KIT_FILES = (TLS_KEY, AUDIT_KEY, IDENTITY_KEY, TLS_CERT, CA_CERT, MANIFEST, ROOT_PUB)
+
+
+def install_kit(source: Path, target: Path) -> Kit:
+    """Copies a kit from where it was delivered (e.g. a Kubernetes Secret volume: read-only,
+    its own modes and symlinks) into `target`, a private directory (0700, keys 0600) that
+    `load_kit` accepts; returns the loaded kit. Raises KitError when the copy is not a
+    consistent kit, OSError when a file is missing."""
+    make_private_dir(target)
+    for name in KIT_FILES:
+        data = (source / name).read_bytes()  # through the Secret's symlinks
+        write_file(target / name, data, private=name in (TLS_KEY, AUDIT_KEY, IDENTITY_KEY))
+    return load_kit(target)
+
+
+def main_kit(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="echelon kit",
+        description="Install a delivered kit into a private directory the services accept.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    install = sub.add_parser("install", help="copy SOURCE's kit into TARGET (0700, keys 0600)")
+    install.add_argument("source", type=Path)
+    install.add_argument("target", type=Path)
+    args = parser.parse_args(list(argv) if argv is not None else None)
+    try:
+        kit = install_kit(args.source, args.target)
+    except (OSError, TrustError) as exc:
+        print(f"echelon kit install: {exc}", file=sys.stderr)
+        return 2
+    manifest = kit.manifest
+    print(
+        f"kit {kit.party.party_id} ({kit.party.role}) installed in {args.target}: run "
+        f"{manifest.run_id} version {manifest.version}"
+    )
+    return 0
+
+
 def keygen(party_id: str, out: Path) -> Path:
     """Generates a party's keys into `out` (0700, keys 0600) and writes the public enrolment
     next to them; returns the enrolment's path. Raises FileExistsError rather than overwrite
@@ -257,7 +326,26 @@ def main_manifest(argv: Sequence[str] | None = None) -> int:
     verify.add_argument("manifest", type=Path, help="manifest.json or a kit directory")
     verify.add_argument("--root", type=Path, required=True, help="the root's root.pub")
     verify.add_argument("--previous", type=Path, help="the version it replaces")
+    rotate_cmd = sub.add_parser(
+        "rotate",
+        help="sign the next version of a development federation (a party leaving or "
+        "revoked) into its root/ and the remaining parties' kits",
+    )
+    rotate_cmd.add_argument("federation", type=Path, help="what `echelon provision --out` wrote")
+    rotate_cmd.add_argument(
+        "--remove", action="append", default=[], metavar="PARTY", help="repeatable"
+    )
     args = parser.parse_args(list(argv) if argv is not None else None)
+    if args.command == "rotate":
+        try:
+            signed = rotate(args.federation, args.remove)
+        except (OSError, ValueError, TrustError) as exc:
+            print(f"echelon manifest rotate: {exc}", file=sys.stderr)
+            return 2
+        digest = hashlib.sha256(signed.to_bytes()).hexdigest()
+        print(f"manifest: run {signed.run_id} version {signed.version} sha256 {digest}")
+        print("parties: " + ", ".join(p.party_id for p in signed.manifest.parties))
+        return 0
     try:
         signed = _read_manifest(args.manifest)
         if args.command == "show":

@@ -38,12 +38,19 @@ class ProxyHost:
     def _run(self, coro: Coroutine[Any, Any, T]) -> T:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout=30)
 
-    def proxy(self, target_port: int, one_way_s: float, bandwidth_mbps: float | None) -> int:
-        """Starts a proxy to `target_port` delaying each direction by `one_way_s`; its port."""
+    def proxy(
+        self,
+        target_port: int,
+        one_way_s: float,
+        bandwidth_mbps: float | None,
+        listen_host: str = "127.0.0.1",
+    ) -> int:
+        """Starts a proxy to `target_port` delaying each direction by `one_way_s`, listening on
+        `listen_host`; its port."""
         config = DelayConfig(
             up_delay_s=one_way_s, down_delay_s=one_way_s, bandwidth_mbps=bandwidth_mbps
         )
-        proxy = DelayProxy(target_port=target_port, config=config)
+        proxy = DelayProxy(target_port=target_port, config=config, listen_host=listen_host)
         port = self._run(proxy.start())
         self._proxies.append(proxy)
         return port

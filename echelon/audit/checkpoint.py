@@ -58,6 +58,17 @@ def _key_hash(name: str, public_key: bytes) -> bytes:
     return hashlib.sha256(name.encode() + b"\n" + _ED25519 + public_key).digest()[:4]
 
 
+def verifier_key_for(name: str, public_key: bytes) -> str:
+    """The C2SP verifier key string of the log key `name` with this Ed25519 public key:
+    what a party derives from the manifest's audit-log party (its id and audit key)."""
+    if _NAME_RE.fullmatch(name) is None:
+        raise ConfigError(f"log key name: got {name!r}, want 1..128 chars, no space or '+'")
+    if len(public_key) != 32:
+        raise ConfigError(f"log public key: got {len(public_key)} bytes, want 32")
+    key = base64.b64encode(_ED25519 + public_key).decode()
+    return f"{name}+{_key_hash(name, public_key).hex()}+{key}"
+
+
 class LogSigner:
     """The log operator's Ed25519 key; signs checkpoints for one origin."""
 
@@ -81,8 +92,7 @@ class LogSigner:
 
     def verifier_key(self) -> str:
         """The C2SP verifier key string parties use to check this log's checkpoints."""
-        key = base64.b64encode(_ED25519 + self.public_key).decode()
-        return f"{self.name}+{_key_hash(self.name, self.public_key).hex()}+{key}"
+        return verifier_key_for(self.name, self.public_key)
 
     def sign(self, size: int, root_hash: bytes) -> SignedTreeHead:
         body = TreeHead(origin=self.origin, size=size, root_hash=root_hash).body()

@@ -82,6 +82,12 @@ class KeyConflict(AppendRefused):
     """A party tried to register a signing key different from the one it registered."""
 
 
+class NotAParty(AppendRefused):
+    """A log that knows its parties (a manifest's) refused a record: its signer is not one
+    of them, it registers a key or role other than the manifest's, or the caller who
+    appended it is another party than its signer."""
+
+
 class CounterReplay(AppendRefused):
     """The signer's counter does not exceed the last counter logged for that signer."""
 

@@ -16,7 +16,7 @@ from typing import Protocol, TypeVar
 
 import structlog
 
-from .errors import PolicyViolation, RecordError
+from .errors import AppendRefused, PolicyViolation, RecordError, VerificationError
 from .log import AppendResult
 from .policy import Policy
 from .record import (
@@ -73,6 +73,7 @@ class EgressGate:
         self._sink = sink
         self._clock = clock
         self._lock = threading.Lock()
+        self._unsent: tuple[bytes, bytes] | None = None  # a record the log did not answer
 
     def send(
         self,
@@ -128,6 +129,39 @@ class EgressGate:
             schema_version,
         )
 
+    def _retry_unsent(self) -> None:
+        """Appends the record whose append failed before (under the lock), with its own
+        counter, so that the party's counters on the log stay consecutive: a gap is then
+        always a finding. Raises what the sink raises when it fails again."""
+        if self._unsent is not None:
+            self._sink.append(*self._unsent)
+            self._unsent = None
+
+    def refused_receipt(
+        self,
+        payload_type: PayloadType,
+        sender: str,
+        window: int,
+        payload: bytes | memoryview,
+        attributes: Attributes | None,
+        reason: str,
+    ) -> AppendResult:
+        """Logs a payload this party refused on receipt for `reason` (an impersonated
+        registration, a run weaker than the manifest's): the refusal is on the log, with the
+        digest of what was offered, and nothing of it was taken."""
+        reason = "".join(c if " " <= c <= "~" else "?" for c in reason)[:512] or "refused"
+        return self._record(
+            Direction.RECEIVED,
+            payload_type,
+            sender,
+            self.party,
+            window,
+            payload,
+            attributes,
+            SCHEMA_VERSION,
+            refusal=reason,
+        )
+
     def _record(
         self,
         direction: Direction,
@@ -138,6 +172,8 @@ class EgressGate:
         payload: bytes | memoryview,
         attributes: Attributes | None,
         schema_version: int,
+        *,
+        refusal: str | None = None,
     ) -> AppendResult:
         attributes = attributes if attributes is not None else NoAttributes()
         want = attribute_class(payload_type)
@@ -150,7 +186,7 @@ class EgressGate:
         # A boundary only ever receives from the coordinator and vice versa.
         peer = Role.COORDINATOR if self.role == Role.BOUNDARY else Role.BOUNDARY
         role = self.role if direction == Direction.SENT else peer
-        reason = self._policy.check(
+        reason = refusal or self._policy.check(
             role=role,
             payload_type=payload_type,
             schema_version=schema_version,
@@ -174,8 +210,15 @@ class EgressGate:
                 levels=self._policy.levels,
                 attributes=attributes,
             )
+            self._retry_unsent()
             data = record.encode()
-            result = self._sink.append(data, self._signer.sign(data))
+            signed = (data, self._signer.sign(data))
+            try:
+                result = self._sink.append(*signed)
+            except Exception as exc:
+                if not isinstance(exc, AppendRefused | RecordError | VerificationError):
+                    self._unsent = signed  # the log did not answer: the same record goes again
+                raise  # (a refusal or a failed proof is the log's verdict: no retry)
         log.info(
             "audit_recorded",
             direction=direction.value,
@@ -188,6 +231,6 @@ class EgressGate:
             accepted=reason is None,
             reason=reason,
         )
-        if reason is not None:
+        if reason is not None and refusal is None:
             raise PolicyViolation(payload_type.name, reason, index=result.index)
         return result

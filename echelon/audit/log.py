@@ -11,15 +11,30 @@ when asked for, every `checkpoint_every` entries, on open and on close.
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import structlog
 
 from .checkpoint import LogSigner, SignedTreeHead
-from .errors import CounterReplay, KeyConflict, RecordError, StoreCorrupted, UnknownSigner
+from .errors import (
+    CounterReplay,
+    KeyConflict,
+    NotAParty,
+    RecordError,
+    StoreCorrupted,
+    UnknownSigner,
+)
 from .merkle import EMPTY_ROOT, MerkleTree, leaf_hash
-from .record import SIGNATURE_BYTES, AuditRecord, Direction, KeyRegistration, leaf_data
+from .record import (
+    LOG_PARTY,
+    SIGNATURE_BYTES,
+    AuditRecord,
+    Direction,
+    KeyRegistration,
+    Role,
+    leaf_data,
+)
 from .signing import VerifyKey
 from .store import LogEntry, LogStore, StoredEntry
 
@@ -59,31 +74,52 @@ class Accepted:
 
 
 def registration_key(record: AuditRecord) -> bytes | None:
-    """The signing key a record registers for its signer, or None when it registers none."""
+    """The signing key a record registers for its signer, or None when it registers none:
+    only a KEY_REGISTRATION sent to the log itself registers one. (A boundary's record of
+    its registration with the coordinator carries its identity key, which signs its
+    secure-aggregation messages, not its audit records.)"""
     attrs = record.attributes
-    if isinstance(attrs, KeyRegistration) and record.direction == Direction.SENT:
+    if (
+        isinstance(attrs, KeyRegistration)
+        and record.direction == Direction.SENT
+        and record.receiver == LOG_PARTY
+    ):
         return attrs.signing_key
     return None
 
 
-class Registry:
-    """Signers' registered keys and last counters, replayed from the log in index order."""
+@dataclass(frozen=True)
+class PinnedParty:
+    """A party the log knows before it registers (from the federation manifest)."""
 
-    def __init__(self) -> None:
+    signing_key: bytes
+    role: Role
+
+
+class Registry:
+    """Signers' registered keys and last counters, replayed from the log in index order.
+
+    `pinned` (a manifest's parties): only they may sign records, each registering exactly
+    the key and role pinned for it. None: first come, first served (an insecure run)."""
+
+    def __init__(self, pinned: Mapping[str, PinnedParty] | None = None) -> None:
         self.keys: dict[str, VerifyKey] = {}
         self.counters: dict[str, int] = {}
+        self.pinned = pinned
 
     def copy(self) -> Registry:
         """A registry to stage records on without touching this one."""
-        staged = Registry()
+        staged = Registry(self.pinned)
         staged.keys = dict(self.keys)
         staged.counters = dict(self.counters)
         return staged
 
-    def check(self, data: bytes, signature: bytes) -> Accepted:
-        """Decodes and checks one record against the registry (without recording it).
+    def check(self, data: bytes, signature: bytes, caller: str | None = None) -> Accepted:
+        """Decodes and checks one record against the registry (without recording it);
+        `caller`, when the transport authenticated one, must be the record's signer.
 
-        Raises RecordError, SignatureError, UnknownSigner, KeyConflict, CounterReplay.
+        Raises RecordError, SignatureError, UnknownSigner, KeyConflict, NotAParty,
+        CounterReplay.
         """
         if len(signature) != SIGNATURE_BYTES:
             raise RecordError(
@@ -91,8 +127,17 @@ class Registry:
             )
         record = AuditRecord.decode(data)
         party = record.signer
+        if caller is not None and caller != party:
+            raise NotAParty(
+                f"record signed as {party!r} appended by {caller!r}: a party appends only "
+                "its own records",
+                expected=caller,
+                found=party,
+            )
         key = self.keys.get(party)
         offered = registration_key(record)
+        if self.pinned is not None:
+            self._check_pinned(record, offered)
         if offered is not None:
             if key is None:
                 key = VerifyKey(offered)
@@ -126,6 +171,28 @@ class Registry:
         )
         return Accepted(record=record, entry=entry, key=key)
 
+    def _check_pinned(self, record: AuditRecord, offered: bytes | None) -> None:
+        assert self.pinned is not None
+        pin = self.pinned.get(record.signer)
+        if pin is None:
+            raise NotAParty(
+                f"party {record.signer!r} is not a party of the run's manifest",
+                expected=sorted(self.pinned),
+                found=record.signer,
+            )
+        attrs = record.attributes
+        if (
+            offered is not None
+            and isinstance(attrs, KeyRegistration)
+            and (offered != pin.signing_key or attrs.role != pin.role)
+        ):
+            raise NotAParty(
+                f"party {record.signer!r} registers a key or role the manifest does not "
+                "name for it",
+                expected=(pin.signing_key.hex(), str(pin.role)),
+                found=(offered.hex(), str(attrs.role)),
+            )
+
     def add(self, accepted: Accepted) -> None:
         party = accepted.entry.party
         self.keys[party] = accepted.key
@@ -147,14 +214,17 @@ class TransparencyLog:
         store: LogStore,
         signer: LogSigner,
         checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY,
+        pinned: Mapping[str, PinnedParty] | None = None,
     ) -> None:
+        """`pinned`: the manifest's parties (`Registry`); None: first come, first served."""
         if checkpoint_every < 1:
             raise ValueError(f"TransparencyLog.checkpoint_every: got {checkpoint_every}, want >= 1")
         self._store = store
         self._signer = signer
         self._checkpoint_every = checkpoint_every
         self._lock = threading.Lock()
-        self._registry = Registry()
+        self._registry = Registry(pinned)
+        self._unstored: SignedTreeHead | None = None  # the latest head signed for a proof
         self._tree = MerkleTree()
         size = store.size()
         for start in range(0, size, 4096):
@@ -196,10 +266,11 @@ class TransparencyLog:
     def signer(self) -> LogSigner:
         return self._signer
 
-    def append(self, record: bytes, signature: bytes) -> AppendResult:
-        """Checks and appends one signed record. Raises what `Registry.check` raises."""
+    def append(self, record: bytes, signature: bytes, caller: str | None = None) -> AppendResult:
+        """Checks and appends one signed record; `caller` is the authenticated party that
+        appends it (None: plaintext). Raises what `Registry.check` raises."""
         with self._lock:
-            accepted = self._registry.check(record, signature)
+            accepted = self._registry.check(record, signature, caller)
             result = self._store_locked([accepted])[0]
             self._registry.add(accepted)
             return result
@@ -249,6 +320,21 @@ class TransparencyLog:
         """A signed head of the whole log: signed and stored now if entries are uncovered."""
         with self._lock:
             return self._checkpoint_locked()
+
+    def proof_head(self) -> SignedTreeHead:
+        """A head signed over the whole log for an append's proof: signed now when entries
+        are uncovered, but not stored (a stored head costs a transaction; the entries it
+        covers are durable, so the log signs the same root again after a restart). The
+        stored heads follow `checkpoint_every`, requests (`tree_head`) and the tail timer."""
+        with self._lock:
+            size = self._tree.size
+            if self._head.size == size:
+                return self._head
+            latest = self._unstored
+            if latest is None or latest.size != size:
+                latest = self._signer.sign(size, self._tree.root())
+                self._unstored = latest
+            return latest
 
     def _checkpoint_locked(self) -> SignedTreeHead:
         if self._head.size < self._tree.size:

@@ -174,20 +174,32 @@ class NoAttributes(_Attributes):
     _KINDS: ClassVar[dict[str, _Kind]] = {}
 
 
+TRANSPORT_MTLS, TRANSPORT_INSECURE = "mtls", "insecure"
+TRANSPORTS = (TRANSPORT_MTLS, TRANSPORT_INSECURE)
+
+
 @dataclass(frozen=True, kw_only=True)
 class KeyRegistration(_Attributes):
-    """A party's identity: its role, Ed25519 signing key and X25519 agreement key (or empty)."""
+    """A party's identity: its role, Ed25519 signing key and X25519 agreement key (or
+    empty), and how it connects: `mtls` (its manifest kit) or `insecure` (plaintext, which
+    `echelon audit verify` reports in its verdict)."""
 
     role: Role
     signing_key: bytes
     agreement_key: bytes = b""
+    transport: str = TRANSPORT_INSECURE
     _KINDS: ClassVar[dict[str, _Kind]] = {
         "role": "role",
         "signing_key": "hex",
         "agreement_key": "hex",
+        "transport": "text",
     }
 
     def __post_init__(self) -> None:
+        if self.transport not in TRANSPORTS:
+            raise RecordError(
+                "record.attributes.transport", expected=list(TRANSPORTS), found=self.transport
+            )
         if len(self.signing_key) != 32:
             raise RecordError(
                 "record.attributes.signing_key",

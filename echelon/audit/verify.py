@@ -11,7 +11,7 @@ Every problem becomes a `Finding` that names the entry and what is wrong.
 from __future__ import annotations
 
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,15 +22,17 @@ from .errors import (
     AuditError,
     CounterReplay,
     KeyConflict,
+    NotAParty,
     RecordError,
     SignatureError,
     UnknownSigner,
 )
-from .log import Registry
+from .log import PinnedParty, Registry
 from .merkle import MerkleTree, leaf_hash
 from .policy import Policy
 from .record import (
     LOG_PARTY,
+    TRANSPORT_MTLS,
     AuditRecord,
     Direction,
     KeyRegistration,
@@ -66,6 +68,10 @@ class Report:
     counts: Counter[tuple[str, str]] = field(default_factory=Counter)
     parties: dict[str, str] = field(default_factory=dict)
     policy: Policy | None = None
+    transports: dict[str, str] = field(default_factory=dict)  # party -> mtls / insecure
+    manifest: str = ""  # "run R version N": the manifest whose keys the log was checked by
+    witnessed: bool = False  # some party's witness state was given
+    refusals: list[str] = field(default_factory=list)  # payloads refused on receipt
 
     @property
     def ok(self) -> bool:
@@ -83,6 +89,16 @@ class Report:
                 if not on
             ]
             marking = f"; BASELINE run: secure aggregation {' and '.join(off)} off"
+        insecure = sorted(p for p, t in self.transports.items() if t != TRANSPORT_MTLS)
+        if insecure:
+            marking += f"; INSECURE run: plaintext transport ({', '.join(insecure)})"
+        if not self.manifest:
+            marking += "; keys from the log itself (no --manifest)"
+        if not self.witnessed:
+            marking += (
+                "; UNWITNESSED: no party's witness state given, so a log its operator "
+                "rewrote consistently cannot be told apart"
+            )
         if self.ok:
             return f"PASS: {self.size} entries verified, no findings{marking}"
         return f"FAIL: {len(self.findings)} finding(s) in {self.size} entries{marking}"
@@ -96,6 +112,10 @@ class Report:
             "tree_heads": self.tree_heads,
             "uncovered_entries": self.uncovered,
             "parties": self.parties,
+            "transports": self.transports,
+            "manifest": self.manifest or None,
+            "witnessed": self.witnessed,
+            "refusals": self.refusals,
             "declared_policy": self.policy.to_json() if self.policy else None,
             "baseline": self.policy.levels.baseline if self.policy else None,
             "counts": [
@@ -117,6 +137,10 @@ class Report:
             )
         lines += [
             "parties: " + (", ".join(f"{p} ({r})" for p, r in sorted(self.parties.items())) or "-"),
+            "keys: "
+            + (
+                f"the manifest's (run {self.manifest})" if self.manifest else "as the log registers"
+            ),
         ]
         if self.policy is not None:
             p = self.policy
@@ -129,6 +153,9 @@ class Report:
         lines.append(f"{'payload type':<22}" + "".join(f"{c:>10}" for c in columns))
         for t in types:
             lines.append(f"{t:<22}" + "".join(f"{self.counts[(t, c)]:>10}" for c in columns))
+        if self.refusals:
+            lines.append(f"refused on receipt: {len(self.refusals)}")
+            lines += [f"  {r}" for r in self.refusals]
         lines.append(f"findings: {len(self.findings)}")
         for f in self.findings:
             where = f"#{f.index}" if f.index is not None else "log"
@@ -142,6 +169,7 @@ _REFUSAL_CHECK: tuple[tuple[type[AuditError], str], ...] = (
     (SignatureError, "signature"),
     (UnknownSigner, "registration"),
     (KeyConflict, "registration"),
+    (NotAParty, "manifest"),
     (CounterReplay, "counter"),
 )
 
@@ -153,11 +181,17 @@ def verify_log(
     verifier: NoteVerifier | None,
     witnessed: Iterable[bytes] = (),
     triggers: frozenset[str] | None = None,
+    signers: Mapping[str, PinnedParty] | None = None,
+    declared: bytes | None = None,
+    manifest: str = "",
 ) -> Report:
-    """Verifies a whole log as read from its store (plus checkpoints kept by witnesses)."""
-    report = Report(size=len(entries))
+    """Verifies a whole log as read from its store (plus checkpoints kept by witnesses).
+    With a manifest (`signers`, its `declared` run declaration, `manifest` naming it), a
+    record by any other party or key, or another declared run, is a finding."""
+    witnessed = list(witnessed)
+    report = Report(size=len(entries), manifest=manifest, witnessed=bool(witnessed))
     tree = MerkleTree()
-    registry = Registry()
+    registry = Registry(signers)
     records: list[tuple[int, AuditRecord]] = []
     for position, stored in enumerate(entries):
         if stored.index != position:
@@ -176,6 +210,15 @@ def verify_log(
             continue
         if accepted.entry.leaf_hash != stored.leaf_hash:
             report.add("leaf_hash", stored.index, "stored leaf hash does not match the record")
+        party, counter = accepted.entry.party, accepted.entry.counter
+        last = registry.counters.get(party, 0)
+        if counter != last + 1:  # a party retries a failed append with the same counter
+            report.add(
+                "counter_gap",
+                stored.index,
+                f"{party}'s counter {counter} follows {last}: its records "
+                f"{last + 1}..{counter - 1} are not on the log (dropped, or never appended)",
+            )
         registry.add(accepted)
         tree.append(accepted.entry.leaf_hash)
         records.append((stored.index, accepted.record))
@@ -185,7 +228,7 @@ def verify_log(
         report.add("triggers", None, f"append-only triggers missing: {missing}")
     _check_tree_heads(report, tree, tree_heads, verifier)
     _check_witnessed(report, tree, witnessed, verifier)
-    _check_policy(report, records)
+    _check_policy(report, records, declared)
     _reconcile(report, records)
     return report
 
@@ -280,7 +323,9 @@ def _check_witnessed(
             )
 
 
-def _check_policy(report: Report, records: Sequence[tuple[int, AuditRecord]]) -> None:
+def _check_policy(
+    report: Report, records: Sequence[tuple[int, AuditRecord]], declared: bytes | None
+) -> None:
     roles: dict[str, Role] = {}
     config: bytes | None = None
     policy: Policy | None = None
@@ -288,12 +333,17 @@ def _check_policy(report: Report, records: Sequence[tuple[int, AuditRecord]]) ->
         attrs = record.attributes
         if isinstance(attrs, KeyRegistration) and record.direction == Direction.SENT:
             roles[record.sender] = attrs.role
+            report.transports[record.sender] = attrs.transport
         column = record.direction.value if record.verdict.accepted else "refused"
         report.counts[(record.payload_type.name, column)] += 1
         if isinstance(attrs, RunConfig) and record.verdict.accepted:
             if roles.get(record.sender) != Role.COORDINATOR:
                 report.add(
                     "run_config", index, f"RUN_CONFIG from {record.sender}, not a coordinator"
+                )
+            elif config is None and declared is not None and attrs.config != declared:
+                report.add(
+                    "run_config", index, "RUN_CONFIG differs from the manifest's declaration"
                 )
             elif config is None:
                 try:
@@ -343,10 +393,21 @@ def _reconcile(report: Report, records: Sequence[tuple[int, AuditRecord]]) -> No
     sent: defaultdict[tuple[Any, ...], list[int]] = defaultdict(list)
     refused: set[tuple[Any, ...]] = set()
     received: defaultdict[tuple[Any, ...], list[int]] = defaultdict(list)
+    logging = {r.sender for _, r in records if r.receiver == LOG_PARTY}  # parties that log
     for index, r in records:
         if r.receiver == LOG_PARTY:
             continue
+        if r.direction == Direction.SENT and r.receiver not in logging:
+            continue  # to a party that keeps no records (an auditor's download): one-sided
         key = (r.sender, r.receiver, r.window, r.payload_type, r.payload_sha256)
+        if r.direction == Direction.RECEIVED and not r.verdict.accepted:
+            # refused on receipt (an impersonated registration, a weaker run): a refusal,
+            # counted and listed; what was offered was not taken
+            report.refusals.append(
+                f"#{index} {r.payload_type.name} from {r.sender} refused by {r.receiver}: "
+                f"{r.verdict.reason}"
+            )
+            continue
         if r.direction == Direction.RECEIVED:
             received[key].append(index)
         elif r.verdict.accepted:

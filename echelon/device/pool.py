@@ -7,9 +7,9 @@ aggregation on (`PoolConfig.secure`), the key rounds over the Pipes (`secure.py`
 each worker point-to-point over gloo; each worker's contribution (see `contribution.py`:
 float, or masked) back as one length-checked frame on its Pipe, waited on until the
 window's deadline; with level 1 on, the survivor signatures and unmasking shares over the
-Pipes. A worker that dies or misses the
-deadline is dropped (killed), the window completes with the survivors, and the group is
-rebuilt on a fresh rendezvous port before the next window.
+Pipes. A worker that dies or misses the deadline is dropped (killed), the window completes
+with the survivors, and the group is rebuilt on a fresh rendezvous port before the next
+window.
 
 A refused window (`WindowRefused`: fewer than `k_min` contributors, or too few survivors to
 unmask) applies nothing. Each worker keeps what it holds locally (AdamW moments and step

@@ -22,8 +22,10 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from echelon.audit.checkpoint import verifier_key_for
 from echelon.audit.errors import RecordError
-from echelon.audit.record import MAX_INT, PARTY_RE, canonical_json
+from echelon.audit.log import PinnedParty
+from echelon.audit.record import MAX_INT, PARTY_RE, Role, canonical_json
 from echelon.declaration import DeclarationError, RunDeclaration
 
 from .errors import ManifestError, ManifestVerificationError
@@ -194,6 +196,22 @@ class FederationManifest:
     def party_by_certificate_identity(self, name: str) -> Party | None:
         """The party whose certificate presents this SAN name, or None."""
         return next((p for p in self.parties if p.certificate_identity == name), None)
+
+    def audit_signers(self) -> dict[str, PinnedParty]:
+        """The parties that sign records on the run's audit log (coordinator and
+        boundaries), with the audit key and role each must register: the log refuses any
+        other signer, and `echelon audit verify` any other key."""
+        roles = {PartyRole.BOUNDARY: Role.BOUNDARY, PartyRole.COORDINATOR: Role.COORDINATOR}
+        return {
+            p.party_id: PinnedParty(signing_key=p.audit_key, role=roles[p.role])
+            for p in self.parties
+            if p.role in roles
+        }
+
+    def log_verifier_key(self) -> str:
+        """The audit log's checkpoint verifier key: its party id and audit key."""
+        (log_party,) = self.with_role(PartyRole.AUDIT_LOG)
+        return verifier_key_for(log_party.party_id, log_party.audit_key)
 
     def with_role(self, role: PartyRole) -> tuple[Party, ...]:
         """The parties of one role, by id."""

@@ -23,11 +23,14 @@ from dataclasses import replace
 
 import structlog
 
+from echelon.audit.record import LOG_PARTY
 from echelon.tomlconfig import ConfigFileError
+from echelon.trust.manifest import PartyRole
 from services.common.obs import configure_logging, start_metrics
 from services.common.portfile import write_port_file
 from services.common.server import wait_for_signal
 from services.common.settings import AUDIT_LOG, Resolved, ServiceConfig, add_arguments, resolve
+from services.common.transport import TransportError, load_transport
 
 from .server import AuditLogConfig, create_server
 
@@ -60,8 +63,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(resolved.render(common, audit_log=config), end="")
         return 0
     configure_logging("audit-log", common.log_level)
+    try:
+        common.require_transport()
+        transport = load_transport(common, LOG_PARTY, PartyRole.AUDIT_LOG)
+    except (ConfigFileError, TransportError) as exc:
+        print(f"{AUDIT_LOG.prog}: configuration error: {exc}", file=sys.stderr)
+        return 2
     metrics_port = start_metrics(common.metrics_host, common.metrics_port)
-    running = create_server(config)
+    running = create_server(config, transport)
     log.info(
         "audit_log_serving",
         port=running.port,

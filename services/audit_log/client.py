@@ -23,6 +23,7 @@ from echelon.audit import (
     StoredEntry,
 )
 from echelon.audit.merkle import leaf_hash
+from echelon.audit.proofs import AppendProof, ProofChain
 from echelon.audit.record import leaf_data
 from echelon_proto.audit.v1 import audit_pb2, audit_pb2_grpc
 from services.common.wire import new_ref
@@ -90,11 +91,49 @@ def _tree_head(head: audit_pb2.SignedTreeHead) -> SignedTreeHead:
 class AuditClient:
     """Calls one audit log service over `channel`; every call has a `timeout_s` deadline."""
 
-    def __init__(self, channel: grpc.Channel, *, timeout_s: float = 10.0) -> None:
+    def __init__(
+        self,
+        channel: grpc.Channel,
+        *,
+        timeout_s: float = 10.0,
+        proofs: ProofChain | None = None,
+    ) -> None:
+        """`proofs`: ask the log to prove every append in its answer and check it there
+        (an answer that does not prove its record raises VerificationError)."""
         if timeout_s <= 0:
             raise ValueError(f"AuditClient.timeout_s: got {timeout_s}, want > 0")
         self._stub = audit_pb2_grpc.AuditLogStub(channel)
         self._timeout_s = timeout_s
+        self.proofs = proofs
+
+    def _request(self, record: bytes, signature: bytes, window: int) -> audit_pb2.AppendRequest:
+        chain = self.proofs
+        return audit_pb2.AppendRequest(
+            ref=new_ref(window),
+            record=record,
+            signature=signature,
+            prove=chain is not None,
+            known_size=0 if chain is None else chain.known_size,
+        )
+
+    def _result(self, response: audit_pb2.AppendResponse) -> AppendResult:
+        """The answer, its proof checked first when this client asks for proofs."""
+        if self.proofs is not None:
+            self.proofs.check(
+                AppendProof(
+                    index=response.index,
+                    leaf_hash=bytes(response.leaf_hash),
+                    checkpoint=bytes(response.tree_head.checkpoint),
+                    inclusion=tuple(bytes(h) for h in response.inclusion_proof),
+                    consistency=tuple(bytes(h) for h in response.consistency_proof),
+                    consistency_from=response.consistency_from,
+                )
+            )
+        return AppendResult(
+            index=response.index,
+            leaf_hash=bytes(response.leaf_hash),
+            tree_head=_tree_head(response.tree_head),
+        )
 
     def _call(self, rpc: Callable[[], T]) -> T:
         try:
@@ -108,30 +147,19 @@ class AuditClient:
         Raises InvalidRecord (malformed), AppendRefused (signature, registration),
         CounterReplay, TimeoutError, ConnectionError or AuditServiceError.
         """
-        request = audit_pb2.AppendRequest(ref=new_ref(window), record=record, signature=signature)
+        request = self._request(record, signature, window)
         response = self._call(lambda: self._stub.Append(request, timeout=self._timeout_s))
-        return AppendResult(
-            index=response.index,
-            leaf_hash=bytes(response.leaf_hash),
-            tree_head=_tree_head(response.tree_head),
-        )
+        return self._result(response)
 
     def append_stream(self, records: Iterator[tuple[bytes, bytes]]) -> Iterator[AppendResult]:
         """Appends each (record, signature) that `records` yields, in order, over one
         stream (no deadline: it lives as long as the party), yielding each result in the
         same order. Raises as `append` does for the first refused record, which ends the
         stream (the ones before it stay appended)."""
-        requests = (
-            audit_pb2.AppendRequest(ref=new_ref(0), record=record, signature=signature)
-            for record, signature in records
-        )
+        requests = (self._request(record, signature, 0) for record, signature in records)
         try:
             for response in self._stub.AppendStream(requests):
-                yield AppendResult(
-                    index=response.index,
-                    leaf_hash=bytes(response.leaf_hash),
-                    tree_head=_tree_head(response.tree_head),
-                )
+                yield self._result(response)
         except grpc.RpcError as error:
             _raise(error)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import os
 import secrets
 import signal
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import structlog
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from echelon import tomlconfig
 from echelon.audit.policy import Policy
@@ -36,14 +38,17 @@ from echelon.training.data import DataConfig
 from echelon.training.inner import InnerConfig
 from echelon.training.model import LoraConfig, ModelConfig
 from echelon.training.tokenizer import TokenizerConfig
+from echelon.trust.manifest import FederationManifest, PartyRole
+from echelon.trust.registration import prove_registration
 from echelon_proto.boundary.v1 import boundary_pb2_grpc
 from echelon_proto.coordinator.v1 import session_pb2
-from services.common.bootstrap import audited_peer, watch_audit_log
+from services.common.bootstrap import audited_peer, log_verifier_key, watch_audit_log
 from services.common.identity import load_or_create_identity
 from services.common.obs import configure_logging, start_metrics
 from services.common.portfile import write_port_file
 from services.common.server import start_server, wait_for_signal
 from services.common.settings import BOUNDARY_AGENT, add_arguments, resolve
+from services.common.transport import TransportError, load_transport
 
 from . import metrics
 from .config import AgentConfig
@@ -93,6 +98,12 @@ def load_setup(
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=BOUNDARY_AGENT.prog, description=__doc__)
     add_arguments(parser, BOUNDARY_AGENT)
+    parser.add_argument(
+        "--print-model",
+        action="store_true",
+        help="print this boundary's model identity as LAYOUT:BASE:TOKENIZER:DIM (what "
+        "`echelon provision --model` takes), then exit",
+    )
     args = parser.parse_args(argv)
     try:
         resolved = resolve(BOUNDARY_AGENT, args, os.environ)
@@ -109,9 +120,29 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     configure_logging(f"agent/{agent.boundary}", common.log_level)
     structlog.contextvars.bind_contextvars(boundary=agent.boundary)
+    if args.print_model:
+        facts = model_facts(setup, common.data_dir)
+        layout = facts.layout.digest()
+        print(
+            f"{layout}:{facts.base_digest.hex()}:{facts.tokenizer_digest.hex()}:"
+            f"{facts.layout.numel}"
+        )
+        return 0
+    try:
+        common.require_transport()
+        transport = load_transport(common, agent.boundary, PartyRole.BOUNDARY)
+    except (ConfigFileError, TransportError) as exc:
+        print(f"{BOUNDARY_AGENT.prog}: configuration error: {exc}", file=sys.stderr)
+        return 2
+    manifest = transport.manifest
+    if manifest is not None:
+        short = declaration_shortfalls(manifest.declaration, floor)
+        if short:  # the manifest itself is weaker than this organization's floor
+            log.error("run_refused", reason="manifest below floor: " + "; ".join(short))
+            return 1
     data_dir = common.data_dir
     facts = model_facts(setup, data_dir)
-    identity = load_or_create_identity(agent.boundary, data_dir / "identity")
+    identity = load_or_create_identity(agent.boundary, data_dir / "identity", transport.kit)
     # The gate's policy is tightened to the run's declared one once the coordinator says it.
     # Pipelined: the log is across the wide-area link, off the window's critical path.
     audit, audit_channel = audited_peer(
@@ -120,7 +151,9 @@ def main(argv: list[str] | None = None) -> int:
         identity,
         Policy(k_min=export.k_min),
         common.audit_log,
+        transport=transport,
         pipelined=True,
+        log_key=log_verifier_key(common, transport),
     )
     model = ModelIdentity(
         bytes.fromhex(facts.layout.digest()),
@@ -136,8 +169,21 @@ def main(argv: list[str] | None = None) -> int:
     session: AgentSession | None = None
 
     def start_devices(declaration: RunDeclaration) -> None:
+        security = device_security(declaration, export.k_min, setup.devices.workers)
+        need = max(security.k_min, 2)
+        if security.secure is not None and setup.devices.workers < need:
+            # Every window would be refused inside the boundary (level 1 sums at least
+            # k_min devices): say so once and stop, rather than decline window after window.
+            log.error(
+                "devices_below_k_min",
+                workers=setup.devices.workers,
+                want=need,
+                detail="[devices].workers is below the run's k_min with level 1 on: this "
+                "boundary could never contribute; run more workers",
+            )
+            failed.set()
+            return
         try:
-            security = device_security(declaration, export.k_min, setup.devices.workers)
             pools.append(start_pool(setup, facts, data_dir, security))
         except PoolError as exc:
             log.error("device_pool_failed", error=str(exc))
@@ -169,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
             log.warning("final_evaluation_failed", version=held[0], error=str(exc))
 
     def make_core(welcome: session_pb2.Welcome) -> BoundaryCore:
-        declaration = accept_declaration(bytes(welcome.run_config), model, agent.boundary)
+        declaration = accept_declaration(bytes(welcome.run_config), model, agent.boundary, manifest)
         short = declaration_shortfalls(declaration, floor)
         if short:
             raise ValueError(
@@ -202,31 +248,41 @@ def main(argv: list[str] | None = None) -> int:
             boundary=agent.boundary,
             theta0=facts.theta0,
             identity=identity.key,
-            identities={},
+            identities={b: Ed25519PublicKey.from_public_bytes(k) for b, k in manifest_keys.items()},
             rounding_seed=secrets.randbits(63),
             state=saved,
             floor=floor,
         )
 
+    manifest_keys = (
+        {}
+        if manifest is None
+        else {p.party_id: p.identity_key for p in manifest.with_role(PartyRole.BOUNDARY)}
+    )
     session = AgentSession(
         make_core,
         address=common.coordinator,
         hello=Hello(
             boundary=agent.boundary,
-            identity_key=identity.public_key,
+            identity_key=identity.identity_public,
             devices=setup.devices.workers,
             dim=facts.layout.numel,
             layout_digest=model.layout_digest,
             base_model_digest=model.base_model_digest,
             tokenizer_digest=model.tokenizer_digest,
         ),
-        run_id="",
+        run_id=transport.run_id,
         train=trainer,
         rebase=trainer.rebase,
         audit=audit,
         persist=lambda state: save_state(state_dir, state),
         ready=False,
         backoff=Backoff(max_s=agent.reconnect_max_s),
+        dial=lambda target, options: transport.dial(target, PartyRole.COORDINATOR, options),
+        prove=None
+        if manifest is None
+        else lambda run_id, nonce: prove_registration(identity.key, run_id, agent.boundary, nonce),
+        manifest_keys=None if manifest is None else manifest_keys,
     )
     status = AgentStatusServicer(agent.boundary, session, trainer.alive_workers, trainer.own_stats)
     running = start_server(
@@ -258,12 +314,15 @@ def main(argv: list[str] | None = None) -> int:
         coordinator=common.coordinator,
         dim=facts.layout.numel,
     )
-    watch_audit_log(common, audit, audit_channel, stop)
+    watch_audit_log(common, audit, audit_channel, stop, transport)
 
     def watch_refusal() -> None:
         assert session is not None
         session.wait(lambda: session.log.refused is not None or failed.is_set(), float("inf"))
-        log.error("agent_stopping", reason=session.log.refused or "device pool failed")
+        log.error(
+            "agent_stopping",
+            reason=session.log.refused or "devices failed to start (see the error before)",
+        )
         os.kill(os.getpid(), signal.SIGTERM)
 
     threading.Thread(target=watch_refusal, name="refusal", daemon=True).start()
@@ -271,10 +330,23 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if (session.log.refused or failed.is_set()) else 0
 
 
-def accept_declaration(body: bytes, model: ModelIdentity, boundary: str) -> RunDeclaration:
+def accept_declaration(
+    body: bytes,
+    model: ModelIdentity,
+    boundary: str,
+    manifest: FederationManifest | None = None,
+) -> RunDeclaration:
     """The coordinator's declaration, parsed by the one parser; refused (ValueError) when
-    it is for another model than this boundary's."""
+    it is for another model than this boundary's, or, with a manifest, is not exactly the
+    manifest's (every parameter comes from the manifest, never from the coordinator)."""
     declaration = RunDeclaration.from_canonical_bytes(body)
+    if manifest is not None and body != manifest.declaration.to_canonical_bytes():
+        raise ValueError(
+            f"{boundary}: the coordinator declares a run (sha256 "
+            f"{hashlib.sha256(body).hexdigest()[:16]}...) other than the manifest's "
+            f"(run {manifest.run_id} version {manifest.version}, sha256 "
+            f"{manifest.declaration.digest().hex()[:16]}...)"
+        )
     if declaration.model != model:
         raise ValueError(
             f"{boundary}: the run declares model {declaration.model}, this boundary runs {model}"

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import hashlib
 import queue
+import secrets
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 import numpy as np
@@ -22,7 +24,14 @@ import structlog
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from echelon.audit.errors import AuditError
-from echelon.audit.record import KeyRegistration, PayloadType, Role, RunConfig
+from echelon.audit.record import (
+    TRANSPORT_INSECURE,
+    TRANSPORT_MTLS,
+    KeyRegistration,
+    PayloadType,
+    Role,
+    RunConfig,
+)
 from echelon.protocol import COORDINATOR, BoundaryCore
 from echelon.protocol.boundary import BoundaryState
 from echelon.protocol.events import (
@@ -39,6 +48,7 @@ from echelon.protocol.events import (
     TrainingFinished,
 )
 from echelon.protocol.messages import KeySetup, OpenWindow, ToCoordinator
+from echelon.trust.registration import NONCE_BYTES
 from echelon_proto.coordinator.v1 import coordinator_pb2_grpc
 from echelon_proto.coordinator.v1 import session_pb2 as pb
 from services.common.audited import AuditedPeer
@@ -135,11 +145,20 @@ class AgentSession:
         persist: Callable[[BoundaryState], None] | None = None,
         ready: bool = True,
         clock: Callable[[], float] = time.time,
+        dial: Callable[[str, list[tuple[str, Any]]], grpc.Channel] | None = None,
+        prove: Callable[[str, bytes], bytes] | None = None,
+        manifest_keys: Mapping[str, bytes] | None = None,
     ) -> None:
         """`make_core(welcome)` builds the core from the run the coordinator declared (once;
         a later session must declare the same run). With `ready` False the agent joins no
-        window until `mark_ready()` (its devices are up)."""
+        window until `mark_ready()` (its devices are up). With a manifest (mTLS): `dial`
+        opens the authenticated channel to the coordinator, `prove(run_id, nonce)` signs
+        the Hello's registration proof, and `manifest_keys` are the only identity keys a
+        window may name (no key is learnt from the coordinator)."""
         self.make_core = make_core
+        self._dial = dial or (lambda target, options: grpc.insecure_channel(target, options))
+        self._prove = prove
+        self.manifest_keys = manifest_keys
         self.persist = persist
         self._persisted: tuple[object, ...] = ()
         self.core: BoundaryCore | None = None
@@ -279,9 +298,20 @@ class AgentSession:
             self._changed.notify_all()
 
     def _pin(self, keys: dict[str, bytes]) -> None:
-        """Pins each cohort member's identity key the first time it is named."""
+        """Pins each cohort member's identity key the first time it is named; with a
+        manifest, a member it does not name, or another key, ends the session."""
         core = self.core
         assert core is not None
+        if self.manifest_keys is not None:
+            for boundary, raw in keys.items():
+                if self.manifest_keys.get(boundary) != raw:
+                    log.error("identity_key_not_in_manifest", party=boundary)
+                    raise FrameError(
+                        grpc.StatusCode.PERMISSION_DENIED,
+                        f"OpenWindow.identity_keys: {boundary}'s key {raw.hex()[:16]}... is "
+                        "not the manifest's (or it is no party of it); the window is refused",
+                    )
+            return
         for boundary, raw in keys.items():
             known = core.identities.get(boundary)
             if known is None:
@@ -315,7 +345,8 @@ class AgentSession:
                         if self.audit.halted is not None:
                             out.put(_END)  # a halted party ends its session; _run stops
                         continue
-                for frame in agent_frames(message, self.run_id):
+                head = b"" if self.audit is None else self.audit.own_head()
+                for frame in agent_frames(message, self.run_id, head):
                     out.put(frame)
                 count_bytes(message, sent=True)
             elif isinstance(command, Train):
@@ -359,9 +390,12 @@ class AgentSession:
     # -- the session -------------------------------------------------------------------------
     def _hello_frame(self) -> pb.AgentFrame:
         h = self.hello
+        nonce = secrets.token_bytes(NONCE_BYTES)
+        proof = b"" if self._prove is None else self._prove(self.run_id, nonce)
         return pb.AgentFrame(
-            context=pb.FrameContext(run_id=self.run_id),
+            context=pb.FrameContext(run_id=self.run_id, nonce=nonce),
             hello=pb.Hello(
+                proof_of_possession=proof,
                 boundary=h.boundary,
                 identity_key=h.identity_key,
                 devices=h.devices,
@@ -395,12 +429,26 @@ class AgentSession:
             if self.core is None:
                 try:
                     core = self.make_core(welcome)
-                except ValueError as exc:  # another model, or below this organization's floor
+                except ValueError as exc:  # another model or run, or below this org's floor
+                    self._record_refusal(bytes(welcome.run_config), f"run refused: {exc}")
                     raise RunRefused(str(exc)) from exc
                 self.run_id = self.run_id or welcome.run_id
                 self.core = core
                 self.run_config_sha256 = digest
             return self.core
+
+    def _record_refusal(self, body: bytes, reason: str) -> None:
+        """The refused run's declaration and the reason, on the audit log before the
+        agent stops (a pipelined append is flushed first)."""
+        if self.audit is None:
+            return
+        try:
+            self.audit.gate.refused_receipt(
+                PayloadType.RUN_CONFIG, COORDINATOR, 0, body, RunConfig(config=body), reason
+            )
+            self.audit.before_egress()
+        except AuditError as exc:
+            log.error("refusal_not_recorded", reason=reason, error=str(exc))
 
     def _run(self) -> None:
         delay = self.backoff.first_s
@@ -452,7 +500,11 @@ class AgentSession:
                 COORDINATOR,
                 0,
                 hello.hello.SerializeToString(deterministic=True),
-                KeyRegistration(role=Role.BOUNDARY, signing_key=self.hello.identity_key),
+                KeyRegistration(
+                    role=Role.BOUNDARY,
+                    signing_key=self.hello.identity_key,
+                    transport=TRANSPORT_INSECURE if self._prove is None else TRANSPORT_MTLS,
+                ),
                 lambda: None,
             )
             self.audit.before_egress()
@@ -466,7 +518,7 @@ class AgentSession:
                 assert isinstance(item, pb.AgentFrame)
                 yield item
 
-        with grpc.insecure_channel(self.address, options=KEEPALIVE) as channel:
+        with self._dial(self.address, KEEPALIVE) as channel:
             stub = coordinator_pb2_grpc.CoordinatorStub(channel)
             call = stub.Session(requests())
             frames = iter(call)
@@ -489,6 +541,8 @@ class AgentSession:
                     self._changed.notify_all()
                 log.info("session_open", coordinator=self.address)
                 for frame in frames:
+                    if self.audit is not None and frame.context.witness_head:
+                        self.audit.check_head(COORDINATOR, bytes(frame.context.witness_head))
                     message = reader.feed(frame)
                     if message is None:
                         continue

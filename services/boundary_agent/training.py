@@ -261,8 +261,7 @@ class PoolTrainer:
         started = time.monotonic()
         loss = pool.evaluate((self.theta0 + phi).astype(np.float32))
         self.final = (version, loss)
-        self.val_loss = loss
-        metrics.VAL_LOSS.set(loss)
+        self._set_val_loss(loss)
         log.info(
             "final_evaluation",
             version=version,
@@ -276,5 +275,9 @@ class PoolTrainer:
         if evaluation is None or evaluation is self._evaluated:
             return
         self._evaluated = evaluation
-        self.val_loss = evaluation.loss
-        metrics.VAL_LOSS.set(evaluation.loss)
+        self._set_val_loss(evaluation.loss)
+
+    def _set_val_loss(self, loss: float) -> None:
+        """The boundary's latest held-out loss, on its status and its own metrics endpoint."""
+        self.val_loss = loss
+        metrics.VAL_LOSS.set(loss)

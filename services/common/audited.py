@@ -9,7 +9,7 @@ devices) and their metadata as a separate WINDOW_METADATA record.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Protocol, TypeVar
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 import numpy as np
 
@@ -27,6 +27,9 @@ from echelon.audit.record import (
 from . import metrics
 from .pipelined import PipelinedSink
 from .wire import le_bytes
+
+if TYPE_CHECKING:
+    from .witnessing import SplitViewCheck
 
 T = TypeVar("T")
 
@@ -58,6 +61,17 @@ class AuditedPeer:
         self._rebuild = rebuild
         self._halted: str | None = None
         self.pipeline = pipeline
+        # The check of other parties' tree heads against this party's (with proofs).
+        self.heads: SplitViewCheck | None = None
+
+    def own_head(self) -> bytes:
+        """The latest tree head this party verified, for its frames (empty without)."""
+        return b"" if self.heads is None else self.heads.own_head()
+
+    def check_head(self, sender: str, checkpoint: bytes) -> None:
+        """Checks a head `sender` attached to its frame (in the background)."""
+        if self.heads is not None:
+            self.heads.offer(sender, checkpoint)
 
     def before_egress(self) -> None:
         """Called before each message this party sends: raises EgressHalted when it

@@ -10,14 +10,18 @@ from collections.abc import Callable
 import grpc
 import structlog
 
+from echelon.audit.checkpoint import load_verifier
 from echelon.audit.gate import AuditSink, EgressGate, wall_clock_ms
 from echelon.audit.policy import Policy
+from echelon.audit.proofs import ProofChain
 from echelon.audit.record import LOG_PARTY, KeyRegistration, PayloadType, Role
+from echelon.trust.manifest import PartyRole
 
 from .audited import AuditedPeer
 from .identity import Identity
 from .pipelined import PipelinedSink
 from .settings import ServiceConfig
+from .transport import Transport
 
 log = structlog.get_logger(__name__)
 
@@ -29,16 +33,24 @@ def audited_peer(
     policy: Policy,
     audit_address: str,
     *,
+    transport: Transport | None = None,
     pipelined: bool = False,
+    log_key: str = "",
 ) -> tuple[AuditedPeer, grpc.Channel]:
-    """Connects to the audit log, registers the party's key (one synchronous append),
-    returns its audited wire. `pipelined` (a party across a wide-area link from the log:
-    a boundary agent) appends its later records in the background under the invariant of
-    `services.common.pipelined`."""
+    """Connects to the audit log (mTLS with the party's kit, or plaintext), registers the
+    party's key and its transport (one synchronous append), returns its audited wire.
+    `pipelined` (a party across a wide-area link from the log: a boundary agent) appends
+    its later records in the background under the invariant of `services.common.pipelined`.
+    `log_key` (the log's verifier key; `log_verifier_key`): every append is answered with its
+    proof, checked before the party's next egress (`echelon.audit.proofs`)."""
     from services.audit_log.client import AuditClient
 
-    channel = grpc.insecure_channel(audit_address)
-    client = AuditClient(channel)
+    transport = transport or Transport(kit=None)  # None: plaintext (in-process tests)
+    channel = transport.dial(audit_address, PartyRole.AUDIT_LOG)
+    proofs = ProofChain(load_verifier(log_key)) if log_key else None
+    if proofs is None:
+        log.warning("audit_appends_unproven", party=party, reason="no log key known")
+    client = AuditClient(channel, proofs=proofs)
     halt: list[Callable[[str], None]] = []
     pipeline = (
         PipelinedSink(client, on_failure=lambda reason: halt[0](reason)) if pipelined else None
@@ -59,28 +71,45 @@ def audited_peer(
         LOG_PARTY,
         0,
         identity.public_key,
-        KeyRegistration(role=role, signing_key=identity.public_key),
+        KeyRegistration(role=role, signing_key=identity.public_key, transport=transport.name),
         lambda: None,
     )
     peer = AuditedPeer(make_gate(policy), make_gate, pipeline)
     halt.append(peer.halt)
+    if proofs is not None:
+        from .witnessing import SplitViewCheck
+
+        peer.heads = SplitViewCheck(
+            peer=peer, proofs=proofs, verifier=load_verifier(log_key), source=client
+        )
     return peer, channel
 
 
-def watch_audit_log(
-    common: ServiceConfig, peer: AuditedPeer, channel: grpc.Channel, stop: threading.Event
-) -> None:
-    """Starts witnessing the log's tree heads when the log's key is configured."""
-    from echelon.audit.checkpoint import load_verifier
+def log_verifier_key(common: ServiceConfig, transport: Transport) -> str:
+    """The audit log's verifier key: `[service].audit_key` when set, else the key the
+    manifest names for the audit-log party (with a kit), else "" (not witnessed)."""
+    if common.audit_key or transport.manifest is None:
+        return common.audit_key
+    return transport.manifest.log_verifier_key()
 
+
+def watch_audit_log(
+    common: ServiceConfig,
+    peer: AuditedPeer,
+    channel: grpc.Channel,
+    stop: threading.Event,
+    transport: Transport,
+) -> None:
+    """Starts witnessing the log's tree heads when the log's key is known."""
     from .witnessing import LogWatch
 
-    if not common.audit_key:
+    key = log_verifier_key(common, transport)
+    if not key:
         log.warning("audit_log_not_witnessed", reason="no [service].audit_key configured")
         return
     watch = LogWatch(
         peer=peer,
-        verifier=load_verifier(common.audit_key),
+        verifier=load_verifier(key),
         state_file=common.data_dir / "identity" / "witness.json",
         channel=channel,
     )

@@ -22,6 +22,7 @@ from echelon.audit.errors import (
     CounterReplay,
     KeyConflict,
     LogRangeError,
+    NotAParty,
     PolicyViolation,
     RecordError,
     SignatureError,
@@ -88,7 +89,7 @@ STATUS: tuple[StatusRule, ...] = (
     StatusRule((RemoteAuditError,), S.UNAVAILABLE, _RECORD_REFUSED),
     # The audit log's own refusals of an Append or a proof request.
     StatusRule((RecordError,), S.INVALID_ARGUMENT, names_field=True),
-    StatusRule((SignatureError, UnknownSigner, KeyConflict), S.PERMISSION_DENIED),
+    StatusRule((SignatureError, UnknownSigner, KeyConflict, NotAParty), S.PERMISSION_DENIED),
     StatusRule((CounterReplay,), S.ALREADY_EXISTS),
     StatusRule((LogRangeError,), S.OUT_OF_RANGE),
     # Egress halted (the log forked) or could not be recorded.

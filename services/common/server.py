@@ -66,8 +66,10 @@ def start_server(
     register: Callable[[grpc.Server], None],
     service_names: Iterable[str],
     interceptors: Iterable[grpc.ServerInterceptor] = (),  # type: ignore[type-arg]
+    credentials: grpc.ServerCredentials | None = None,
 ) -> RunningServer:
-    """Starts a server with the given services plus health and reflection.
+    """Starts a server with the given services plus health and reflection, on TLS with
+    `credentials` (mTLS: `services.common.transport`) or plaintext without.
 
     Raises RuntimeError when the address cannot be bound.
     """
@@ -97,11 +99,20 @@ def start_server(
     reflection.enable_server_reflection(
         [*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server
     )
-    port = server.add_insecure_port(config.address)
+    if credentials is None:
+        port = server.add_insecure_port(config.address)
+    else:
+        port = server.add_secure_port(config.address, credentials)
     if port == 0:
         raise RuntimeError(f"cannot bind {config.address}")
     server.start()
-    log.info("server_started", address=config.address, port=port, services=names)
+    log.info(
+        "server_started",
+        address=config.address,
+        port=port,
+        services=names,
+        tls=credentials is not None,
+    )
     running = RunningServer(server=server, port=port, health=health_servicer)
     if config.health_port >= 0:
         running.health_server, running.health_port = _start_health_server(config, health_servicer)

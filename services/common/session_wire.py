@@ -28,8 +28,12 @@ class FrameError(RequestError):
     """A frame that breaks the session protocol; the peer's failure."""
 
 
-def _context(window: int, run_id: str) -> pb.FrameContext:
-    return pb.FrameContext(window=window, nonce=os.urandom(16), run_id=run_id)
+def _context(window: int, run_id: str, witness_head: bytes = b"") -> pb.FrameContext:
+    """A frame's context; `witness_head` is the sender's latest verified tree head of the
+    audit log, which the receiver checks against its own (a split view halts it)."""
+    return pb.FrameContext(
+        window=window, nonce=os.urandom(16), run_id=run_id, witness_head=witness_head
+    )
 
 
 def _bounded(name: str, items: list[bytes] | tuple[bytes, ...]) -> tuple[bytes, ...]:
@@ -54,11 +58,14 @@ def _text(name: str, value: str) -> str:
 
 
 def coordinator_frames(
-    message: m.ToBoundary, run_id: str, identity_key: Callable[[str], bytes] = lambda b: b""
+    message: m.ToBoundary,
+    run_id: str,
+    identity_key: Callable[[str], bytes] = lambda b: b"",
+    witness_head: bytes = b"",
 ) -> Iterator[pb.CoordinatorFrame]:
     """The frames that carry `message` to an agent; `identity_key(boundary)` fills the
     cohort's identity keys of OpenWindow and KeySetup."""
-    ctx = _context(message.window, run_id)
+    ctx = _context(message.window, run_id, witness_head)
     if isinstance(message, m.GlobalVersion):
         header = pb.GlobalHeader(
             version=message.version,
@@ -110,9 +117,11 @@ def coordinator_frames(
 # -- agent -> coordinator ------------------------------------------------------------------------
 
 
-def agent_frames(message: m.ToCoordinator, run_id: str) -> Iterator[pb.AgentFrame]:
+def agent_frames(
+    message: m.ToCoordinator, run_id: str, witness_head: bytes = b""
+) -> Iterator[pb.AgentFrame]:
     """The frames that carry `message` to the coordinator."""
-    ctx = _context(message.window, run_id)
+    ctx = _context(message.window, run_id, witness_head)
     if isinstance(message, m.ContributionSent):
         header = pb.ContributionHeader(
             base_version=message.base_version,

@@ -51,6 +51,12 @@ class ServiceConfig:
     max_workers: int = 16  # gRPC server threads
     grace_s: float = 5.0  # in-flight calls get this long on SIGTERM
     health_port: int = -1  # plaintext gRPC health only (Kubernetes probes); -1: off
+    # mTLS: the party's kit directory (`echelon provision` / `echelon keygen`), and the
+    # federation root's public key received out of band ("": the kit's root.pub). Without a
+    # kit a service runs only with `insecure = true`: plaintext, said in the audit log.
+    kit: str = ""
+    root_key: str = ""
+    insecure: bool = False
 
     def __post_init__(self) -> None:
         for key in ("host", "metrics_host"):
@@ -80,6 +86,21 @@ class ServiceConfig:
             raise _bad("health_port", self.health_port, "-1..65535 (0 = ephemeral, -1 = off)")
         if self.health_port > 0 and self.health_port in (self.port, self.metrics_port):
             raise _bad("health_port", self.health_port, "a port other than port and metrics_port")
+        if self.kit and self.insecure:
+            raise _bad("insecure", True, "false when a kit is given (mTLS), or no kit")
+        if self.root_key and not self.kit:
+            raise _bad("root_key", self.root_key, "empty without a kit (it checks the kit)")
+
+    def require_transport(self) -> None:
+        """Raises ConfigFileError unless the service has a kit (mTLS) or was told
+        `insecure = true`: plaintext is never what a service falls back to."""
+        if not self.kit and not self.insecure:
+            raise _bad(
+                "kit",
+                "",
+                "a kit directory from `echelon provision` or `echelon keygen` (mTLS), or "
+                "insecure = true (--insecure) for plaintext",
+            )
 
     @property
     def server(self) -> ServerConfig:
@@ -98,7 +119,7 @@ class Setting:
 
     table: str
     key: str
-    kind: type  # int, float, str or Path
+    kind: type  # int, float, str, Path or bool (a flag without a value)
     help: str
 
     @property
@@ -124,10 +145,14 @@ SERVICE_SETTINGS = (
     Setting("service", "audit_key", str, "the audit log's verifier key: a file or the key text"),
     Setting("service", "witness_s", float, "seconds between checks of the log's tree head"),
     Setting("service", "coordinator", str, "HOST:PORT of the coordinator"),
+    Setting("service", "kit", Path, "the party's kit directory (mTLS, manifest, keys)"),
+    Setting("service", "root_key", Path, "the federation root's root.pub, received out of band"),
+    Setting("service", "insecure", bool, "plaintext without a kit (logged, audited)"),
 )
 _BY_KEY = {s.key: s for s in SERVICE_SETTINGS}
 _LISTENING: tuple[str, ...] = ("host", "port", "metrics_host", "metrics_port", "data_dir")
 _LISTENING = (*_LISTENING, "log_level", "max_workers", "grace_s", "health_port")
+_LISTENING = (*_LISTENING, "kit", "root_key", "insecure")
 _AUDITED = ("audit_log", "audit_key", "witness_s")
 
 
@@ -215,6 +240,15 @@ def add_arguments(parser: argparse.ArgumentParser, spec: ServiceSpec) -> None:
     """--config, one flag per setting of `spec`, --port-file and --print-config."""
     parser.add_argument("--config", type=Path, help="TOML configuration file")
     for s in spec.settings:
+        if s.kind is bool:
+            parser.add_argument(
+                s.flag,
+                dest=s.key,
+                action="store_const",
+                const=True,
+                help=f"{s.help} ([{s.table}].{s.key}, {s.env}=1)",
+            )
+            continue
         parser.add_argument(
             s.flag,
             dest=s.key,
@@ -352,11 +386,26 @@ def _relative_to(table: Mapping[str, Any] | None, base: Path) -> dict[str, Any]:
     key = service.get("audit_key")
     if isinstance(key, str) and key and not Path(key).is_absolute() and (base / key).is_file():
         service["audit_key"] = str(base / key)
+    for name in ("kit", "root_key"):
+        value = service.get(name)
+        if isinstance(value, str) and value and not Path(value).is_absolute():
+            service[name] = str(base / value)
     return service
 
 
 def _parse(setting: Setting, text: str) -> Any:
     """An environment variable's text as the setting's type."""
+    if setting.kind is bool:
+        lowered = text.strip().lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off", ""):
+            return False
+        raise ConfigFileError(
+            f"{setting.env}={text!r}: want 1/true/yes/on or 0/false/no/off "
+            f"([{setting.table}].{setting.key})",
+            key=f"{setting.table}.{setting.key}",
+        )
     try:
         return str(text) if setting.kind is Path else setting.kind(text)
     except ValueError:

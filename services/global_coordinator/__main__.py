@@ -25,14 +25,16 @@ from echelon.audit.record import LOG_PARTY, PayloadType, Role, RunConfig
 from echelon.declaration import ModelIdentity
 from echelon.protocol import CoordinatorCore
 from echelon.tomlconfig import ConfigFileError
+from echelon.trust.manifest import FederationManifest, PartyRole
 from echelon_proto.coordinator.v1 import coordinator_pb2_grpc
 from services.common.audited import AuditedPeer
-from services.common.bootstrap import audited_peer, watch_audit_log
+from services.common.bootstrap import audited_peer, log_verifier_key, watch_audit_log
 from services.common.identity import load_or_create_identity
 from services.common.obs import configure_logging, start_metrics
 from services.common.portfile import write_port_file
 from services.common.server import start_server, wait_for_signal
 from services.common.settings import COORDINATOR, Resolved, add_arguments, resolve
+from services.common.transport import TransportError, load_transport
 
 from .config import CoordinatorConfig
 from .servicer import CoordinatorServicer
@@ -56,12 +58,23 @@ def load_config(resolved: Resolved) -> CoordinatorConfig:
 
 
 def core_factory(
-    config: CoordinatorConfig, store: CoordinatorStore, audit: AuditedPeer
+    config: CoordinatorConfig,
+    store: CoordinatorStore,
+    audit: AuditedPeer,
+    manifest: FederationManifest | None = None,
 ) -> Callable[[ModelIdentity], tuple[CoordinatorCore, bytes]]:
-    """Builds the run's core once the model is pinned, recording the declaration once."""
+    """Builds the run's core once the model is pinned, recording the declaration once.
+    With a manifest, the declaration is the manifest's (the configuration's run tables
+    are then not used: every parameter comes from the manifest)."""
 
     def make(model: ModelIdentity) -> tuple[CoordinatorCore, bytes]:
-        declaration = config.declaration(model)
+        declaration = config.declaration(model) if manifest is None else manifest.declaration
+        if manifest is not None and config.declaration(model) != declaration:
+            log.warning(
+                "run_tables_ignored",
+                detail="the run's parameters come from the manifest, not from this file",
+                manifest_version=manifest.version,
+            )
         body = declaration.to_canonical_bytes()
         digest = hashlib.sha256(body).hexdigest()
         recorded = store.get_meta(_RECORDED)
@@ -100,27 +113,46 @@ def main(argv: list[str] | None = None) -> int:
         print(resolved.render(common, coordinator=config), end="")
         return 0
     configure_logging("coordinator", common.log_level)
-    identity = load_or_create_identity(PARTY, common.data_dir / "identity")
+    try:
+        common.require_transport()
+        transport = load_transport(common, PARTY, PartyRole.COORDINATOR)
+    except (ConfigFileError, TransportError) as exc:
+        print(f"{COORDINATOR.prog}: configuration error: {exc}", file=sys.stderr)
+        return 2
+    manifest = transport.manifest
+    identity = load_or_create_identity(PARTY, common.data_dir / "identity", transport.kit)
+    policy = config.policy() if manifest is None else manifest.declaration.policy()
     audit, audit_channel = audited_peer(
-        PARTY, Role.COORDINATOR, identity, config.policy(), common.audit_log
+        PARTY,
+        Role.COORDINATOR,
+        identity,
+        policy,
+        common.audit_log,
+        transport=transport,
+        log_key=log_verifier_key(common, transport),
     )
     store = CoordinatorStore(common.data_dir / "state")
     sessions = CoordinatorSessions(
-        core_factory(config, store, audit), run_id=config.run_id, store=store, audit=audit
+        core_factory(config, store, audit, manifest),
+        run_id=config.run_id,
+        store=store,
+        audit=audit,
+        manifest=manifest,
     )
-    servicer = CoordinatorServicer(sessions=sessions, store=store)
+    servicer = CoordinatorServicer(sessions=sessions, store=store, transport=transport, audit=audit)
     running = start_server(
         common.server,
         lambda server: coordinator_pb2_grpc.add_CoordinatorServicer_to_server(servicer, server),
         ["echelon.coordinator.v1.Coordinator"],
+        credentials=transport.server_credentials(),
     )
     metrics_port = start_metrics(common.metrics_host, common.metrics_port)
     write_port_file(args.port_file, grpc=running.port, metrics=metrics_port)
     log.info(
-        "coordinator_ready", port=running.port, metrics_port=metrics_port, run_id=config.run_id
+        "coordinator_ready", port=running.port, metrics_port=metrics_port, run_id=sessions.run_id
     )
     stop = threading.Event()
-    watch_audit_log(common, audit, audit_channel, stop)
+    watch_audit_log(common, audit, audit_channel, stop, transport)
 
     def done() -> bool:
         return stop.is_set() or (sessions.pinned and sessions.core.done)

@@ -20,7 +20,14 @@ import structlog
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from echelon.audit.errors import AuditError
-from echelon.audit.record import KeyRegistration, PayloadType, Role, RunConfig
+from echelon.audit.record import (
+    TRANSPORT_INSECURE,
+    TRANSPORT_MTLS,
+    KeyRegistration,
+    PayloadType,
+    Role,
+    RunConfig,
+)
 from echelon.declaration import ModelIdentity
 from echelon.protocol import CoordinatorCore, WindowOutcome
 from echelon.protocol.events import (
@@ -36,6 +43,8 @@ from echelon.protocol.events import (
 )
 from echelon.protocol.messages import Message, ToBoundary
 from echelon.protocol.stats import STATS
+from echelon.trust.manifest import FederationManifest, PartyRole
+from echelon.trust.registration import RegistrationError, verify_registration
 from echelon_proto.coordinator.v1 import coordinator_pb2_grpc
 from echelon_proto.coordinator.v1 import session_pb2 as pb
 from services.common.audited import AuditedPeer
@@ -89,9 +98,18 @@ class CoordinatorSessions:
         store: CoordinatorStore | None = None,
         audit: AuditedPeer | None = None,
         clock: Callable[[], float] = time.time,
+        manifest: FederationManifest | None = None,
     ) -> None:
-        """`model` pins the run's model at start; None pins the first Hello's."""
+        """`model` pins the run's model at start; None pins the first Hello's. `manifest`
+        (mTLS): a boundary is known only by its certificate, its Hello must name itself and
+        the manifest's identity key and prove possession of that key; the run's model and
+        every boundary's identity key come from the manifest, never from a Hello."""
         self.make_core = make_core
+        self.manifest = manifest
+        self._nonces: set[bytes] = set()  # registration nonces seen (proofs are one-use)
+        if manifest is not None:
+            run_id = manifest.run_id
+            model = manifest.declaration.model
         self.run_id = run_id
         self.model = model
         self.store = store
@@ -123,7 +141,11 @@ class CoordinatorSessions:
     def _pin(self, model: ModelIdentity) -> None:
         self.model = model
         self._core, self._run_config = self.make_core(model)
-        if self.store is not None:  # identities pinned before a restart stay pinned
+        if self.manifest is not None:
+            for party in self.manifest.with_role(PartyRole.BOUNDARY):
+                key = Ed25519PublicKey.from_public_bytes(party.identity_key)
+                self._core.identities[party.party_id] = key
+        elif self.store is not None:  # identities pinned before a restart stay pinned
             for boundary, reg in self.store.registrations().items():
                 key = Ed25519PublicKey.from_public_bytes(reg.identity_key)
                 self._core.identities.setdefault(boundary, key)
@@ -186,7 +208,8 @@ class CoordinatorSessions:
             except AuditError as exc:
                 log.error("egress_refused", to=to, kind=type(message).__name__, error=str(exc))
                 return
-        for frame in coordinator_frames(message, self.run_id, self._identity_key):
+        head = b"" if self.audit is None else self.audit.own_head()
+        for frame in coordinator_frames(message, self.run_id, self._identity_key, head):
             out.put(frame)
         count_bytes(message, sent=True)
         metrics.FRAMES_OUT.labels(type(message).__name__).inc()
@@ -275,12 +298,16 @@ class CoordinatorSessions:
 
     # -- one agent's session -----------------------------------------------------------------
     def session(
-        self, requests: Iterator[pb.AgentFrame], context: grpc.ServicerContext
+        self,
+        requests: Iterator[pb.AgentFrame],
+        context: grpc.ServicerContext,
+        peer: str | None = None,
     ) -> Iterator[pb.CoordinatorFrame]:
-        """The `Coordinator.Session` handler: Hello, then window frames both ways."""
+        """The `Coordinator.Session` handler: Hello, then window frames both ways. `peer`
+        is the boundary the caller's certificate proved (None on plaintext)."""
         try:
             first = next(requests)
-            boundary = self._hello(first)
+            boundary = self._hello(first, peer)
         except StopIteration:
             return
         except RequestError as exc:
@@ -327,7 +354,7 @@ class CoordinatorSessions:
             assert isinstance(item, pb.CoordinatorFrame)
             yield item
 
-    def _hello(self, frame: pb.AgentFrame) -> str:
+    def _hello(self, frame: pb.AgentFrame, peer: str | None = None) -> str:
         if frame.WhichOneof("body") != "hello":
             raise FrameError(
                 grpc.StatusCode.INVALID_ARGUMENT,
@@ -354,6 +381,12 @@ class CoordinatorSessions:
         except ValueError as exc:
             raise FrameError(grpc.StatusCode.INVALID_ARGUMENT, f"Hello: {exc}") from None
         key = Ed25519PublicKey.from_public_bytes(bytes(hello.identity_key))
+        if self.manifest is not None:
+            try:
+                self._check_registration(frame, peer)
+            except FrameError as exc:
+                self._record_refusal(hello, peer, str(exc))
+                raise
         with self._lock:
             if self._core is None:
                 self._pin(model)
@@ -364,23 +397,87 @@ class CoordinatorSessions:
                 )
             pinned = self.core.identities.get(hello.boundary)
             if pinned is not None and pinned.public_bytes_raw() != key.public_bytes_raw():
-                raise FrameError(
-                    grpc.StatusCode.PERMISSION_DENIED,
-                    f"Hello.identity_key: {hello.boundary} is bound to another identity key",
-                )
+                detail = f"Hello.identity_key: {hello.boundary} is bound to another identity key"
+                self._record_refusal(hello, peer, detail)
+                raise FrameError(grpc.StatusCode.PERMISSION_DENIED, detail)
             if self.audit is not None:
                 self.audit.gate.received(
                     PayloadType.KEY_REGISTRATION,
                     hello.boundary,
                     0,
                     hello.SerializeToString(deterministic=True),
-                    KeyRegistration(role=Role.BOUNDARY, signing_key=bytes(hello.identity_key)),
+                    KeyRegistration(
+                        role=Role.BOUNDARY,
+                        signing_key=bytes(hello.identity_key),
+                        transport=TRANSPORT_INSECURE if self.manifest is None else TRANSPORT_MTLS,
+                    ),
                 )
             self.core.identities[hello.boundary] = key
             if self.store is not None and pinned is None:
                 reg = Registration(hello.boundary, "", bytes(hello.identity_key), hello.devices)
                 self.store.register(reg, int(self.clock() * 1000))
         return str(hello.boundary)
+
+    def _record_refusal(self, hello: pb.Hello, peer: str | None, reason: str) -> None:
+        """A refused registration goes on the audit log: who offered it (the certificate's
+        party, or `unauthenticated`), for whom, the digest of the Hello, and why."""
+        if self.audit is None:
+            return
+        sender = peer or "unauthenticated"
+        try:
+            self.audit.gate.refused_receipt(
+                PayloadType.KEY_REGISTRATION,
+                sender,
+                0,
+                hello.SerializeToString(deterministic=True),
+                KeyRegistration(
+                    role=Role.BOUNDARY,
+                    signing_key=bytes(hello.identity_key),
+                    transport=TRANSPORT_INSECURE if self.manifest is None else TRANSPORT_MTLS,
+                ),
+                f"registration as {hello.boundary!r} refused: {reason}",
+            )
+        except AuditError as exc:
+            log.error("refusal_not_recorded", sender=sender, error=str(exc))
+
+    def _check_registration(self, frame: pb.AgentFrame, peer: str | None) -> None:
+        """With a manifest: the Hello names the peer's own id and the manifest's identity
+        key for it, and proves possession of that key over run id, id and a fresh nonce."""
+        assert self.manifest is not None
+        hello = frame.hello
+        if peer is None or hello.boundary != peer:
+            raise FrameError(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"Hello.boundary: got {hello.boundary!r}, but the peer certificate is "
+                f"{peer!r}'s; a boundary registers only as itself",
+            )
+        party = self.manifest.party(peer)
+        assert party is not None, "authorize_peer resolved the peer from this manifest"
+        if bytes(hello.identity_key) != party.identity_key:
+            raise FrameError(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"Hello.identity_key: got {bytes(hello.identity_key).hex()[:16]}..., want the "
+                f"manifest's identity key of {peer} ({party.identity_key.hex()[:16]}...)",
+            )
+        nonce = bytes(frame.context.nonce)
+        if frame.context.run_id != self.run_id:
+            raise FrameError(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"FrameContext.run_id: got {frame.context.run_id!r}, want {self.run_id!r}",
+            )
+        try:
+            verify_registration(
+                party.identity_key, bytes(hello.proof_of_possession), self.run_id, peer, nonce
+            )
+        except RegistrationError as exc:
+            raise FrameError(grpc.StatusCode.UNAUTHENTICATED, f"Hello.{exc}") from None
+        with self._lock:
+            if nonce in self._nonces:
+                raise FrameError(
+                    grpc.StatusCode.PERMISSION_DENIED,
+                    "Hello: registration nonce already used, want a fresh proof",
+                )
+            self._nonces.add(nonce)
 
     def _read(
         self, boundary: str, requests: Iterator[pb.AgentFrame], out: queue.Queue[object]
@@ -389,6 +486,8 @@ class CoordinatorSessions:
         reason = "session closed"
         try:
             for frame in requests:
+                if self.audit is not None and frame.context.witness_head:
+                    self.audit.check_head(boundary, bytes(frame.context.witness_head))
                 message = reader.feed(frame)
                 if message is None:
                     continue
@@ -417,7 +516,7 @@ class CoordinatorSessions:
         self._handle(PartyFailed(boundary, reason))
 
 
-class SessionServicer(coordinator_pb2_grpc.CoordinatorServicer):
+class SessionServicer(coordinator_pb2_grpc.CoordinatorServicer):  # in-process tests
     """Serves `Coordinator.Session` from a `CoordinatorSessions`."""
 
     def __init__(self, sessions: CoordinatorSessions) -> None:

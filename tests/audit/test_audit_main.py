@@ -36,7 +36,8 @@ def test_main_serves_from_toml_and_flags_then_stops_on_sigterm(tmp_path: Path) -
     # The file < the environment < flags: the flag's ephemeral port wins over the file's.
     env = {**os.environ, "ECHELON_METRICS_PORT": "0", "ECHELON_PORT": "2"}
     process = subprocess.Popen(
-        [sys.executable, "-m", "services.audit_log", "--config", str(config), "--port", "0"],
+        [sys.executable, "-m", "services.audit_log", "--config", str(config), "--port", "0",
+         "--insecure"],
         cwd=ROOT, stderr=subprocess.PIPE, text=True, env=env,
     )  # fmt: skip
     try:

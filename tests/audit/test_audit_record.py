@@ -173,7 +173,12 @@ HOSTILE = {
         _mutated(
             lambda o: o.update(
                 payload_type=int(PayloadType.KEY_REGISTRATION),
-                attributes={"role": [], "signing_key": "00" * 32, "agreement_key": ""},
+                attributes={
+                    "role": [],
+                    "signing_key": "00" * 32,
+                    "agreement_key": "",
+                    "transport": "mtls",
+                },
             )
         ),
         "record.attributes.role",

@@ -211,5 +211,6 @@ def test_each_service_takes_its_settings_from_its_file_in_compose_config(name: s
     allowed = set() if name == "audit-log" else {"ECHELON_AUDIT_KEY"}
     assert set(_environment(name)) <= allowed, f"{name}: settings belong in {path.name}"
     service = _resolved(name)  # raises ConfigFileError if the services reject the file
+    service.require_transport()  # a kit (mTLS) or an explicit insecure = true
     assert service.data_dir == Path(IMAGE_ENV["ECHELON_DATA_DIR"])
     assert service.health_port == int(IMAGE_ENV["ECHELON_HEALTH_PORT"])

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from echelon.audit.record import AuditRecord, Role
+from echelon.audit.record import LOG_PARTY, AuditRecord, Role
 from echelon.audit.store import read_records
 from echelon.controller import SyncControllerConfig
 from echelon.declaration import ModelIdentity, RunDeclaration, SecureAggregationConfig
@@ -29,13 +31,19 @@ from echelon.protocol import (
 )
 from echelon.protocol.events import Command, CommitVersion, Event, Train
 from echelon.protocol.messages import ToCoordinator
+from echelon.trust.kit import load_kit
+from echelon.trust.manifest import PartyRole
+from echelon.trust.registration import prove_registration
 from echelon_proto.coordinator.v1 import coordinator_pb2_grpc
+from echelon_tools.provision import FederationSpec, provision, rotate
 from services.audit_log.server import AuditLogConfig, AuditLogServer, create_server
 from services.boundary_agent.session import AgentSession, Backoff, Hello
 from services.common.audited import AuditedPeer
 from services.common.bootstrap import audited_peer
 from services.common.identity import load_or_create_identity
 from services.common.server import RunningServer, ServerConfig, start_server
+from services.common.transport import Transport
+from services.global_coordinator.servicer import CoordinatorServicer
 from services.global_coordinator.session import CoordinatorSessions, SessionServicer
 from services.global_coordinator.store import CoordinatorStore, restore_state
 from tests.protocol.harness import DIM, ScriptedTrainer, protocol_config
@@ -44,6 +52,7 @@ LAYOUT, BASE, TOKENIZER = b"\x01" * 32, b"\x02" * 32, b"\x03" * 32
 MODEL = ModelIdentity(LAYOUT, BASE, TOKENIZER, DIM)
 Gate = Callable[["Sites", str, Train], None]
 AUDIT_DB = Path("audit") / "log.db"
+AUDITOR = "auditor"
 ORGS = ("org-a", "org-b", "org-c")
 
 
@@ -174,6 +183,8 @@ def start_sites(
     configs: Mapping[str, ProtocolConfig] | None = None,
     trainer: Callable[[str], ScriptedTrainer] = ScriptedTrainer,
     state: Path | None = None,
+    kits: Path | None = None,
+    revoked: tuple[str, ...] = (),
 ) -> Sites:
     """Starts the coordinator and the agents; `gate(sites, boundary, train)` may hold a
     training run until a protocol event (it is called in the agent's training thread).
@@ -181,7 +192,12 @@ def start_sites(
     `configs` gives a boundary's core another configuration than `config` (e.g. its own
     staleness bound); `trainer(boundary)` makes each boundary's scripted trainer; `state`
     (a directory) gives the coordinator a durable store there, as its main has, which it
-    resumes from and commits every version to."""
+    resumes from and commits every version to. `kits` (a directory; needs `audit`)
+    provisions a federation there and runs every party from its kit, as their mains do
+    with `[service].kit`: mTLS on every channel, the manifest's keys and run; `revoked`
+    boundaries are provisioned too and then removed by a rotation to version 2 (`names`
+    are the ones that remain and run; the revoked keep their version-1 kits)."""
+    transports = _transports(config, names, kits, audit, revoked)
     store = None if state is None else CoordinatorStore(state)
     core = RecordingCore(config, None if store is None else restore_state(store, DIM))
     log: Audit | None = None
@@ -192,11 +208,18 @@ def start_sites(
         run_config = declared.to_canonical_bytes()
         log = Audit(
             audit,
-            create_server(AuditLogConfig(data_dir=audit / "audit", origin="echelon.test/sites")),
+            create_server(
+                AuditLogConfig(data_dir=audit / "audit", origin="echelon.test/sites"),
+                transports.get(LOG_PARTY),
+            ),
         )
         address = f"127.0.0.1:{log.server.port}"
+        assert log.server.log is not None
+        log_key = log.server.log.signer.verifier_key()
         for party, role in [(COORDINATOR, Role.COORDINATOR)] + [(b, Role.BOUNDARY) for b in names]:
-            identity = load_or_create_identity(party, audit / party / "identity")
+            transport = transports.get(party)
+            kit = None if transport is None else transport.kit
+            identity = load_or_create_identity(party, audit / party / "identity", kit)
             # agents pipeline their appends, as their main does; the coordinator does not
             peer, channel = audited_peer(
                 party,
@@ -204,23 +227,34 @@ def start_sites(
                 identity,
                 declared.policy(),
                 address,
+                transport=transport,
                 pipelined=role is Role.BOUNDARY,
+                log_key=log_key,  # every append proven in its answer, as the mains do
             )
             log.peers[party], keys[party] = peer, identity.key
             log.channels.append(channel)
+    coordinator = transports.get(COORDINATOR)
     sessions = CoordinatorSessions(
         lambda model: (core, run_config),
         run_id=config.run_id,
         store=store,
         audit=None if log is None else log.peers[COORDINATOR],
+        manifest=None if coordinator is None else coordinator.manifest,
     )
+    servicer: coordinator_pb2_grpc.CoordinatorServicer = SessionServicer(sessions)  # type: ignore[abstract]
+    if coordinator is not None:  # the coordinator's whole service, as its main serves it
+        assert store is not None, "a federation's coordinator keeps its versions: give `state`"
+        servicer = CoordinatorServicer(
+            sessions=sessions,
+            store=store,
+            transport=coordinator,
+            audit=None if log is None else log.peers[COORDINATOR],
+        )
     server = start_server(
         ServerConfig(),
-        lambda s: coordinator_pb2_grpc.add_CoordinatorServicer_to_server(
-            SessionServicer(sessions),  # type: ignore[abstract]
-            s,
-        ),
+        lambda s: coordinator_pb2_grpc.add_CoordinatorServicer_to_server(servicer, s),
         ["echelon.coordinator.v1.Coordinator"],
+        credentials=None if coordinator is None else coordinator.server_credentials(),
     )
     for b in names:
         keys.setdefault(b, Ed25519PrivateKey.generate())
@@ -252,6 +286,7 @@ def start_sites(
             identities=public,
             rounding_seed=7,
         )
+        own = transports.get(b)
         agent = AgentSession(
             _built(core_b),
             address=sites.address,
@@ -270,11 +305,49 @@ def start_sites(
             fault=boundary_fault,
             backoff=Backoff(first_s=0.05, max_s=0.5),
             audit=None if log is None else log.peers[b],
+            **({} if own is None else _mtls_session(own, b)),
         )
         sites.agents[b] = agent
     for agent in sites.agents.values():
         agent.start()
     return sites
+
+
+def _transports(
+    config: ProtocolConfig,
+    names: tuple[str, ...],
+    kits: Path | None,
+    audit: Path | None,
+    revoked: tuple[str, ...] = (),
+) -> dict[str, Transport]:
+    """Each party's transport from a federation provisioned in `kits` (none without)."""
+    if kits is None:
+        return {}
+    assert audit is not None, "a federation runs with its audit log: give `audit` too"
+    boundaries = (*names, *revoked)
+    provision(
+        FederationSpec(declaration=declaration(config), boundaries=boundaries, auditors=(AUDITOR,)),
+        kits,
+        now=datetime.now(UTC),
+    )
+    if revoked:
+        rotate(kits, revoked)
+    return {party: Transport(load_kit(kits / party)) for party in (COORDINATOR, LOG_PARTY, *names)}
+
+
+def _mtls_session(transport: Transport, boundary: str) -> dict[str, Any]:
+    """An agent session's mTLS arguments, as the agent's main makes them."""
+    kit = transport.kit
+    assert kit is not None
+    return {
+        "dial": lambda target, options: transport.dial(target, PartyRole.COORDINATOR, options),
+        "prove": lambda run_id, nonce: prove_registration(
+            kit.identity_key, run_id, boundary, nonce
+        ),
+        "manifest_keys": {
+            p.party_id: p.identity_key for p in kit.manifest.with_role(PartyRole.BOUNDARY)
+        },
+    }
 
 
 def _built(core: BoundaryCore) -> Callable[[object], BoundaryCore]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-import grpc
 import pytest
 
 from echelon.audit.record import Direction, PayloadType
@@ -38,6 +37,7 @@ def finished(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Deploym
     b = cached_domain("stdlib-b", cache, max_bytes=300_000).path
     spec = DeploymentSpec(
         root=root / "run",
+        mtls=True,  # every service from its kit of a provisioned, signed manifest
         sites=(Site(boundary="org-a", data_files=(a,)), Site(boundary="org-b", data_files=(b,))),
         tokenizer_files=(a, b),
         coordinator_tables={
@@ -68,7 +68,7 @@ def finished(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Deploym
             name: process_sockets(service.process.pid)
             for name, service in deployment.services.items()
         }
-        with grpc.insecure_channel(deployment.services["coordinator"].address) as channel:
+        with deployment.channel("coordinator") as channel:
             versions = coordinator_pb2_grpc.CoordinatorStub(channel).ListVersions(
                 coordinator_pb2.ListVersionsRequest(ref=new_ref(0)), timeout=5
             )
@@ -101,7 +101,8 @@ def test_versions_advance_and_average_both_boundaries(finished: tuple[Deployment
 def test_audit_log_verifies_with_matching_digests(finished: tuple[Deployment, dict]) -> None:
     deployment, facts = finished
     db = deployment.audit_db
-    assert audit_cli(["verify", "--db", str(db)]) == 0
+    assert deployment.manifest is not None
+    assert audit_cli(["verify", "--db", str(db), "--manifest", str(deployment.manifest)]) == 0
     records = read_records(db)
     sent = {
         (r.payload_type, r.window, r.receiver, r.payload_sha256)

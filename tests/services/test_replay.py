@@ -23,6 +23,9 @@ def _run_windows(tmp_path: Path, windows: int) -> tuple[Path, Path]:
     try:
         assert sites.run(), "the run did not finish"
         assert [o.committed for o in sites.coordinator.outcomes] == [True] * windows
+        # Every agent received (and so recorded) the last version before the sites close.
+        for agent in sites.agents.values():
+            assert agent.wait(lambda a=agent: a.status().held_version >= windows, 30.0)
     finally:
         sites.close()
     assert sites.audit is not None

@@ -190,8 +190,8 @@ def test_unknown_and_moved_keys_and_tables_are_refused(tmp_path: Path) -> None:
     where = tmp_path / "c.toml"
     assert error("[service]\nprot = 1\n") == (
         f"{where}: [service].prot = 1: not a setting of echelon-coordinator; want one of "
-        "audit_key, audit_log, data_dir, grace_s, health_port, host, log_level, max_workers, "
-        "metrics_host, metrics_port, port, witness_s"
+        "audit_key, audit_log, data_dir, grace_s, health_port, host, insecure, kit, log_level, "
+        "max_workers, metrics_host, metrics_port, port, root_key, witness_s"
     )
     # [service].coordinator is the agent's: the audit log dials nobody.
     assert "not a setting of echelon-audit-log" in error(

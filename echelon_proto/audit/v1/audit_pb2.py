@@ -25,35 +25,35 @@ _sym_db = _symbol_database.Default()
 from echelon_proto.common.v1 import common_pb2 as echelon_dot_common_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x65\x63helon/audit/v1/audit.proto\x12\x10\x65\x63helon.audit.v1\x1a\x1e\x65\x63helon/common/v1/common.proto\"]\n\rAppendRequest\x12)\n\x03ref\x18\x01 \x01(\x0b\x32\x1c.echelon.common.v1.WindowRef\x12\x0e\n\x06record\x18\x02 \x01(\x0c\x12\x11\n\tsignature\x18\x03 \x01(\x0c\"J\n\x0eSignedTreeHead\x12\x11\n\ttree_size\x18\x01 \x01(\x04\x12\x11\n\troot_hash\x18\x02 \x01(\x0c\x12\x12\n\ncheckpoint\x18\x03 \x01(\x0c\"g\n\x0e\x41ppendResponse\x12\r\n\x05index\x18\x01 \x01(\x04\x12\x11\n\tleaf_hash\x18\x02 \x01(\x0c\x12\x33\n\ttree_head\x18\x03 \x01(\x0b\x32 .echelon.audit.v1.SignedTreeHead\"?\n\x12GetTreeHeadRequest\x12)\n\x03ref\x18\x01 \x01(\x0b\x32\x1c.echelon.common.v1.WindowRef\"J\n\x13GetTreeHeadResponse\x12\x33\n\ttree_head\x18\x01 \x01(\x0b\x32 .echelon.audit.v1.SignedTreeHead\"g\n\x18GetInclusionProofRequest\x12)\n\x03ref\x18\x01 \x01(\x0b\x32\x1c.echelon.common.v1.WindowRef\x12\r\n\x05index\x18\x02 \x01(\x04\x12\x11\n\ttree_size\x18\x03 \x01(\x04\"M\n\x19GetInclusionProofResponse\x12\r\n\x05index\x18\x01 \x01(\x04\x12\x11\n\ttree_size\x18\x02 \x01(\x04\x12\x0e\n\x06hashes\x18\x03 \x03(\x0c\"f\n\x1aGetConsistencyProofRequest\x12)\n\x03ref\x18\x01 \x01(\x0b\x32\x1c.echelon.common.v1.WindowRef\x12\r\n\x05\x66irst\x18\x02 \x01(\x04\x12\x0e\n\x06second\x18\x03 \x01(\x04\"L\n\x1bGetConsistencyProofResponse\x12\r\n\x05\x66irst\x18\x01 \x01(\x04\x12\x0e\n\x06second\x18\x02 \x01(\x04\x12\x0e\n\x06hashes\x18\x03 \x03(\x0c\"Z\n\x11GetEntriesRequest\x12)\n\x03ref\x18\x01 \x01(\x0b\x32\x1c.echelon.common.v1.WindowRef\x12\r\n\x05start\x18\x02 \x01(\x04\x12\x0b\n\x03\x65nd\x18\x03 \x01(\x04\"9\n\x05\x45ntry\x12\r\n\x05index\x18\x01 \x01(\x04\x12\x0e\n\x06record\x18\x02 \x01(\x0c\x12\x11\n\tsignature\x18\x03 \x01(\x0c\x32\xba\x04\n\x08\x41uditLog\x12K\n\x06\x41ppend\x12\x1f.echelon.audit.v1.AppendRequest\x1a .echelon.audit.v1.AppendResponse\x12U\n\x0c\x41ppendStream\x12\x1f.echelon.audit.v1.AppendRequest\x1a .echelon.audit.v1.AppendResponse(\x01\x30\x01\x12Z\n\x0bGetTreeHead\x12$.echelon.audit.v1.GetTreeHeadRequest\x1a%.echelon.audit.v1.GetTreeHeadResponse\x12l\n\x11GetInclusionProof\x12*.echelon.audit.v1.GetInclusionProofRequest\x1a+.echelon.audit.v1.GetInclusionProofResponse\x12r\n\x13GetConsistencyProof\x12,.echelon.audit.v1.GetConsistencyProofRequest\x1a-.echelon.audit.v1.GetConsistencyProofResponse\x12L\n\nGetEntries\x12#.echelon.audit.v1.GetEntriesRequest\x1a\x17.echelon.audit.v1.Entry0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x65\x63helon/audit/v1/audit.proto\x12\x10\x65\x63helon.audit.v1\x1a\x1e\x65\x63helon/common/v1/common.proto\"\x80\x01\n\rAppendRequest\x12)\n\x03ref\x18\x01 \x01(\x0b\x32\x1c.echelon.common.v1.WindowRef\x12\x0e\n\x06record\x18\x02 \x01(\x0c\x12\x11\n\tsignature\x18\x03 \x01(\x0c\x12\r\n\x05prove\x18\x04 \x01(\x08\x12\x12\n\nknown_size\x18\x05 \x01(\x04\"J\n\x0eSignedTreeHead\x12\x11\n\ttree_size\x18\x01 \x01(\x04\x12\x11\n\troot_hash\x18\x02 \x01(\x0c\x12\x12\n\ncheckpoint\x18\x03 \x01(\x0c\"\xb5\x01\n\x0e\x41ppendResponse\x12\r\n\x05index\x18\x01 \x01(\x04\x12\x11\n\tleaf_hash\x18\x02 \x01(\x0c\x12\x33\n\ttree_head\x18\x03 \x01(\x0b\x32 .echelon.audit.v1.SignedTreeHead\x12\x17\n\x0finclusion_proof\x18\x04 \x03(\x0c\x12\x19\n\x11\x63onsistency_proof\x18\x05 \x03(\x0c\x12\x18\n\x10\x63onsistency_from\x18\x06 \x01(\x04\"?\n\x12GetTreeHeadRequest\x12)\n\x03ref\x18\x01 \x01(\x0b\x32\x1c.echelon.common.v1.WindowRef\"J\n\x13GetTreeHeadResponse\x12\x33\n\ttree_head\x18\x01 \x01(\x0b\x32 .echelon.audit.v1.SignedTreeHead\"g\n\x18GetInclusionProofRequest\x12)\n\x03ref\x18\x01 \x01(\x0b\x32\x1c.echelon.common.v1.WindowRef\x12\r\n\x05index\x18\x02 \x01(\x04\x12\x11\n\ttree_size\x18\x03 \x01(\x04\"M\n\x19GetInclusionProofResponse\x12\r\n\x05index\x18\x01 \x01(\x04\x12\x11\n\ttree_size\x18\x02 \x01(\x04\x12\x0e\n\x06hashes\x18\x03 \x03(\x0c\"f\n\x1aGetConsistencyProofRequest\x12)\n\x03ref\x18\x01 \x01(\x0b\x32\x1c.echelon.common.v1.WindowRef\x12\r\n\x05\x66irst\x18\x02 \x01(\x04\x12\x0e\n\x06second\x18\x03 \x01(\x04\"L\n\x1bGetConsistencyProofResponse\x12\r\n\x05\x66irst\x18\x01 \x01(\x04\x12\x0e\n\x06second\x18\x02 \x01(\x04\x12\x0e\n\x06hashes\x18\x03 \x03(\x0c\"Z\n\x11GetEntriesRequest\x12)\n\x03ref\x18\x01 \x01(\x0b\x32\x1c.echelon.common.v1.WindowRef\x12\r\n\x05start\x18\x02 \x01(\x04\x12\x0b\n\x03\x65nd\x18\x03 \x01(\x04\"9\n\x05\x45ntry\x12\r\n\x05index\x18\x01 \x01(\x04\x12\x0e\n\x06record\x18\x02 \x01(\x0c\x12\x11\n\tsignature\x18\x03 \x01(\x0c\x32\xba\x04\n\x08\x41uditLog\x12K\n\x06\x41ppend\x12\x1f.echelon.audit.v1.AppendRequest\x1a .echelon.audit.v1.AppendResponse\x12U\n\x0c\x41ppendStream\x12\x1f.echelon.audit.v1.AppendRequest\x1a .echelon.audit.v1.AppendResponse(\x01\x30\x01\x12Z\n\x0bGetTreeHead\x12$.echelon.audit.v1.GetTreeHeadRequest\x1a%.echelon.audit.v1.GetTreeHeadResponse\x12l\n\x11GetInclusionProof\x12*.echelon.audit.v1.GetInclusionProofRequest\x1a+.echelon.audit.v1.GetInclusionProofResponse\x12r\n\x13GetConsistencyProof\x12,.echelon.audit.v1.GetConsistencyProofRequest\x1a-.echelon.audit.v1.GetConsistencyProofResponse\x12L\n\nGetEntries\x12#.echelon.audit.v1.GetEntriesRequest\x1a\x17.echelon.audit.v1.Entry0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'echelon.audit.v1.audit_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_APPENDREQUEST']._serialized_start=82
-  _globals['_APPENDREQUEST']._serialized_end=175
-  _globals['_SIGNEDTREEHEAD']._serialized_start=177
-  _globals['_SIGNEDTREEHEAD']._serialized_end=251
-  _globals['_APPENDRESPONSE']._serialized_start=253
-  _globals['_APPENDRESPONSE']._serialized_end=356
-  _globals['_GETTREEHEADREQUEST']._serialized_start=358
-  _globals['_GETTREEHEADREQUEST']._serialized_end=421
-  _globals['_GETTREEHEADRESPONSE']._serialized_start=423
-  _globals['_GETTREEHEADRESPONSE']._serialized_end=497
-  _globals['_GETINCLUSIONPROOFREQUEST']._serialized_start=499
-  _globals['_GETINCLUSIONPROOFREQUEST']._serialized_end=602
-  _globals['_GETINCLUSIONPROOFRESPONSE']._serialized_start=604
-  _globals['_GETINCLUSIONPROOFRESPONSE']._serialized_end=681
-  _globals['_GETCONSISTENCYPROOFREQUEST']._serialized_start=683
-  _globals['_GETCONSISTENCYPROOFREQUEST']._serialized_end=785
-  _globals['_GETCONSISTENCYPROOFRESPONSE']._serialized_start=787
-  _globals['_GETCONSISTENCYPROOFRESPONSE']._serialized_end=863
-  _globals['_GETENTRIESREQUEST']._serialized_start=865
-  _globals['_GETENTRIESREQUEST']._serialized_end=955
-  _globals['_ENTRY']._serialized_start=957
-  _globals['_ENTRY']._serialized_end=1014
-  _globals['_AUDITLOG']._serialized_start=1017
-  _globals['_AUDITLOG']._serialized_end=1587
+  _globals['_APPENDREQUEST']._serialized_start=83
+  _globals['_APPENDREQUEST']._serialized_end=211
+  _globals['_SIGNEDTREEHEAD']._serialized_start=213
+  _globals['_SIGNEDTREEHEAD']._serialized_end=287
+  _globals['_APPENDRESPONSE']._serialized_start=290
+  _globals['_APPENDRESPONSE']._serialized_end=471
+  _globals['_GETTREEHEADREQUEST']._serialized_start=473
+  _globals['_GETTREEHEADREQUEST']._serialized_end=536
+  _globals['_GETTREEHEADRESPONSE']._serialized_start=538
+  _globals['_GETTREEHEADRESPONSE']._serialized_end=612
+  _globals['_GETINCLUSIONPROOFREQUEST']._serialized_start=614
+  _globals['_GETINCLUSIONPROOFREQUEST']._serialized_end=717
+  _globals['_GETINCLUSIONPROOFRESPONSE']._serialized_start=719
+  _globals['_GETINCLUSIONPROOFRESPONSE']._serialized_end=796
+  _globals['_GETCONSISTENCYPROOFREQUEST']._serialized_start=798
+  _globals['_GETCONSISTENCYPROOFREQUEST']._serialized_end=900
+  _globals['_GETCONSISTENCYPROOFRESPONSE']._serialized_start=902
+  _globals['_GETCONSISTENCYPROOFRESPONSE']._serialized_end=978
+  _globals['_GETENTRIESREQUEST']._serialized_start=980
+  _globals['_GETENTRIESREQUEST']._serialized_end=1070
+  _globals['_ENTRY']._serialized_start=1072
+  _globals['_ENTRY']._serialized_end=1129
+  _globals['_AUDITLOG']._serialized_start=1132
+  _globals['_AUDITLOG']._serialized_end=1702
 # @@protoc_insertion_point(module_scope)

@@ -31,10 +31,20 @@ class AppendRequest(_message.Message):
     REF_FIELD_NUMBER: _builtins.int
     RECORD_FIELD_NUMBER: _builtins.int
     SIGNATURE_FIELD_NUMBER: _builtins.int
+    PROVE_FIELD_NUMBER: _builtins.int
+    KNOWN_SIZE_FIELD_NUMBER: _builtins.int
     record: _builtins.bytes
     """canonical encoding, at most 64 KiB"""
     signature: _builtins.bytes
     """Ed25519 over `record`"""
+    prove: _builtins.bool
+    """Ask for proof in the answer: a tree head signed now (covering the record), the
+    record's inclusion proof under it, and a consistency proof from `known_size` (the
+    tree size of the head the sender last verified; 0: none) or, on a stream after its
+    first answer, from the head of the previous answer. A sender holds the proof of
+    each record before its next egress, without another round trip.
+    """
+    known_size: _builtins.int
     @_builtins.property
     def ref(self) -> _common_pb2.WindowRef: ...
     def __init__(
@@ -43,10 +53,12 @@ class AppendRequest(_message.Message):
         ref: _common_pb2.WindowRef | None = ...,
         record: _builtins.bytes = ...,
         signature: _builtins.bytes = ...,
+        prove: _builtins.bool = ...,
+        known_size: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["ref", b"ref"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["record", b"record", "ref", b"ref", "signature", b"signature"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["known_size", b"known_size", "prove", b"prove", "record", b"record", "ref", b"ref", "signature", b"signature"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -88,24 +100,38 @@ class AppendResponse(_message.Message):
     INDEX_FIELD_NUMBER: _builtins.int
     LEAF_HASH_FIELD_NUMBER: _builtins.int
     TREE_HEAD_FIELD_NUMBER: _builtins.int
+    INCLUSION_PROOF_FIELD_NUMBER: _builtins.int
+    CONSISTENCY_PROOF_FIELD_NUMBER: _builtins.int
+    CONSISTENCY_FROM_FIELD_NUMBER: _builtins.int
     index: _builtins.int
     leaf_hash: _builtins.bytes
+    consistency_from: _builtins.int
+    """the tree size the consistency proof starts from"""
     @_builtins.property
     def tree_head(self) -> Global___SignedTreeHead:
         """The latest signed tree head; it covers this record only when tree_size > index
         (heads are signed every few appends). GetTreeHead signs one that covers it.
         """
 
+    @_builtins.property
+    def inclusion_proof(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
+        """With `prove`: `tree_head` covers the record, and these prove it."""
+
+    @_builtins.property
+    def consistency_proof(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]: ...
     def __init__(
         self,
         *,
         index: _builtins.int = ...,
         leaf_hash: _builtins.bytes = ...,
         tree_head: Global___SignedTreeHead | None = ...,
+        inclusion_proof: _abc.Iterable[_builtins.bytes] | None = ...,
+        consistency_proof: _abc.Iterable[_builtins.bytes] | None = ...,
+        consistency_from: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["tree_head", b"tree_head"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["index", b"index", "leaf_hash", b"leaf_hash", "tree_head", b"tree_head"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["consistency_from", b"consistency_from", "consistency_proof", b"consistency_proof", "inclusion_proof", b"inclusion_proof", "index", b"index", "leaf_hash", b"leaf_hash", "tree_head", b"tree_head"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
