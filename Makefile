@@ -30,6 +30,7 @@ STAMP := $(VENV)/.installed-$(VARIANT)-$(LOCK_DIGEST)
 PIP := $(BIN)/python -m pip --disable-pip-version-check
 
 .PHONY: venv lock proto check-proto corpus deploy-tools demo demo-netns test lint typecheck bench clean
+.PHONY: docker-tools docker-engine docker-engine-stop image image-prometheus demo-docker
 
 venv: $(STAMP)
 
@@ -67,9 +68,11 @@ corpus: $(STAMP)
 	$(BIN)/python -m echelon_tools.corpus fetch --cache $(CACHE)/corpus
 
 # What the deploy checks need beyond the venv (kubectl, kubernetes-validate, yamllint and
-# hadolint are wheels in the locks): promtool and prometheus from Debian (root, or present).
+# hadolint are wheels in the locks): promtool and prometheus from Debian, and
+# docker-compose for the compose lint (root, or present).
 deploy-tools:
 	sh tools/install_prometheus.sh
+	sh tools/install_docker.sh compose
 
 demo: $(STAMP) corpus
 	$(BIN)/echelon demo --cache $(CACHE)
@@ -83,6 +86,48 @@ NETNS_LOSS ?= 1
 demo-netns: $(STAMP) corpus
 	$(BIN)/python -m echelon_tools.netns --cache $(CACHE) --wan-ms $(NETNS_WAN_MS) \
 	  --loss $(NETNS_LOSS) --root var/demo-netns $(DEMO_ARGS)
+
+# `make demo-docker`: the same demo in containers (deploy/docker, deploy/compose): a
+# private engine on its own socket, images built locally without network access (a
+# debootstrap base, wheels from the hashed locks), two organizations, the global plane and
+# three Prometheus servers under docker-compose, torn down at the end, also on failure.
+# The engine stays up for the next run (its images are cached): make docker-engine-stop.
+DOCKER_STATE ?= /var/lib/echelon-docker
+DOCKER_SOCK ?= /run/echelon-docker.sock
+DOCKER := DOCKER_HOST=unix://$(DOCKER_SOCK)
+IMAGE ?= echelon:0.1.0$(if $(filter cuda,$(VARIANT)),-cuda)
+PROMETHEUS_IMAGE ?= echelon-prometheus:2.42
+DOCKERFILE_cpu := deploy/docker/Dockerfile
+DOCKERFILE_cuda := deploy/docker/Dockerfile.cuda
+
+# Debian's docker.io, docker-compose (v1) and debootstrap when missing (root only).
+docker-tools:
+	sh tools/install_docker.sh
+
+docker-engine: docker-tools
+	sh deploy/docker/engine.sh $(DOCKER_STATE) $(DOCKER_SOCK)
+
+docker-engine-stop:
+	sh deploy/docker/engine.sh $(DOCKER_STATE) $(DOCKER_SOCK) stop
+
+# Base image (debootstrap), wheelhouse (pip download, hash-checked), build context, then
+# `docker build --network none`: the build itself reaches no network.
+image: $(STAMP) docker-engine
+	$(DOCKER) nice -n 19 sh deploy/docker/build-base.sh $(CACHE)/docker
+	PYTHON=$(BIN)/python sh deploy/docker/wheelhouse.sh $(VARIANT) $(CACHE)/wheelhouse-$(VARIANT)
+	$(BIN)/python deploy/docker/context.py --variant $(VARIANT) \
+	  --wheelhouse $(CACHE)/wheelhouse-$(VARIANT) --out $(CACHE)/docker/context-$(VARIANT)
+	$(DOCKER) DOCKER_BUILDKIT=0 nice -n 19 docker build --network none \
+	  --build-arg REVISION=$$(git rev-parse --short HEAD 2>/dev/null || echo unknown) \
+	  -f $(DOCKERFILE_$(VARIANT)) -t $(IMAGE) $(CACHE)/docker/context-$(VARIANT)
+
+image-prometheus: docker-engine
+	$(DOCKER) nice -n 19 sh deploy/docker/build-base.sh $(CACHE)/docker
+	$(DOCKER) nice -n 19 sh deploy/docker/build-prometheus.sh $(CACHE)/docker $(PROMETHEUS_IMAGE)
+
+demo-docker: $(STAMP) corpus image image-prometheus
+	$(DOCKER) IMAGE=$(IMAGE) PROMETHEUS_IMAGE=$(PROMETHEUS_IMAGE) \
+	  $(BIN)/python deploy/compose/demo_docker.py --cache $(CACHE)
 
 # Deploy tests fail, not skip, when a tool is missing (tests/deploy/conftest.py). Not an
 # ECHELON_* name: the services refuse unknown ECHELON_* variables, and test services inherit it.
