@@ -16,7 +16,13 @@ from typing import Protocol, TypeVar
 
 import structlog
 
-from .errors import AppendRefused, PolicyViolation, RecordError, VerificationError
+from .errors import (
+    AppendRefused,
+    CounterReplay,
+    PolicyViolation,
+    RecordError,
+    VerificationError,
+)
 from .log import AppendResult
 from .policy import Policy
 from .record import (
@@ -132,10 +138,19 @@ class EgressGate:
     def _retry_unsent(self) -> None:
         """Appends the record whose append failed before (under the lock), with its own
         counter, so that the party's counters on the log stay consecutive: a gap is then
-        always a finding. Raises what the sink raises when it fails again."""
-        if self._unsent is not None:
+        always a finding. A CounterReplay means the first try did land. Raises what the
+        sink raises when it fails again (the record is kept for the next try unless the
+        log judged it)."""
+        if self._unsent is None:
+            return
+        try:
             self._sink.append(*self._unsent)
+        except CounterReplay:
+            pass  # the append that timed out had reached the log
+        except (AppendRefused, RecordError, VerificationError):
             self._unsent = None
+            raise
+        self._unsent = None
 
     def refused_receipt(
         self,
@@ -195,6 +210,7 @@ class EgressGate:
         )
         digest = hashlib.sha256(payload).digest()
         with self._lock:
+            self._retry_unsent()  # first, so that a failed retry burns no new counter
             record = AuditRecord(
                 counter=self._signer.next_counter(),
                 time_ms=self._clock(),
@@ -210,7 +226,6 @@ class EgressGate:
                 levels=self._policy.levels,
                 attributes=attributes,
             )
-            self._retry_unsent()
             data = record.encode()
             signed = (data, self._signer.sign(data))
             try:

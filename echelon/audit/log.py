@@ -114,7 +114,9 @@ class Registry:
         staged.counters = dict(self.counters)
         return staged
 
-    def check(self, data: bytes, signature: bytes, caller: str | None = None) -> Accepted:
+    def check(
+        self, data: bytes, signature: bytes, caller: str | None = None, *, pin: bool = True
+    ) -> Accepted:
         """Decodes and checks one record against the registry (without recording it);
         `caller`, when the transport authenticated one, must be the record's signer.
 
@@ -136,7 +138,7 @@ class Registry:
             )
         key = self.keys.get(party)
         offered = registration_key(record)
-        if self.pinned is not None:
+        if self.pinned is not None and pin:
             self._check_pinned(record, offered)
         if offered is not None:
             if key is None:
@@ -247,7 +249,9 @@ class TransparencyLog:
     def _replay(self, stored: StoredEntry) -> None:
         if stored.index != self._tree.size:
             raise StoreCorrupted("entry index gap", expected=self._tree.size, found=stored.index)
-        accepted = self._registry.check(stored.record, stored.signature)
+        # Stored entries were accepted when appended, under the manifest version of that
+        # time: replayed without the pins (a party a later version removed keeps its past).
+        accepted = self._registry.check(stored.record, stored.signature, pin=False)
         if accepted.entry.leaf_hash != stored.leaf_hash:
             raise StoreCorrupted(
                 f"leaf hash of entry {stored.index}",

@@ -6,6 +6,7 @@ consistency proofs (`consistency_proof`).
 
 from __future__ import annotations
 
+import collections
 import functools
 from collections.abc import Callable, Iterator
 from typing import NoReturn, TypeVar
@@ -22,8 +23,9 @@ from echelon.audit import (
     SignedTreeHead,
     StoredEntry,
 )
+from echelon.audit.errors import VerificationError
 from echelon.audit.merkle import leaf_hash
-from echelon.audit.proofs import AppendProof, ProofChain
+from echelon.audit.proofs import AppendProof, MissingProof, ProofChain
 from echelon.audit.record import leaf_data
 from echelon_proto.audit.v1 import audit_pb2, audit_pb2_grpc
 from services.common.wire import new_ref
@@ -105,6 +107,7 @@ class AuditClient:
         self._stub = audit_pb2_grpc.AuditLogStub(channel)
         self._timeout_s = timeout_s
         self.proofs = proofs
+        self.on_proof_failure: Callable[[str], None] = lambda reason: None
 
     def _request(self, record: bytes, signature: bytes, window: int) -> audit_pb2.AppendRequest:
         chain = self.proofs
@@ -116,19 +119,31 @@ class AuditClient:
             known_size=0 if chain is None else chain.known_size,
         )
 
-    def _result(self, response: audit_pb2.AppendResponse) -> AppendResult:
-        """The answer, its proof checked first when this client asks for proofs."""
+    def _result(self, response: audit_pb2.AppendResponse, sent: bytes) -> AppendResult:
+        """The answer, its proof checked first when this client asks for proofs: the proof
+        must be of `sent`, the leaf hash of the record this client sent (not of whatever
+        entry the log names). A failed proof calls `on_proof_failure` (the party halts)."""
         if self.proofs is not None:
-            self.proofs.check(
-                AppendProof(
-                    index=response.index,
-                    leaf_hash=bytes(response.leaf_hash),
-                    checkpoint=bytes(response.tree_head.checkpoint),
-                    inclusion=tuple(bytes(h) for h in response.inclusion_proof),
-                    consistency=tuple(bytes(h) for h in response.consistency_proof),
-                    consistency_from=response.consistency_from,
+            try:
+                if bytes(response.leaf_hash) != sent:
+                    raise MissingProof(
+                        f"answer for record at index {response.index}",
+                        expected=f"the leaf hash of the record sent, {sent.hex()[:16]}...",
+                        found=bytes(response.leaf_hash).hex()[:16] + "...",
+                    )
+                self.proofs.check(
+                    AppendProof(
+                        index=response.index,
+                        leaf_hash=sent,
+                        checkpoint=bytes(response.tree_head.checkpoint),
+                        inclusion=tuple(bytes(h) for h in response.inclusion_proof),
+                        consistency=tuple(bytes(h) for h in response.consistency_proof),
+                        consistency_from=response.consistency_from,
+                    )
                 )
-            )
+            except VerificationError as exc:
+                self.on_proof_failure(f"the audit log did not prove a record: {exc}")
+                raise
         return AppendResult(
             index=response.index,
             leaf_hash=bytes(response.leaf_hash),
@@ -149,17 +164,27 @@ class AuditClient:
         """
         request = self._request(record, signature, window)
         response = self._call(lambda: self._stub.Append(request, timeout=self._timeout_s))
-        return self._result(response)
+        return self._result(response, leaf_hash(leaf_data(record, signature)))
 
     def append_stream(self, records: Iterator[tuple[bytes, bytes]]) -> Iterator[AppendResult]:
         """Appends each (record, signature) that `records` yields, in order, over one
         stream (no deadline: it lives as long as the party), yielding each result in the
         same order. Raises as `append` does for the first refused record, which ends the
         stream (the ones before it stay appended)."""
-        requests = (self._request(record, signature, 0) for record, signature in records)
+        sent: collections.deque[bytes] = collections.deque()  # leaf hashes, in order
+
+        def requests() -> Iterator[audit_pb2.AppendRequest]:
+            for record, signature in records:
+                sent.append(leaf_hash(leaf_data(record, signature)))
+                yield self._request(record, signature, 0)
+
         try:
-            for response in self._stub.AppendStream(requests):
-                yield self._result(response)
+            for response in self._stub.AppendStream(requests()):
+                if not sent:
+                    raise MissingProof(
+                        "append stream", expected="one answer per record", found="an extra one"
+                    )
+                yield self._result(response, sent.popleft())
         except grpc.RpcError as error:
             _raise(error)
 

@@ -159,7 +159,7 @@ def _sign_tail(log_: TransparencyLog, every_s: float, stop: threading.Event) -> 
     while not stop.wait(every_s):
         try:
             log_.tree_head()
-        except Exception as exc:  # a closed store at shutdown; anything else is logged
-            if not stop.is_set():
-                log.error("tail_not_signed", error=str(exc))
-            return
+        except Exception as exc:  # a closed store at shutdown; anything else: try again
+            if stop.is_set():
+                return
+            log.error("tail_not_signed", error=str(exc))

@@ -182,12 +182,16 @@ def main(argv: list[str] | None = None) -> int:
                 "boundary could never contribute; run more workers",
             )
             failed.set()
+            if session is not None:
+                session.changed()  # the refusal watcher stops the agent now
             return
         try:
             pools.append(start_pool(setup, facts, data_dir, security))
         except PoolError as exc:
             log.error("device_pool_failed", error=str(exc))
             failed.set()
+            if session is not None:
+                session.changed()  # the refusal watcher stops the agent now
             return
         trainer.attach(pools[0])
         log.info("devices_ready", workers=trainer.alive_workers())

@@ -217,6 +217,12 @@ class AgentSession:
                 return None
             return core.held_version, core.phi.copy()
 
+    def changed(self) -> None:
+        """Wakes every `wait` to re-check its predicate (a condition outside the session
+        changed, e.g. the devices failed to start)."""
+        with self._changed:
+            self._changed.notify_all()
+
     def wait(self, predicate: Callable[[], bool], timeout_s: float) -> bool:
         deadline = time.monotonic() + timeout_s
         with self._changed:
@@ -446,7 +452,8 @@ class AgentSession:
             self.audit.gate.refused_receipt(
                 PayloadType.RUN_CONFIG, COORDINATOR, 0, body, RunConfig(config=body), reason
             )
-            self.audit.before_egress()
+            if self.audit.pipeline is not None:  # on the log before the agent stops
+                self.audit.pipeline.flush(10.0)
         except AuditError as exc:
             log.error("refusal_not_recorded", reason=reason, error=str(exc))
 

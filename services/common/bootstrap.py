@@ -76,6 +76,7 @@ def audited_peer(
     )
     peer = AuditedPeer(make_gate(policy), make_gate, pipeline)
     halt.append(peer.halt)
+    client.on_proof_failure = peer.halt  # a record the log did not prove stops all egress
     if proofs is not None:
         from .witnessing import SplitViewCheck
 

@@ -106,6 +106,12 @@ def load_transport(common: ServiceConfig, party: str, role: PartyRole) -> Transp
         )
         return Transport(kit=None)
     root: bytes | None = None
+    if not common.root_key:
+        log.warning(
+            "root_from_kit",
+            detail="no [service].root_key: the manifest is checked against the kit's own "
+            "root.pub; give the root received out of band",
+        )
     try:
         if common.root_key:
             path = Path(common.root_key)

@@ -477,6 +477,8 @@ class CoordinatorSessions:
                     grpc.StatusCode.PERMISSION_DENIED,
                     "Hello: registration nonce already used, want a fresh proof",
                 )
+            if len(self._nonces) >= 65536:  # bounded: kept for this process's lifetime only
+                self._nonces.clear()
             self._nonces.add(nonce)
 
     def _read(

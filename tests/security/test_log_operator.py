@@ -186,3 +186,32 @@ def test_a_log_showing_two_parties_two_trees_is_caught_while_the_run_goes_on(
         )  # nothing of org-a's was summed under the split view
     finally:
         run.sites.close()
+
+
+class SubstitutingLog(AuditLogServicer):
+    """Drops org-a's record of its masked vector and answers with the index and leaf of an
+    entry already on the log, whose inclusion proof is genuine."""
+
+    def _append(
+        self, request: audit_pb2.AppendRequest, what: str, caller: str | None
+    ) -> audit_pb2.AppendResponse:
+        record = AuditRecord.decode(bytes(request.record))
+        if record.payload_type == PayloadType.MASKED_DELTA and record.sender == "org-a":
+            last = self._log.entries(self._log.size - 1, self._log.size)[0]
+            return audit_pb2.AppendResponse(index=last.index, leaf_hash=last.leaf_hash)
+        return super()._append(request, what, caller)
+
+
+def test_an_answer_proving_another_record_halts_the_sender(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(audit_server, "AuditLogServicer", SubstitutingLog)
+    run = start_run(tmp_path / "run")
+    try:
+        run.release()
+        assert run.sites.audit is not None
+        peer = run.sites.audit.peers["org-a"]
+        assert run.sites.agents["org-a"].wait(lambda: peer.halted is not None, TIMEOUT_S)
+        assert "the leaf hash of the record sent" in str(peer.halted), peer.halted
+    finally:
+        run.sites.close()
