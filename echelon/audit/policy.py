@@ -47,6 +47,7 @@ DEFAULT_MAX_BYTES: Mapping[PayloadType, int] = {
     P.TREE_HEAD: 4 * _KIB,
     P.CONTRIBUTION_DROPPED: 4 * _KIB,
     P.ROUND_REQUEST: 4 * _KIB,
+    P.MANIFEST: _MIB,
 }
 
 _COMMON = {P.KEY_REGISTRATION, P.WINDOW_ACK, P.STATUS, P.TREE_HEAD}
@@ -78,6 +79,7 @@ DEFAULT_ALLOWED: Mapping[Role, frozenset[PayloadType]] = {
             P.WINDOW_ABORT,
             P.CONTRIBUTION_DROPPED,
             P.ROUND_REQUEST,
+            P.MANIFEST,  # each version of the run's signed manifest, to the log
         }
     ),
 }

@@ -55,6 +55,7 @@ class PayloadType(IntEnum):
     TREE_HEAD = 16
     CONTRIBUTION_DROPPED = 17
     ROUND_REQUEST = 18
+    MANIFEST = 19
 
 
 class Role(StrEnum):
@@ -262,8 +263,18 @@ class DroppedAttributes(_Attributes):
     _KINDS: ClassVar[dict[str, _Kind]] = {"staleness": "int"}
 
 
+@dataclass(frozen=True, kw_only=True)
+class ManifestAttributes(_Attributes):
+    """A signed federation manifest's version (the payload is its bytes: the record holds
+    their SHA-256, which `echelon audit verify --manifest` compares)."""
+
+    version: int
+    _KINDS: ClassVar[dict[str, _Kind]] = {"version": "int"}
+
+
 Attributes: TypeAlias = (
     NoAttributes
+    | ManifestAttributes
     | KeyRegistration
     | RunConfig
     | DeltaAttributes
@@ -278,6 +289,7 @@ _ATTRIBUTE_CLASS: dict[PayloadType, type[Attributes]] = {
     PayloadType.PLAIN_DELTA: DeltaAttributes,
     PayloadType.WINDOW_METADATA: MetadataAttributes,
     PayloadType.CONTRIBUTION_DROPPED: DroppedAttributes,
+    PayloadType.MANIFEST: ManifestAttributes,
 }
 
 

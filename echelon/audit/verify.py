@@ -36,6 +36,7 @@ from .record import (
     AuditRecord,
     Direction,
     KeyRegistration,
+    ManifestAttributes,
     PayloadType,
     Role,
     RunConfig,
@@ -72,6 +73,7 @@ class Report:
     manifest: str = ""  # "run R version N": the manifest whose keys the log was checked by
     witnessed: bool = False  # some party's witness state was given
     refusals: list[str] = field(default_factory=list)  # payloads refused on receipt
+    manifest_versions: list[int] = field(default_factory=list)  # recorded on the log
 
     @property
     def ok(self) -> bool:
@@ -116,6 +118,7 @@ class Report:
             "manifest": self.manifest or None,
             "witnessed": self.witnessed,
             "refusals": self.refusals,
+            "manifest_versions": self.manifest_versions,
             "declared_policy": self.policy.to_json() if self.policy else None,
             "baseline": self.policy.levels.baseline if self.policy else None,
             "counts": [
@@ -141,6 +144,8 @@ class Report:
             + (
                 f"the manifest's (run {self.manifest})" if self.manifest else "as the log registers"
             ),
+            "manifest versions recorded: "
+            + (", ".join(map(str, self.manifest_versions)) or "none"),
         ]
         if self.policy is not None:
             p = self.policy
@@ -184,6 +189,7 @@ def verify_log(
     signers: Mapping[str, PinnedParty] | None = None,
     declared: bytes | None = None,
     manifest: str = "",
+    manifest_sha256: bytes | None = None,
 ) -> Report:
     """Verifies a whole log as read from its store (plus checkpoints kept by witnesses).
     With a manifest (`signers`, its `declared` run declaration, `manifest` naming it), a
@@ -229,6 +235,7 @@ def verify_log(
     _check_tree_heads(report, tree, tree_heads, verifier)
     _check_witnessed(report, tree, witnessed, verifier)
     _check_policy(report, records, declared)
+    _check_manifests(report, records, manifest_sha256)
     _reconcile(report, records)
     return report
 
@@ -355,7 +362,9 @@ def _check_policy(
             elif attrs.config != config:
                 report.add("run_config", index, "RUN_CONFIG differs from the first declared one")
             continue
-        if record.payload_type == PayloadType.KEY_REGISTRATION or not record.verdict.accepted:
+        if record.payload_type in (PayloadType.KEY_REGISTRATION, PayloadType.MANIFEST):
+            continue  # (they come before the run declares itself)
+        if not record.verdict.accepted:
             continue
         if policy is None:
             report.add(
@@ -387,6 +396,41 @@ def _check_policy(
                 f"{record.sender}->{record.receiver} in window {record.window}: {reason}",
             )
     report.parties = {party: role.value for party, role in roles.items()}
+
+
+def _check_manifests(
+    report: Report, records: Sequence[tuple[int, AuditRecord]], given: bytes | None
+) -> None:
+    """The manifest versions the coordinator recorded go up, one body per version, and
+    the latest is the manifest the auditor was given (`given`: its SHA-256)."""
+    seen: dict[int, bytes] = {}
+    latest: tuple[int, bytes, int] | None = None  # (version, sha256, index)
+    for index, record in records:
+        attrs = record.attributes
+        if not isinstance(attrs, ManifestAttributes) or record.direction != Direction.SENT:
+            continue
+        if not record.verdict.accepted:
+            continue
+        version, digest = attrs.version, record.payload_sha256
+        if version in seen and seen[version] != digest:
+            report.add("manifest", index, f"manifest version {version} recorded with two bodies")
+        elif latest is not None and version < latest[0]:
+            report.add("manifest", index, f"manifest version {version} recorded after {latest[0]}")
+        seen[version] = digest
+        if latest is None or version >= latest[0]:
+            latest = (version, digest, index)
+    report.manifest_versions = sorted(seen)
+    if given is None:
+        return
+    if latest is None:
+        report.add("manifest", None, "the run's manifest was never recorded on the log")
+    elif latest[1] != given:
+        report.add(
+            "manifest",
+            latest[2],
+            f"the latest manifest on the log (version {latest[0]}, sha256 "
+            f"{latest[1].hex()[:16]}...) is not the one given ({given.hex()[:16]}...)",
+        )
 
 
 def _reconcile(report: Report, records: Sequence[tuple[int, AuditRecord]]) -> None:

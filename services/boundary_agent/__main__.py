@@ -26,22 +26,24 @@ import structlog
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from echelon import tomlconfig
+from echelon.audit.errors import AuditError
 from echelon.audit.policy import Policy
-from echelon.audit.record import Role
+from echelon.audit.record import ManifestAttributes, PayloadType, Role
 from echelon.declaration import ModelIdentity, RunDeclaration
 from echelon.device.pool import DevicePool, PoolError
 from echelon.floor import LocalFloor, declaration_shortfalls
 from echelon.policy import ExportPolicy
-from echelon.protocol import BoundaryCore
+from echelon.protocol import COORDINATOR, BoundaryCore
 from echelon.tomlconfig import Builder, ConfigFileError
 from echelon.training.data import DataConfig
 from echelon.training.inner import InnerConfig
 from echelon.training.model import LoraConfig, ModelConfig
 from echelon.training.tokenizer import TokenizerConfig
-from echelon.trust.manifest import FederationManifest, PartyRole
+from echelon.trust.manifest import FederationManifest, PartyRole, SignedManifest
 from echelon.trust.registration import prove_registration
 from echelon_proto.boundary.v1 import boundary_pb2_grpc
 from echelon_proto.coordinator.v1 import session_pb2
+from services.common.audited import AuditedPeer
 from services.common.bootstrap import audited_peer, log_verifier_key, watch_audit_log
 from services.common.identity import load_or_create_identity
 from services.common.obs import configure_logging, start_metrics
@@ -135,11 +137,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{BOUNDARY_AGENT.prog}: configuration error: {exc}", file=sys.stderr)
         return 2
     manifest = transport.manifest
-    if manifest is not None:
-        short = declaration_shortfalls(manifest.declaration, floor)
-        if short:  # the manifest itself is weaker than this organization's floor
-            log.error("run_refused", reason="manifest below floor: " + "; ".join(short))
-            return 1
     data_dir = common.data_dir
     facts = model_facts(setup, data_dir)
     identity = load_or_create_identity(agent.boundary, data_dir / "identity", transport.kit)
@@ -155,6 +152,15 @@ def main(argv: list[str] | None = None) -> int:
         pipelined=True,
         log_key=log_verifier_key(common, transport),
     )
+    if transport.kit is not None:
+        short = declaration_shortfalls(transport.kit.manifest.declaration, floor)
+        if short:  # the manifest itself is weaker than this organization's floor
+            reason = "manifest below this organization's floor: " + "; ".join(short)
+            log.error("run_refused", reason=reason)
+            refuse_manifest(audit, transport.kit.signed_manifest, reason)
+            audit.close()
+            audit_channel.close()
+            return 1
     model = ModelIdentity(
         bytes.fromhex(facts.layout.digest()),
         facts.base_digest,
@@ -332,6 +338,22 @@ def main(argv: list[str] | None = None) -> int:
     threading.Thread(target=watch_refusal, name="refusal", daemon=True).start()
     wait_for_signal(running, shutdown, common.server.grace_s)
     return 1 if (session.log.refused or failed.is_set()) else 0
+
+
+def refuse_manifest(audit: AuditedPeer, signed: SignedManifest, reason: str) -> None:
+    """The refused manifest and why, on the audit log (a refusal on receipt: the run's
+    coordinator stands for the federation that issued it)."""
+    try:
+        audit.gate.refused_receipt(
+            PayloadType.MANIFEST,
+            COORDINATOR,
+            0,
+            signed.to_bytes(),
+            ManifestAttributes(version=signed.version),
+            reason,
+        )
+    except AuditError as exc:
+        log.error("refusal_not_recorded", reason=reason, error=str(exc))
 
 
 def accept_declaration(

@@ -14,8 +14,14 @@ from echelon.audit.checkpoint import load_verifier
 from echelon.audit.gate import AuditSink, EgressGate, wall_clock_ms
 from echelon.audit.policy import Policy
 from echelon.audit.proofs import ProofChain
-from echelon.audit.record import LOG_PARTY, KeyRegistration, PayloadType, Role
-from echelon.trust.manifest import PartyRole
+from echelon.audit.record import (
+    LOG_PARTY,
+    KeyRegistration,
+    ManifestAttributes,
+    PayloadType,
+    Role,
+)
+from echelon.trust.manifest import PartyRole, SignedManifest
 
 from .audited import AuditedPeer
 from .identity import Identity
@@ -115,3 +121,22 @@ def watch_audit_log(
         channel=channel,
     )
     watch.start(common.witness_s, stop)
+
+
+def record_manifest(peer: AuditedPeer, signed: SignedManifest, recorded: int) -> int:
+    """Records the run's signed manifest on the audit log (its bytes' SHA-256 and its
+    version) when its version is newer than `recorded`, the last one this party recorded;
+    returns the version now recorded. A rotation is thereby on the log."""
+    if signed.version <= recorded:
+        return recorded
+    body = signed.to_bytes()
+    peer.gate.send(
+        PayloadType.MANIFEST,
+        LOG_PARTY,
+        0,
+        body,
+        ManifestAttributes(version=signed.version),
+        lambda: None,
+    )
+    log.info("manifest_recorded", run_id=signed.run_id, version=signed.version)
+    return signed.version

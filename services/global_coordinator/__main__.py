@@ -28,7 +28,12 @@ from echelon.tomlconfig import ConfigFileError
 from echelon.trust.manifest import FederationManifest, PartyRole
 from echelon_proto.coordinator.v1 import coordinator_pb2_grpc
 from services.common.audited import AuditedPeer
-from services.common.bootstrap import audited_peer, log_verifier_key, watch_audit_log
+from services.common.bootstrap import (
+    audited_peer,
+    log_verifier_key,
+    record_manifest,
+    watch_audit_log,
+)
 from services.common.identity import load_or_create_identity
 from services.common.obs import configure_logging, start_metrics
 from services.common.portfile import write_port_file
@@ -43,6 +48,7 @@ from .store import CoordinatorStore, restore_state
 
 PARTY = "coordinator"
 _RECORDED = "run_config_sha256"
+_MANIFEST = "manifest_version"  # the last manifest version recorded on the audit log
 log = structlog.get_logger(__name__)
 
 
@@ -132,6 +138,11 @@ def main(argv: list[str] | None = None) -> int:
         log_key=log_verifier_key(common, transport),
     )
     store = CoordinatorStore(common.data_dir / "state")
+    if transport.kit is not None:  # each manifest version the run goes through, on the log
+        recorded = record_manifest(
+            audit, transport.kit.signed_manifest, int(store.get_meta(_MANIFEST) or 0)
+        )
+        store.set_meta(_MANIFEST, str(recorded))
     sessions = CoordinatorSessions(
         core_factory(config, store, audit, manifest),
         run_id=config.run_id,

@@ -311,7 +311,9 @@ def test_a_log_fabricated_under_the_operators_own_keys_is_refused_with_the_manif
                       "--manifest", str(run.root / "kits" / "auditor")]) == 0  # fmt: skip
 
 
-def test_a_revoked_party_is_refused_after_a_manifest_rotation(tmp_path: Path) -> None:
+def test_a_revoked_party_is_refused_after_a_manifest_rotation(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """org-c was a party of version 1 and is revoked by version 2 (`echelon manifest
     rotate --remove org-c`); the run uses version 2. org-c's certificate is still valid
     and from the federation's CA, but it names no party of version 2: the coordinator and
@@ -346,6 +348,14 @@ def test_a_revoked_party_is_refused_after_a_manifest_rotation(tmp_path: Path) ->
         assert all(c.contributors == ("org-a", "org-b") for c in run.sites.commits)
     finally:
         run.sites.close()
+    # The rotation is on the log: version 2 is the manifest recorded, and verify refuses to
+    # take version 1 (still on org-c's disk) for the run's.
+    db = str(run.root / "audit" / "log.db")
+    assert audit_cli(["verify", "--db", db, "--manifest", str(run.root / "kits" / "auditor")]) == 0
+    assert capsys.readouterr().out.count("manifest versions recorded: 2") == 1
+    assert audit_cli(["verify", "--db", db, "--manifest", str(run.root / "kits" / "org-c")]) == 1
+    out = capsys.readouterr().out
+    assert "[manifest]" in out and "is not the one given" in out, out[-1500:]
     # The coordinator's version-1 kit is refused once it ran under version 2.
     old = tmp_path / "old-kit"
     shutil.copytree(run.root / "kits" / "coordinator", old)

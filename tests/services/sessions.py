@@ -39,7 +39,7 @@ from echelon_tools.provision import FederationSpec, provision, rotate
 from services.audit_log.server import AuditLogConfig, AuditLogServer, create_server
 from services.boundary_agent.session import AgentSession, Backoff, Hello
 from services.common.audited import AuditedPeer
-from services.common.bootstrap import audited_peer
+from services.common.bootstrap import audited_peer, record_manifest
 from services.common.identity import load_or_create_identity
 from services.common.server import RunningServer, ServerConfig, start_server
 from services.common.transport import Transport
@@ -233,6 +233,10 @@ def start_sites(
             )
             log.peers[party], keys[party] = peer, identity.key
             log.channels.append(channel)
+        if transports:  # the run's manifest on the log, as the coordinator's main records it
+            kit = transports[COORDINATOR].kit
+            assert kit is not None
+            record_manifest(log.peers[COORDINATOR], kit.signed_manifest, 0)
     coordinator = transports.get(COORDINATOR)
     sessions = CoordinatorSessions(
         lambda model: (core, run_config),

@@ -9,7 +9,7 @@ import pytest
 from echelon.audit.record import Direction, PayloadType
 from echelon.audit.store import read_records
 from echelon.training.corpus import cached_domain
-from echelon_tools.launcher import Deployment, DeploymentSpec, Site
+from echelon_tools.launcher import Deployment, DeploymentSpec, LaunchError, Site
 
 from .logs import log_events, wait_for_event
 
@@ -93,3 +93,49 @@ def test_an_agent_with_fewer_workers_than_k_min_says_so_once_and_stops(
     assert code == 1
     assert len(log_events(agent.log_path, "devices_below_k_min")) == 1
     assert log_events(agent.log_path, "devices_ready") == []
+
+
+def test_an_agent_refuses_a_manifest_below_its_floor_and_says_so_on_the_log(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """Over mTLS: the signed manifest itself (k_min 2) is weaker than org-a's floor
+    (min_k_min 3). The agent refuses it at start, before its devices or its session,
+    exits 1, and its refusal (the manifest's digest and the reason) is on the audit log."""
+    root = tmp_path_factory.mktemp("manifest-floor")
+    text = cached_domain("stdlib-a", root / "corpus", max_bytes=100_000).path
+    spec = DeploymentSpec(
+        root=root / "run",
+        # (a manifest names at least m_min = 2 boundaries; both have the same floor here)
+        sites=(
+            Site(boundary="org-a", data_files=(text,)),
+            Site(boundary="org-b", data_files=(text,)),
+        ),
+        tokenizer_files=(text,),
+        coordinator_tables={
+            "coordinator": {"run_id": "manifest-floor", "windows": 1},
+            "secagg": {"level1": True, "level2": True, "k_min": 2},
+        },
+        agent_tables={"tokenizer": {"vocab_size": 512}, "floor": {"min_k_min": 3}},
+        mtls=True,
+    )
+    with Deployment(spec) as deployment:
+        # The agent exits before it ever listens: the launcher says so.
+        with pytest.raises(LaunchError, match="org-a exited with 1"):
+            deployment.start(timeout_s=180)
+        agent = deployment.services["org-a"]
+        records = read_records(deployment.audit_db)
+
+    refused = log_events(agent.log_path, "run_refused")
+    assert agent.process.returncode == 1
+    assert len(refused) == 1 and "manifest below this organization's floor" in refused[0]["reason"]
+    assert log_events(agent.log_path, "devices_ready") == []
+    assert log_events(agent.log_path, "session_open") == []
+    refusals = [
+        r
+        for r in records
+        if r.payload_type == PayloadType.MANIFEST
+        and r.receiver == "org-a"
+        and r.direction == Direction.RECEIVED
+        and not r.verdict.accepted
+    ]
+    assert len(refusals) == 1 and "k_min" in refusals[0].verdict.reason

@@ -63,6 +63,8 @@ class _PayloadTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_PayloadTy
     """a contribution dropped (staleness cut-off)"""
     PAYLOAD_TYPE_ROUND_REQUEST: _PayloadType.ValueType  # 18
     """a request carrying only its window reference"""
+    PAYLOAD_TYPE_MANIFEST: _PayloadType.ValueType  # 19
+    """a signed federation manifest version (to the log)"""
 
 class PayloadType(_PayloadType, metaclass=_PayloadTypeEnumTypeWrapper):
     """The closed set of payload types that may cross a boundary. Audit records name
@@ -106,6 +108,8 @@ PAYLOAD_TYPE_CONTRIBUTION_DROPPED: PayloadType.ValueType  # 17
 """a contribution dropped (staleness cut-off)"""
 PAYLOAD_TYPE_ROUND_REQUEST: PayloadType.ValueType  # 18
 """a request carrying only its window reference"""
+PAYLOAD_TYPE_MANIFEST: PayloadType.ValueType  # 19
+"""a signed federation manifest version (to the log)"""
 Global___PayloadType: _TypeAlias = PayloadType  # noqa: Y015
 
 class _Encoding:
