@@ -7,6 +7,7 @@ reads files and flags, the checking itself lives in `echelon.audit.verify`.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 from collections.abc import Sequence
@@ -29,7 +30,7 @@ from echelon.audit.verify import verify_log
 from echelon.audit.witness import read_checkpoint
 from echelon.trust.errors import TrustError
 from echelon.trust.kit import MANIFEST, ROOT_PUB
-from echelon.trust.manifest import FederationManifest, SignedManifest
+from echelon.trust.manifest import SignedManifest
 from echelon.trust.pki import load_ed25519_public
 
 
@@ -109,7 +110,7 @@ def _load_key(args: argparse.Namespace) -> NoteVerifier | None:
     return load_verifier(text)
 
 
-def _manifest(args: argparse.Namespace) -> FederationManifest | None:
+def _manifest(args: argparse.Namespace) -> SignedManifest | None:
     """The manifest given with --manifest, verified against --root (or its root.pub)."""
     if args.manifest is None:
         if args.root is not None:
@@ -121,13 +122,16 @@ def _manifest(args: argparse.Namespace) -> FederationManifest | None:
     root_path: Path = args.root or folder / ROOT_PUB
     try:
         root = load_ed25519_public(root_path.read_bytes(), str(root_path))
-        return SignedManifest.from_bytes(file.read_bytes()).verify(root)
+        signed = SignedManifest.from_bytes(file.read_bytes())
+        signed.verify(root)
+        return signed
     except TrustError as exc:
         raise ConfigError(f"--manifest {file}: {exc}") from None
 
 
 def _verify(args: argparse.Namespace) -> int:
-    manifest = _manifest(args)
+    signed = _manifest(args)
+    manifest = None if signed is None else signed.manifest
     store = _open(args.db)
     try:
         verifier = _load_key(args)
@@ -153,6 +157,7 @@ def _verify(args: argparse.Namespace) -> int:
             signers=None if manifest is None else manifest.audit_signers(),
             declared=None if manifest is None else manifest.declaration.to_canonical_bytes(),
             manifest="" if manifest is None else f"{manifest.run_id} version {manifest.version}",
+            manifest_sha256=None if signed is None else hashlib.sha256(signed.to_bytes()).digest(),
         )
     finally:
         store.close()
