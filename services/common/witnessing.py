@@ -11,6 +11,8 @@ person looks (the gate's `halt`).
 from __future__ import annotations
 
 import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -86,11 +88,20 @@ class SplitViewCheck:
         proofs: ProofChain,
         verifier: NoteVerifier,
         source: ConsistencySource,
+        unproven_s: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        """`unproven_s`: how long another party's heads may stay unproven because the
+        log does not answer the consistency request before that counts as a split view
+        (a forked log could otherwise refuse to answer); the same bound as the pipeline's
+        wait for the log (`PipelinedSink.fence_timeout_s`)."""
         self._peer = peer
         self._proofs = proofs
         self._verifier = verifier
         self._source = source
+        self._unproven_s = unproven_s
+        self._clock = clock
+        self._unproven_since: dict[str, float] = {}  # sender -> first unanswered check
         self._pending: dict[str, bytes] = {}  # the newest head of each sender, unchecked
         self._wake = threading.Condition()
         self._seen: set[bytes] = set()
@@ -122,12 +133,33 @@ class SplitViewCheck:
                 self._wake.wait_for(lambda: bool(self._pending))
                 batch, self._pending = self._pending, {}
             for sender, checkpoint in batch.items():
-                try:
-                    self._check(sender, checkpoint)
-                except Exception as exc:  # the log unreachable: checked with a later head
-                    self._seen.discard(checkpoint)
-                    log.warning("tree_head_unchecked", sender=sender, error=str(exc))
+                self._check_or_wait(sender, checkpoint)
                 self.checked += 1
+
+    def _check_or_wait(self, sender: str, checkpoint: bytes) -> None:
+        """Checks one head; when the log does not answer, the head is checked again with
+        a later one, until the sender's heads have gone unproven for `unproven_s`."""
+        try:
+            self._check(sender, checkpoint)
+        except Exception as exc:  # the log did not answer the consistency request
+            self._seen.discard(checkpoint)
+            now = self._clock()
+            since = self._unproven_since.setdefault(sender, now)
+            log.warning("tree_head_unchecked", sender=sender, error=str(exc))
+            if now - since >= self._unproven_s and self.split is None:
+                self._halt(
+                    sender,
+                    f"split view not ruled out: the audit log has not proved {sender}'s tree "
+                    f"heads consistent with this party's for {now - since:.0f} s ({exc})",
+                )
+            return
+        self._unproven_since.pop(sender, None)
+
+    def _halt(self, sender: str, reason: str) -> None:
+        self.split = reason
+        log.critical("audit_log_split_view", sender=sender, error=reason)
+        metrics.WITNESS_CHECKS.labels("inconsistent").inc()
+        self._peer.halt(reason)
 
     def _check(self, sender: str, checkpoint: bytes) -> None:
         try:
@@ -153,11 +185,8 @@ class SplitViewCheck:
         except (VerificationError, LogRangeError) as exc:
             # (a log that signed a head for `sender` and will not prove it to this party
             # shows the two parties two trees just as surely as a failed proof)
-            reason = (
+            self._halt(
+                sender,
                 f"split view: {sender}'s tree head (size {theirs.size}) is not consistent with "
-                f"this party's (size {own.size}): {exc}"
+                f"this party's (size {own.size}): {exc}",
             )
-            self.split = reason
-            log.critical("audit_log_split_view", sender=sender, error=str(exc))
-            metrics.WITNESS_CHECKS.labels("inconsistent").inc()
-            self._peer.halt(reason)
