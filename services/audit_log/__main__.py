@@ -64,9 +64,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     configure_logging("audit-log", common.log_level)
     try:
-        common.require_transport()
         transport = load_transport(common, LOG_PARTY, PartyRole.AUDIT_LOG)
-    except (ConfigFileError, TransportError) as exc:
+    except TransportError as exc:
         print(f"{AUDIT_LOG.prog}: configuration error: {exc}", file=sys.stderr)
         return 2
     metrics_port = start_metrics(common.metrics_host, common.metrics_port)

@@ -40,7 +40,6 @@ from echelon.training.inner import InnerConfig
 from echelon.training.model import LoraConfig, ModelConfig
 from echelon.training.tokenizer import TokenizerConfig
 from echelon.trust.manifest import FederationManifest, PartyRole, SignedManifest
-from echelon.trust.registration import prove_registration
 from echelon_proto.boundary.v1 import boundary_pb2_grpc
 from echelon_proto.coordinator.v1 import session_pb2
 from services.common.audited import AuditedPeer
@@ -54,7 +53,7 @@ from services.common.transport import TransportError, load_transport
 
 from . import metrics
 from .config import AgentConfig
-from .session import AgentSession, Backoff, Hello
+from .session import AgentSession, Backoff, Hello, session_trust
 from .state import load_state, save_state
 from .status import AgentStatusServicer, watch_attachment
 from .training import (
@@ -131,9 +130,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 0
     try:
-        common.require_transport()
         transport = load_transport(common, agent.boundary, PartyRole.BOUNDARY)
-    except (ConfigFileError, TransportError) as exc:
+    except TransportError as exc:
         print(f"{BOUNDARY_AGENT.prog}: configuration error: {exc}", file=sys.stderr)
         return 2
     manifest = transport.manifest
@@ -174,6 +172,12 @@ def main(argv: list[str] | None = None) -> int:
     stop = threading.Event()
     session: AgentSession | None = None
 
+    def fail() -> None:
+        """The devices cannot start: the refusal watcher stops the agent now."""
+        failed.set()
+        if session is not None:
+            session.changed()
+
     def start_devices(declaration: RunDeclaration) -> None:
         security = device_security(declaration, export.k_min, setup.devices.workers)
         need = max(security.k_min, 2)
@@ -187,17 +191,13 @@ def main(argv: list[str] | None = None) -> int:
                 detail="[devices].workers is below the run's k_min with level 1 on: this "
                 "boundary could never contribute; run more workers",
             )
-            failed.set()
-            if session is not None:
-                session.changed()  # the refusal watcher stops the agent now
+            fail()
             return
         try:
             pools.append(start_pool(setup, facts, data_dir, security))
         except PoolError as exc:
             log.error("device_pool_failed", error=str(exc))
-            failed.set()
-            if session is not None:
-                session.changed()  # the refusal watcher stops the agent now
+            fail()
             return
         trainer.attach(pools[0])
         log.info("devices_ready", workers=trainer.alive_workers())
@@ -264,11 +264,8 @@ def main(argv: list[str] | None = None) -> int:
             floor=floor,
         )
 
-    manifest_keys = (
-        {}
-        if manifest is None
-        else {p.party_id: p.identity_key for p in manifest.with_role(PartyRole.BOUNDARY)}
-    )
+    trust = session_trust(transport, agent.boundary)
+    manifest_keys: dict[str, bytes] = trust["manifest_keys"] or {}
     session = AgentSession(
         make_core,
         address=common.coordinator,
@@ -288,11 +285,7 @@ def main(argv: list[str] | None = None) -> int:
         persist=lambda state: save_state(state_dir, state),
         ready=False,
         backoff=Backoff(max_s=agent.reconnect_max_s),
-        dial=lambda target, options: transport.dial(target, PartyRole.COORDINATOR, options),
-        prove=None
-        if manifest is None
-        else lambda run_id, nonce: prove_registration(identity.key, run_id, agent.boundary, nonce),
-        manifest_keys=None if manifest is None else manifest_keys,
+        **trust,
     )
     status = AgentStatusServicer(agent.boundary, session, trainer.alive_workers, trainer.own_stats)
     running = start_server(

@@ -48,12 +48,14 @@ from echelon.protocol.events import (
     TrainingFinished,
 )
 from echelon.protocol.messages import KeySetup, OpenWindow, ToCoordinator
-from echelon.trust.registration import NONCE_BYTES
+from echelon.trust.manifest import PartyRole
+from echelon.trust.registration import NONCE_BYTES, prove_registration
 from echelon_proto.coordinator.v1 import coordinator_pb2_grpc
 from echelon_proto.coordinator.v1 import session_pb2 as pb
 from services.common.audited import AuditedPeer
 from services.common.session_audit import count_bytes, record_received, record_sent
 from services.common.session_wire import CoordinatorFrameReader, FrameError, agent_frames
+from services.common.transport import Transport
 
 log = structlog.get_logger(__name__)
 
@@ -62,6 +64,28 @@ RebaseFn = Callable[[Rebase], None]
 Fault = Callable[[ToCoordinator], ToCoordinator | None]
 
 _END = object()
+
+
+def session_trust(transport: Transport, boundary: str) -> dict[str, Any]:
+    """`AgentSession`'s transport arguments for the party `boundary`: `dial` (mTLS with a
+    kit, plaintext without), and with a kit `prove` (its registration proof, signed by the
+    kit's identity key) and `manifest_keys` (the manifest's boundaries' identity keys)."""
+    kit = transport.kit
+
+    def dial(target: str, options: list[tuple[str, Any]]) -> grpc.Channel:
+        return transport.dial(target, PartyRole.COORDINATOR, options)
+
+    if kit is None:
+        return {"dial": dial, "prove": None, "manifest_keys": None}
+    return {
+        "dial": dial,
+        "prove": lambda run_id, nonce: prove_registration(
+            kit.identity_key, run_id, boundary, nonce
+        ),
+        "manifest_keys": {
+            p.party_id: p.identity_key for p in kit.manifest.with_role(PartyRole.BOUNDARY)
+        },
+    }
 
 
 class RunRefused(Exception):

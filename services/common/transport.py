@@ -97,7 +97,12 @@ class Transport:
 def load_transport(common: ServiceConfig, party: str, role: PartyRole) -> Transport:
     """The service's transport from `[service]`: its kit, which must be the kit of `party`
     with `role` and verify against the configured root (or the kit's root.pub). Raises
-    TransportError saying what is wrong; an insecure transport is logged as a warning."""
+    TransportError saying what is wrong (also when there is neither a kit nor an explicit
+    `insecure = true`); an insecure transport is logged as a warning."""
+    try:
+        common.require_transport()
+    except ValueError as exc:
+        raise TransportError(str(exc)) from None
     if not common.kit:
         log.warning(
             "transport_insecure",

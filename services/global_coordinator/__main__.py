@@ -120,9 +120,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     configure_logging("coordinator", common.log_level)
     try:
-        common.require_transport()
         transport = load_transport(common, PARTY, PartyRole.COORDINATOR)
-    except (ConfigFileError, TransportError) as exc:
+    except TransportError as exc:
         print(f"{COORDINATOR.prog}: configuration error: {exc}", file=sys.stderr)
         return 2
     manifest = transport.manifest

@@ -14,7 +14,7 @@ the same run without the attack.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -41,25 +41,11 @@ from .harness import (
     attempt_session,
     ca_only_channel,
     hello_frame,
-    honest_digests,
     kit_channel,
-    start_run,
 )
 
 pytestmark = pytest.mark.timeout(120)
 Attack = Callable[[Run, Path], Transcript]
-
-
-@pytest.fixture(scope="module")
-def baseline(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
-    return honest_digests(tmp_path_factory.mktemp("honest"))
-
-
-@pytest.fixture
-def run(tmp_path: Path) -> Iterator[Run]:
-    running = start_run(tmp_path / "run")
-    yield running
-    running.sites.close()
 
 
 def _manifest_key(run: Run, party: str) -> bytes:

@@ -28,7 +28,7 @@ from echelon_proto.coordinator.v1 import coordinator_pb2, coordinator_pb2_grpc
 from echelon_proto.coordinator.v1 import session_pb2 as pb
 from echelon_tools.audit import main as audit_cli
 from services.boundary_agent.__main__ import accept_declaration
-from services.boundary_agent.session import AgentSession, Backoff, Hello
+from services.boundary_agent.session import AgentSession, Backoff, Hello, session_trust
 from services.common.server import ServerConfig, start_server
 from services.common.settings import ServiceConfig
 from services.common.transport import Transport, TransportError, load_transport
@@ -43,25 +43,12 @@ from .harness import (
     Run,
     attempt_session,
     hello_frame,
-    honest_digests,
     kit_channel,
     refused,
     start_run,
 )
 
 pytestmark = pytest.mark.timeout(120)
-
-
-@pytest.fixture(scope="module")
-def baseline(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
-    return honest_digests(tmp_path_factory.mktemp("honest"))
-
-
-@pytest.fixture
-def run(tmp_path: Path) -> Iterator[Run]:
-    running = start_run(tmp_path / "run")
-    yield running
-    running.sites.close()
 
 
 class FakeCoordinator(coordinator_pb2_grpc.CoordinatorServicer):
@@ -101,8 +88,6 @@ def _agent(run: Run, address: str) -> AgentSession:
     transport = Transport(run.kit("org-a"))
     kit = transport.kit
     assert kit is not None
-    from tests.services.sessions import _mtls_session
-
     manifest = kit.manifest
 
     def core(welcome: pb.Welcome) -> object:
@@ -125,7 +110,7 @@ def _agent(run: Run, address: str) -> AgentSession:
         train=lambda command: None,  # type: ignore[arg-type,return-value]
         backoff=Backoff(first_s=0.05, max_s=0.2),
         audit=None if run.sites.audit is None else run.sites.audit.peers["org-a"],
-        **_mtls_session(transport, "org-a"),
+        **session_trust(transport, "org-a"),
     )
 
 

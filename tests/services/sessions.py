@@ -11,7 +11,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 import grpc
 import numpy as np
@@ -32,12 +31,10 @@ from echelon.protocol import (
 from echelon.protocol.events import Command, CommitVersion, Event, Train
 from echelon.protocol.messages import ToCoordinator
 from echelon.trust.kit import load_kit
-from echelon.trust.manifest import PartyRole
-from echelon.trust.registration import prove_registration
 from echelon_proto.coordinator.v1 import coordinator_pb2_grpc
 from echelon_tools.provision import FederationSpec, provision, rotate
 from services.audit_log.server import AuditLogConfig, AuditLogServer, create_server
-from services.boundary_agent.session import AgentSession, Backoff, Hello
+from services.boundary_agent.session import AgentSession, Backoff, Hello, session_trust
 from services.common.audited import AuditedPeer
 from services.common.bootstrap import audited_peer, record_manifest
 from services.common.identity import load_or_create_identity
@@ -309,7 +306,7 @@ def start_sites(
             fault=boundary_fault,
             backoff=Backoff(first_s=0.05, max_s=0.5),
             audit=None if log is None else log.peers[b],
-            **({} if own is None else _mtls_session(own, b)),
+            **({} if own is None else session_trust(own, b)),
         )
         sites.agents[b] = agent
     for agent in sites.agents.values():
@@ -337,21 +334,6 @@ def _transports(
     if revoked:
         rotate(kits, revoked)
     return {party: Transport(load_kit(kits / party)) for party in (COORDINATOR, LOG_PARTY, *names)}
-
-
-def _mtls_session(transport: Transport, boundary: str) -> dict[str, Any]:
-    """An agent session's mTLS arguments, as the agent's main makes them."""
-    kit = transport.kit
-    assert kit is not None
-    return {
-        "dial": lambda target, options: transport.dial(target, PartyRole.COORDINATOR, options),
-        "prove": lambda run_id, nonce: prove_registration(
-            kit.identity_key, run_id, boundary, nonce
-        ),
-        "manifest_keys": {
-            p.party_id: p.identity_key for p in kit.manifest.with_role(PartyRole.BOUNDARY)
-        },
-    }
 
 
 def _built(core: BoundaryCore) -> Callable[[object], BoundaryCore]:
