@@ -14,7 +14,10 @@ the same run without the attack.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import grpc
@@ -60,12 +63,22 @@ def no_certificate(run: Run, _tmp: Path) -> Transcript:
 
 
 def another_root(run: Run, tmp: Path) -> Transcript:
-    """A federation with the same party names and run id, under another root and CA."""
+    """A certificate for org-a from a federation with the same party names and run id under
+    another root and CA, presented to the real coordinator (whose CA certificate is public:
+    the attacker trusts it, so the handshake gets as far as the client's certificate)."""
     other = make_federation(tmp / "other", run_id=CONFIG.run_id)
     kit = other.kit("org-a")
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=run.kit("org-a").ca_certificate_pem,
+        private_key=kit.tls_key_pem,
+        certificate_chain=kit.certificate_pem,
+    )
+    channel = grpc.secure_channel(
+        run.address, credentials, options=[("grpc.ssl_target_name_override", "coordinator")]
+    )
     frame = hello_frame("org-a", kit.identity_key.public_key().public_bytes_raw(),
                         prove_with=kit.identity_key)  # fmt: skip
-    return attempt_session(kit_channel(run.address, kit), frame)
+    return attempt_session(channel, frame)
 
 
 def another_partys_id(run: Run, _tmp: Path) -> Transcript:
@@ -126,8 +139,18 @@ def a_proof_from_another_run(run: Run, _tmp: Path) -> Transcript:
 # attack -> (status, words of its message, whether the coordinator could read the Hello and
 # so records the refusal on the audit log)
 ATTACKS: dict[str, tuple[Attack, grpc.StatusCode, str, bool]] = {
-    "no client certificate": (no_certificate, grpc.StatusCode.UNAVAILABLE, "", False),
-    "a certificate of another root": (another_root, grpc.StatusCode.UNAVAILABLE, "", False),
+    "no client certificate": (
+        no_certificate,
+        grpc.StatusCode.UNAVAILABLE,
+        "failed to connect to all addresses",
+        False,
+    ),
+    "a certificate of another root": (
+        another_root,
+        grpc.StatusCode.UNAVAILABLE,
+        "failed to connect to all addresses",
+        False,
+    ),
     "a valid certificate claiming another party's id": (
         another_partys_id,
         grpc.StatusCode.PERMISSION_DENIED,
@@ -161,13 +184,49 @@ ATTACKS: dict[str, tuple[Attack, grpc.StatusCode, str, bool]] = {
 }
 
 
+# A refusal in the TLS handshake never reaches the service's code (no call exists, so
+# nothing can go on the audit log): gRPC's TLS layer logs it, with its reason, on the
+# service's standard error, which is its log. attack -> the reason the server logs.
+HANDSHAKE_REFUSALS = {
+    "no client certificate": "PEER_DID_NOT_RETURN_A_CERTIFICATE",
+    "a certificate of another root": "CERTIFICATE_VERIFY_FAILED",
+}
+
+
+@contextmanager
+def standard_error_in(path: Path) -> Iterator[Path]:
+    """Points this process's file descriptor 2 (where gRPC's core logs) at `path` while the
+    block runs, and back afterwards; Python's own sys.stderr object is left alone."""
+    saved = os.dup(2)
+    with path.open("wb") as file:
+        os.dup2(file.fileno(), 2)
+    try:
+        yield path
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def logged(path: Path, reason: str) -> bool:
+    """Waits (up to the test's timeout) for gRPC's handshake failure line with `reason` in
+    `path`, where the in-process coordinator's standard error goes."""
+    while True:
+        text = path.read_text(errors="replace")
+        if "Handshake failed with error SSL_ERROR_SSL" in text and reason in text:
+            return True
+        threading.Event().wait(0.05)
+
+
 @pytest.mark.parametrize("name", list(ATTACKS))
 def test_an_attack_on_identities_is_refused_and_the_run_is_unchanged(
     name: str, run: Run, tmp_path: Path, baseline: list[str]
 ) -> None:
     attack, code, says, audited = ATTACKS[name]
 
-    transcript = attack(run, tmp_path)
+    with standard_error_in(tmp_path / "stderr.log") as log:
+        transcript = attack(run, tmp_path)
+        if name in HANDSHAKE_REFUSALS:
+            assert logged(log, HANDSHAKE_REFUSALS[name])
 
     assert transcript.code == code, transcript
     assert says in transcript.detail, transcript.detail
