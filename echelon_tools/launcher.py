@@ -8,7 +8,6 @@ demo and the end-to-end tests use this one launcher.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -24,7 +23,6 @@ from typing import Any
 import grpc
 
 from echelon.audit.checkpoint import VERIFIER_KEY_FILE
-from echelon.declaration import ModelIdentity
 from echelon.tomlconfig import dumps
 from echelon_proto.coordinator.v1 import coordinator_pb2, coordinator_pb2_grpc
 from echelon_tools.wan import ProxyHost
@@ -219,46 +217,20 @@ class Deployment:
         """A development federation in `root/kits`: the model identity as the first site's
         agent computes it (`--print-model`), the declaration as the coordinator's tables
         make it, one kit per party and the operator's (an auditor)."""
-        from services.common.settings import COORDINATOR, add_arguments, resolve
-        from services.global_coordinator.__main__ import load_config
-
-        from .provision import FederationSpec, provision
+        from .provision import FederationSpec, agent_model, coordinator_declaration, provision
 
         spec = self.spec
         site = spec.sites[0]
         cfg = self._write(site.boundary, self._agent_tables(site, "127.0.0.1:1", "127.0.0.1:1"))
-        env = {k: v for k, v in os.environ.items() if not k.startswith("ECHELON_")}
-        done = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "services.boundary_agent",
-                "--config",
-                str(cfg),
-                "--print-model",
-            ],
-            capture_output=True,
-            text=True,
-            env=env,
-            timeout=300,
-            check=False,
-        )
-        if done.returncode != 0:
-            raise LaunchError(f"{site.boundary} --print-model failed:\n{done.stderr[-3000:]}")
-        layout, base, tokenizer, dim = done.stdout.strip().splitlines()[-1].split(":")
-        model = ModelIdentity(
-            bytes.fromhex(layout), bytes.fromhex(base), bytes.fromhex(tokenizer), int(dim)
-        )
+        try:
+            model = agent_model(cfg)
+        except RuntimeError as exc:
+            raise LaunchError(str(exc)) from None
         tables = _merge({"service": {"data_dir": str(spec.root / "coordinator")}}, {})
         coordinator_cfg = self._write("coordinator", _merge(tables, spec.coordinator_tables))
-        parser = argparse.ArgumentParser()
-        add_arguments(parser, COORDINATOR)
-        config = load_config(
-            resolve(COORDINATOR, parser.parse_args(["--config", str(coordinator_cfg)]), {})
-        )
         provision(
             FederationSpec(
-                declaration=config.declaration(model),
+                declaration=coordinator_declaration(coordinator_cfg, model),
                 boundaries=tuple(s.boundary for s in spec.sites),
                 auditors=(OPERATOR,),
             ),

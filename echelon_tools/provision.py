@@ -12,6 +12,8 @@ import argparse
 import dataclasses
 import hashlib
 import json
+import os
+import subprocess
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -388,19 +390,57 @@ def _declaration(run_id: str, path: Path | None, model: str | None) -> RunDeclar
             "got neither --declaration nor --model, want one (the manifest carries the "
             "model's identity by digest)"
         )
-    parts = model.split(":")
-    if len(parts) != 4:
-        raise ValueError(f"--model: got {model!r}, want LAYOUT:BASE:TOKENIZER:DIM")
-    try:
-        digests = [bytes.fromhex(p) for p in parts[:3]]
-        dim = int(parts[3])
-        identity = ModelIdentity(digests[0], digests[1], digests[2], dim)
-    except ValueError as exc:
-        raise ValueError(f"--model: {exc}; want three 64-digit hex digests and an int") from None
+    identity = parse_model(model, "--model")
     try:
         return CoordinatorConfig(run_id=run_id).declaration(identity)
     except DeclarationError as exc:
         raise ValueError(f"--run-id: {exc}") from None
+
+
+def parse_model(text: str, what: str) -> ModelIdentity:
+    """A model identity as `echelon-boundary-agent --print-model` prints it and `--model`
+    takes it: LAYOUT:BASE:TOKENIZER:DIM. Raises ValueError naming `what`."""
+    parts = text.strip().split(":")
+    if len(parts) != 4:
+        raise ValueError(f"{what}: got {text!r}, want LAYOUT:BASE:TOKENIZER:DIM")
+    try:
+        digests = [bytes.fromhex(p) for p in parts[:3]]
+        return ModelIdentity(digests[0], digests[1], digests[2], int(parts[3]))
+    except ValueError as exc:
+        raise ValueError(f"{what}: {exc}; want three 64-digit hex digests and an int") from None
+
+
+def agent_model(agent_config: Path, *, timeout_s: float = 300.0) -> ModelIdentity:
+    """The model identity a boundary agent computes from `agent_config` (its base model,
+    adapter layout and tokenizer), by running `--print-model` with no ECHELON_* variables.
+    Raises RuntimeError with the agent's error output when it fails."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ECHELON_")}
+    command = [sys.executable, "-m", "services.boundary_agent", "--config", str(agent_config)]
+    done = subprocess.run(
+        [*command, "--print-model"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout_s,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(
+            f"{agent_config}: --print-model exited {done.returncode}:\n{done.stderr[-3000:]}"
+        )
+    return parse_model(done.stdout.strip().splitlines()[-1], f"{agent_config} --print-model")
+
+
+def coordinator_declaration(coordinator_config: Path, model: ModelIdentity) -> RunDeclaration:
+    """The run declaration a coordinator started with `coordinator_config` (and no ECHELON_*
+    variables) runs for `model`: what the manifest it runs under must carry."""
+    from services.common.settings import COORDINATOR, add_arguments, resolve
+    from services.global_coordinator.__main__ import load_config
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser, COORDINATOR)
+    args = parser.parse_args(["--config", str(coordinator_config)])
+    return load_config(resolve(COORDINATOR, args, {})).declaration(model)
 
 
 def _enrolments(values: Sequence[str]) -> dict[str, PublicEnrolment]:

@@ -1,9 +1,12 @@
 """`make demo-docker`: the multi-site demo of `make demo`, with every service in its own
 container (docker-compose.yml beside this file) instead of processes on loopback.
 
-Prepares the corpus and the base model as `make demo` does (cached in .cache), brings up
-the audit log, hands its verifier key to the others, brings up the coordinator, both
-organizations and the three Prometheus servers, follows the run from the global plane
+Prepares the corpus and the base model as `make demo` does (cached in .cache), provisions
+the federation on the host as `make demo` does (one kit per party and the operator's, for
+the model the agents will load and the run config/coordinator.toml declares; each kit is
+mounted into its party's container, so every channel is mTLS under the signed manifest),
+brings up the audit log, the coordinator, both organizations and the three Prometheus
+servers, follows the run from the global plane
 until its windows are done, stops every service, prints the same summary as `make demo`
 (audit verify, held-out losses, exported adapter, sample) from the stopped deployment's
 volumes, and tears everything down, also when a step fails. Needs the images
@@ -22,12 +25,19 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
-from echelon.tomlconfig import load_toml
+from echelon.tomlconfig import dumps, load_toml
 
 HERE = Path(__file__).resolve().parent
 COMPOSE_FILE = HERE / "docker-compose.yml"
+CONFIG = HERE / "config"
+BOUNDARIES = ("org-a", "org-b")
+# The image's user (deploy/docker/Dockerfile: USER 10001:10001), who must own the kits:
+# a kit's directory and private keys are private to their owner (0700, 0600).
+IMAGE_UID = 10001
 AGENTS = ("org-a-agent", "org-b-agent")
 # Order of `docker-compose stop`: the agents first (their last audit appends need the
 # global plane), then the coordinator, then the audit log, as `make demo` stops them.
@@ -122,6 +132,75 @@ def publish(model: Path, out: Path) -> Path:
     return out.resolve()
 
 
+def _on_host(value: Any, paths: dict[str, str]) -> Any:
+    """`value` (a TOML table, list or value) with each container path in `paths` replaced by
+    its host path."""
+    if isinstance(value, dict):
+        return {k: _on_host(v, paths) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_on_host(v, paths) for v in value]
+    if isinstance(value, str):
+        for inside, outside in paths.items():
+            if value == inside or value.startswith(inside + "/"):
+                return outside + value[len(inside) :]
+    return value
+
+
+def provision_kits(out: Path, corpus: Path, model: Path) -> Path:
+    """The federation of this deployment in `out/kits`, one kit per party (coordinator,
+    audit log, both organizations) and the operator's (an auditor: the watcher and the
+    summary read as it). The manifest names the model identity org-a's agent computes from
+    its own configuration (with the host's paths for the same corpus and model: the digests
+    are of the contents) and the declaration config/coordinator.toml makes. Each party's
+    kit is handed to the image's user; the root key and CA key stay the caller's."""
+    from echelon_tools.launcher import OPERATOR
+    from echelon_tools.provision import (
+        FederationSpec,
+        agent_model,
+        coordinator_declaration,
+        provision,
+    )
+
+    work = out / "provision"
+    work.mkdir(parents=True)
+    host = {"/srv/corpus": str(corpus), "/srv/model": str(model)}
+    agent = _on_host(load_toml(CONFIG / f"{BOUNDARIES[0]}.toml"), host)
+    agent["service"]["data_dir"] = str(work / BOUNDARIES[0])
+    (work / "agent.toml").write_text(dumps(agent))
+    coordinator = load_toml(CONFIG / "coordinator.toml")
+    coordinator["service"]["data_dir"] = str(work / "coordinator")
+    (work / "coordinator.toml").write_text(dumps(coordinator))
+    try:
+        identity = agent_model(work / "agent.toml")
+    except RuntimeError as exc:
+        raise DemoError(f"the model identity for the manifest: {exc}") from None
+    kits = out / "kits"
+    signed = provision(
+        FederationSpec(
+            declaration=coordinator_declaration(work / "coordinator.toml", identity),
+            boundaries=BOUNDARIES,
+            auditors=(OPERATOR,),
+        ),
+        kits,
+        now=datetime.now(UTC),
+    )
+    for party in signed.manifest.parties:
+        for path in (kits / party.party_id, *(kits / party.party_id).iterdir()):
+            try:
+                os.chown(path, IMAGE_UID, IMAGE_UID)
+            except PermissionError:
+                raise DemoError(
+                    f"{path}: cannot hand it to the image's user {IMAGE_UID}, want to run "
+                    "as root (as the docker engine does)"
+                ) from None
+    shutil.rmtree(work)
+    print(
+        f"  manifest: run {signed.run_id} version {signed.version}, parties "
+        + ", ".join(p.party_id for p in signed.manifest.parties)
+    )
+    return kits.resolve()
+
+
 def tokens_trained(compose: Compose) -> int:
     """The agents' token counts, each asked inside its own container (its status port
     listens on its loopback only)."""
@@ -169,9 +248,6 @@ def run(compose: Compose, out: Path, windows: int) -> int:
     print("starting the audit log ...")
     compose.run("up", "-d", "--quiet-pull", "audit-log")
     compose.wait_healthy(["audit-log"], 120)
-    key = compose.run("exec", "-T", "audit-log", "cat", "log.vkey", capture=True).strip()
-    compose.env["AUDIT_LOG_KEY"] = key
-    print(f"  audit log verifier key: {key}")
     print("starting the coordinator, org-a, org-b and three Prometheus servers ...")
     compose.run("up", "-d", "--quiet-pull")
     compose.wait_healthy([*AGENTS], 600)
@@ -270,7 +346,13 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(args.out)
     args.out.mkdir(parents=True)
     base = publish(base, args.out / "base-model")
-    env.update(CORPUS_DIR=str(corpus), BASE_MODEL_DIR=str(base), AUDIT_LOG_KEY="")
+    print("federation: one kit per party (mTLS, the signed manifest):")
+    try:
+        kits = provision_kits(args.out, corpus, base)
+    except DemoError as exc:
+        print(f"\ndemo-docker failed: {exc}")
+        return 1
+    env.update(CORPUS_DIR=str(corpus), BASE_MODEL_DIR=str(base), KITS_DIR=str(kits))
     compose.run("down", "--volumes", "--remove-orphans", capture=True, check=False, quiet=True)
     try:
         return run(compose, args.out, windows)

@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 import yaml
 
+from echelon_tools.launcher import OPERATOR
 from services.common.settings import (
     AUDIT_LOG,
     BOUNDARY_AGENT,
@@ -40,6 +41,8 @@ DOCKERFILES = ("Dockerfile", "Dockerfile.cuda", "Dockerfile.prometheus")
 ECHELON_DOCKERFILES = ("Dockerfile", "Dockerfile.cuda")
 ORGANIZATIONS = ("org-a", "org-b")
 GLOBAL_PLANE = {"coordinator", "audit-log"}
+KIT_INSIDE = "/etc/echelon/kit"  # where a container finds its party's kit
+DEFAULT_KITS = "../../var/demo-docker/kits"  # demo_docker.py's default --out, /kits
 # What the image itself sets (deploy/docker/Dockerfile's ENV), which every service gets.
 IMAGE_ENV = {"ECHELON_DATA_DIR": "/var/lib/echelon", "ECHELON_HEALTH_PORT": "8081"}
 SPECS: dict[str, ServiceSpec] = {
@@ -182,8 +185,7 @@ def _config_file(name: str) -> Path:
     command = service["command"]
     assert "--config" in command, f"{name} reads its settings from a file"
     inside = command[command.index("--config") + 1]
-    mounts = [m.split(":") for m in service["volumes"] if isinstance(m, str)]
-    sources = [src for src, dst, *_ in mounts if dst == inside]
+    sources = [src for src, dst, _ in _mounts(service) if dst == inside]
     assert len(sources) == 1, f"{name}: {inside} is mounted from one file"
     return (COMPOSE / sources[0]).resolve()
 
@@ -199,18 +201,46 @@ def _resolved(name: str) -> ServiceConfig:
 
 def _environment(name: str) -> dict[str, str]:
     environment = _services()[name].get("environment", {})
-    # ${AUDIT_LOG_KEY:-}: empty until the audit log has started and shown its key.
-    return {k: "" if "${" in str(v) else str(v) for k, v in environment.items()}
+    return {k: str(v) for k, v in environment.items()}
 
 
 @pytest.mark.parametrize("name", sorted(SPECS))
 def test_each_service_takes_its_settings_from_its_file_in_compose_config(name: str) -> None:
     path = _config_file(name)
     assert path.parent == COMPOSE / "config", f"{name}'s settings are in deploy/compose/config"
-    # Beyond the file, only the audit log's verifier key, known once the log has started.
-    allowed = set() if name == "audit-log" else {"ECHELON_AUDIT_KEY"}
-    assert set(_environment(name)) <= allowed, f"{name}: settings belong in {path.name}"
+    assert not _environment(name), f"{name}: settings belong in {path.name}"
     service = _resolved(name)  # raises ConfigFileError if the services reject the file
-    service.require_transport()  # a kit (mTLS) or an explicit insecure = true
+    assert not service.insecure, f"{name}: every channel of the deployment is mTLS"
+    assert service.kit == KIT_INSIDE, f"{name}: its kit where the compose file mounts it"
     assert service.data_dir == Path(IMAGE_ENV["ECHELON_DATA_DIR"])
     assert service.health_port == int(IMAGE_ENV["ECHELON_HEALTH_PORT"])
+
+
+def _mounts(service: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """(source, target, mode) of a service's volumes, in the short syntax SRC:DST[:MODE]
+    (a source may hold a variable with a default, `${VAR:-path}`, and so a colon)."""
+    found = []
+    for volume in service.get("volumes", []):
+        match = re.fullmatch(r"(.+):(/[^:]*)(?::(ro|rw))?", volume)
+        assert match, f"volume {volume!r}: want SRC:DST[:MODE]"
+        found.append((match[1], match[2], match[3] or "rw"))
+    return found
+
+
+def _kit_mounts(service: dict[str, Any]) -> list[tuple[str, str]]:
+    """(kit directory on the host, mode) of each mount at the kit's place in a container."""
+    return [(src, mode) for src, dst, mode in _mounts(service) if dst == KIT_INSIDE]
+
+
+@pytest.mark.parametrize("name", [*sorted(SPECS), "demo-watch", "demo-summary"])
+def test_each_party_gets_its_own_kit_read_only(name: str) -> None:
+    """Each service is handed the kit of its own party (the party id is its certificate
+    identity), the demo's steps the operator's (an auditor), read-only; no service gets a
+    key that is not its own, and none gets the federation's root (KITS_DIR/root)."""
+    service = _services(with_profiles=True)[name]
+    party = {"org-a-agent": "org-a", "org-b-agent": "org-b"}.get(name, name)
+    if name.startswith("demo-"):
+        party = OPERATOR
+    assert _kit_mounts(service) == [(f"${{KITS_DIR:-{DEFAULT_KITS}}}/{party}", "ro")]
+    every = [src for s in _services(with_profiles=True).values() for src, _ in _kit_mounts(s)]
+    assert not [src for src in every if src.endswith("/root")], "the root stays on the host"

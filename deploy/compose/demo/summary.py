@@ -25,11 +25,10 @@ class StoppedDeployment:
     """What `echelon_tools.demo` reads of a deployment, for one whose services ran in
     containers: each service's data directory is a copy of its volume under `root`."""
 
-    # The signed manifest of an mTLS deployment; this one provisions no kits (insecure).
-    manifest: Path | None = None
-
-    def __init__(self, root: Path, config: Path) -> None:
+    def __init__(self, root: Path, config: Path, manifest: Path) -> None:
         self.spec = SimpleNamespace(root=root)
+        # The signed manifest the deployment ran under: verify takes every key from it.
+        self.manifest = manifest
         self.audit_db = root / "audit-log" / DB_FILE
         self.coordinator_state = root / "coordinator" / "state"
         self._config = config
@@ -49,6 +48,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="watch.py's output; writable")
     parser.add_argument("--state", type=Path, default=Path("/srv/state"))
     parser.add_argument("--config", type=Path, default=Path("/srv/config"))
+    parser.add_argument(
+        "--manifest",
+        type=Path,
+        default=Path("/etc/echelon/kit/manifest.json"),
+        help="the signed manifest (the operator's kit)",
+    )
     parser.add_argument("--tokens", type=int, required=True, help="tokens the agents trained")
     args = parser.parse_args(argv)
     configure_logging("demo-summary", "warning", json=False)  # the summary, not the steps
@@ -59,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         if copy.exists():
             shutil.rmtree(copy)
         shutil.copytree(volume, copy)
-    deployment = StoppedDeployment(args.out, args.config)
+    deployment = StoppedDeployment(args.out, args.config, args.manifest)
     return demo._finish(
         SimpleNamespace(root=args.out),  # type: ignore[arg-type]
         deployment,  # type: ignore[arg-type]

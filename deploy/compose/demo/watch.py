@@ -1,7 +1,8 @@
 """`make demo-docker`'s watcher (compose service demo-watch, on the global network only):
 prints a line per committed window from the coordinator's status until the run's windows
 are done, then saves the audit log's latest signed tree head and the window count in
-OUT (checkpoint.txt, status.json) for the summary."""
+OUT (checkpoint.txt, status.json) for the summary. It reads both over mTLS as the demo's
+operator, an auditor of the manifest (its kit at /etc/echelon/kit)."""
 
 from __future__ import annotations
 
@@ -13,14 +14,19 @@ from pathlib import Path
 
 import grpc
 
+from echelon.audit.record import LOG_PARTY
+from echelon.trust.kit import Kit, load_kit
 from echelon_proto.coordinator.v1 import coordinator_pb2, coordinator_pb2_grpc
 from services.audit_log.client import AuditClient
+from services.common.tls import secure_channel
 from services.common.wire import new_ref
 
+COORDINATOR = "coordinator"  # the coordinator's party id (its certificate identity)
 
-def status(address: str) -> coordinator_pb2.CoordinatorStatus | None:
+
+def status(address: str, kit: Kit) -> coordinator_pb2.CoordinatorStatus | None:
     try:
-        with grpc.insecure_channel(address) as channel:
+        with secure_channel(address, kit, COORDINATOR) as channel:
             return coordinator_pb2_grpc.CoordinatorStub(channel).GetStatus(
                 coordinator_pb2.GetStatusRequest(ref=new_ref(0)), timeout=5.0
             )
@@ -35,12 +41,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--windows", type=int, default=8)
     parser.add_argument("--timeout-s", type=float, default=1800.0)
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--kit", type=Path, default=Path("/etc/echelon/kit"))
     args = parser.parse_args(argv)
+    kit = load_kit(args.kit)
     started = time.monotonic()
     last = -1
     while True:
         elapsed = time.monotonic() - started
-        st = status(args.coordinator)
+        st = status(args.coordinator, kit)
         if st is not None and st.windows_completed != last:
             last = st.windows_completed
             print(
@@ -55,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"demo-watch: {args.windows} windows not done in {args.timeout_s:.0f}s")
             return 1
         time.sleep(1.0)
-    with grpc.insecure_channel(args.audit_log) as channel:
+    with secure_channel(args.audit_log, kit, LOG_PARTY) as channel:
         checkpoint = AuditClient(channel).tree_head().checkpoint.decode()
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "checkpoint.txt").write_text(checkpoint)
