@@ -45,6 +45,7 @@ from echelon_proto.coordinator.v1 import session_pb2
 from services.common.audited import AuditedPeer
 from services.common.bootstrap import audited_peer, log_verifier_key, watch_audit_log
 from services.common.identity import load_or_create_identity
+from services.common.native import single_threaded_blas
 from services.common.obs import configure_logging, start_metrics
 from services.common.portfile import write_port_file
 from services.common.server import start_server, wait_for_signal
@@ -120,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         print(resolved.render(common, agent=agent), end="")
         return 0
     configure_logging(f"agent/{agent.boundary}", common.log_level)
+    single_threaded_blas()  # numpy's BLAS helpers would spin on the workers' cores
     structlog.contextvars.bind_contextvars(boundary=agent.boundary)
     if args.print_model:
         facts = model_facts(setup, common.data_dir)

@@ -35,6 +35,7 @@ from services.common.bootstrap import (
     watch_audit_log,
 )
 from services.common.identity import load_or_create_identity
+from services.common.native import single_threaded_blas
 from services.common.obs import configure_logging, start_metrics
 from services.common.portfile import write_port_file
 from services.common.server import start_server, wait_for_signal
@@ -119,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         print(resolved.render(common, coordinator=config), end="")
         return 0
     configure_logging("coordinator", common.log_level)
+    single_threaded_blas()  # numpy's BLAS helpers would spin on the workers' cores
     try:
         transport = load_transport(common, PARTY, PartyRole.COORDINATOR)
     except TransportError as exc:
