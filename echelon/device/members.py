@@ -9,7 +9,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from multiprocessing.connection import Connection
+from multiprocessing.connection import Connection, wait
 from typing import TypeVar
 
 import structlog
@@ -230,9 +230,12 @@ class Membership:
     def await_reply(self, handle: WorkerHandle, kind: type[_M], timeout_s: float) -> _M | None:
         """The worker's next reply if it is a `kind`; None on error, death, EOF or timeout."""
         deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
+        while (remaining := deadline - time.monotonic()) > 0:
             try:
-                if handle.conn.poll(POLL_S):
+                # Woken by the reply or by the worker's exit (its sentinel): a worker that
+                # trains for seconds costs one wake-up here, not one per POLL_S.
+                wait([handle.conn, handle.process.sentinel], timeout=remaining)
+                if handle.conn.poll(0):
                     reply: FromWorker = handle.conn.recv()
                     if isinstance(reply, kind):
                         return reply
