@@ -2,7 +2,7 @@
 devices training with no synchronization at all, measured side by side in one run.
 
 Run `python benchmarks/bench_e2e.py` (or `make bench`); `--json PATH` also writes the figures.
-Three kinds of measurement, in the order (a), (c), (b), (c) on this machine:
+Three kinds of measurement, in the order (a), (c), (b), (c), repeated for [e2e] rounds:
 
 (a) a real deployment on loopback (audit log, coordinator, two boundary agents, each
     spawning its device workers; every one a process): both levels of secure aggregation
@@ -14,8 +14,11 @@ Three kinds of measurement, in the order (a), (c), (b), (c) on this machine:
 (b) the deployment of (a) with every link between an organization and the global plane
     delayed by the configured latency one way (and capped at the configured bandwidth).
 
-The baseline runs twice, so that each deployment has one next to it; the ratios are against
-the mean of the two, and the table shows how far the machine moved between them.
+A baseline runs after each deployment, so that every deployment has one on each side (the
+first: after it only); a deployment's ratio is against the mean of its neighbours, and the
+table gives each kind's median ratio over the rounds with its range, and how far the
+baseline moved over the whole run. The machine's speed drifts by several per cent within a
+minute, so one pair of runs is not a verdict: the median of interleaved pairs is.
 
 Tokens/s counts the tokens the devices trained over the steady windows: from the commit of
 the first window (warm-up, left out: the pools are still spawning) to the commit of the
@@ -64,6 +67,7 @@ class E2EConfig:
     eval_batches: int = 1
     target_loopback: float = 0.95
     target_wan: float = 0.90
+    rounds: int = 3  # (a), (c), (b), (c) this many times; verdicts on the median ratio
 
 
 @dataclass(frozen=True)
@@ -158,13 +162,41 @@ def baseline(plan: CheckPlan, agents: dict[str, Path], root: Path) -> Measured:
     return Measured("no synchronization", throughput(runs, start, end), inside, inside)
 
 
+@dataclass(frozen=True)
+class Paired:
+    """A deployment's measurement and its ratio against the baselines next to it."""
+
+    kind: str  # "loopback" or "wan"
+    measured: Measured
+    ratio: float
+
+
+def paired(sequence: list[tuple[str, Measured]]) -> list[Paired]:
+    """Each deployment in `sequence` (in the order run) against the mean tokens/s of the
+    baseline runs right before and right after it."""
+    out = []
+    for i, (kind, m) in enumerate(sequence):
+        if kind == "baseline":
+            continue
+        near = [
+            sequence[j][1].rate.tokens_per_s
+            for j in (i - 1, i + 1)
+            if 0 <= j < len(sequence) and sequence[j][0] == "baseline"
+        ]
+        out.append(Paired(kind, m, m.rate.tokens_per_s / statistics.fmean(near)))
+    return out
+
+
 def report(
-    plan: CheckPlan, e2e: E2EConfig, bases: list[Measured], loop: Measured, wan: Measured
+    plan: CheckPlan, e2e: E2EConfig, sequence: list[tuple[str, Measured]]
 ) -> tuple[str, dict[str, Any]]:
-    """The table and its JSON form; the baseline is the mean of its measurements."""
+    """The table and its JSON form: per kind of deployment, the median over the rounds of
+    its ratio against its neighbouring baselines."""
     check = plan.check
-    base_rate = statistics.fmean(b.rate.tokens_per_s for b in bases)
-    drift = bases[-1].rate.tokens_per_s / bases[0].rate.tokens_per_s - 1
+    bases = [m for kind, m in sequence if kind == "baseline"]
+    base_rates = [b.rate.tokens_per_s for b in bases]
+    spread = max(base_rates) / min(base_rates) - 1
+    pairs = paired(sequence)
     lines = [
         f"end-to-end throughput: 2 organizations x {check.workers} device workers, tiny Llama "
         f"({plan.base.layers} layers, hidden {plan.base.hidden}), LoRA, batch "
@@ -180,45 +212,61 @@ def report(
         f"WAN: {check.latency_ms:.0f} ms one way, {check.bandwidth_mbps:g} Mbit/s per direction, "
         "on every link between an organization and the global plane",
         f"first window left out as warm-up; {check.windows - 1} steady windows per deployment "
-        "(one more runs after them); one shared machine: figures are noisy",
-        "baseline measured after (a) and after (b): "
-        + ", ".join(f"{b.rate.tokens_per_s:.0f}" for b in bases)
-        + f" tokens/s ({drift:+.1%} between them); ratios are against their mean",
+        f"(one more runs after them); {e2e.rounds} round(s) of (a), (c), (b), (c) on one "
+        "shared machine",
+        "baseline after each deployment: "
+        + ", ".join(f"{r:.0f}" for r in base_rates)
+        + f" tokens/s (max/min {spread:+.1%}); each deployment's ratio is against the "
+        "baselines next to it",
         "",
-        f"{'run':<34}{'tokens/s':>10}{'vs no-sync':>12}{'target':>8}{'':>6}"
+        f"{'run':<24}{'tokens/s':>10}{'vs no-sync':>12}{'range':>14}{'target':>8}{'':>6}"
         f"{'devices idle':>14}{'s/window':>10}{'s/run':>8}",
     ]
     data: dict[str, Any] = {
         "config": asdict(check),
         "e2e": asdict(e2e),
         "baseline": {
-            "tokens_per_s": base_rate,
-            "drift": drift,
+            "tokens_per_s": statistics.median(base_rates),
+            "spread": spread,
             "runs": [b.row() for b in bases],
         },
     }
     base_run_s = [s for b in bases for s in b.run_s]
     lines.append(
-        f"{'(c) ' + bases[0].name:<34}{base_rate:>10.0f}{1.0:>12.3f}{'':>14}"
-        f"{statistics.fmean(b.rate.idle_fraction for b in bases):>14.1%}"
+        f"{'(c) ' + bases[0].name:<24}{statistics.median(base_rates):>10.0f}{1.0:>12.3f}"
+        f"{'':>28}{statistics.fmean(b.rate.idle_fraction for b in bases):>14.1%}"
         f"{statistics.fmean(base_run_s):>10.2f}{statistics.fmean(base_run_s):>8.2f}"
     )
     rows = [
-        ("loopback", "(a) " + loop.name, loop, e2e.target_loopback),
-        ("wan", "(b) " + wan.name, wan, e2e.target_wan),
+        ("loopback", "(a) loopback", e2e.target_loopback),
+        ("wan", f"(b) {check.latency_ms:.0f} ms one way", e2e.target_wan),
     ]
-    for key, label, m, target in rows:
-        ratio = m.rate.tokens_per_s / base_rate
+    for key, label, target in rows:
+        mine = [p for p in pairs if p.kind == key]
+        ratios = [p.ratio for p in mine]
+        ratio = statistics.median(ratios)
         verdict = "PASS" if ratio >= target else "FAIL"
-        per_window, per_run = statistics.fmean(m.window_s), statistics.fmean(m.run_s)
+        ms = [p.measured for p in mine]
+        rate = statistics.median(m.rate.tokens_per_s for m in ms)
+        idle = statistics.fmean(m.rate.idle_fraction for m in ms)
+        per_window = statistics.fmean(s for m in ms for s in m.window_s)
+        per_run = statistics.fmean(s for m in ms for s in m.run_s)
+        span = f"{min(ratios):.3f}-{max(ratios):.3f}"
         lines.append(
-            f"{label:<34}{m.rate.tokens_per_s:>10.0f}{ratio:>12.3f}{target:>8.2f}{verdict:>6}"
-            f"{m.rate.idle_fraction:>14.1%}{per_window:>10.2f}{per_run:>8.2f}"
+            f"{label:<24}{rate:>10.0f}{ratio:>12.3f}{span:>14}{target:>8.2f}{verdict:>6}"
+            f"{idle:>14.1%}{per_window:>10.2f}{per_run:>8.2f}"
         )
-        data[key] = {**m.row(), "ratio": ratio, "target": target, "verdict": verdict}
+        data[key] = {
+            "ratio": ratio,
+            "ratios": ratios,
+            "target": target,
+            "verdict": verdict,
+            "runs": [{**p.measured.row(), "ratio": p.ratio} for p in mine],
+        }
     lines.append(
-        "s/window: the coordinator's seconds per window (the baseline: a pool's run); s/run: a "
-        "device pool's run of H steps (with level-1 aggregation and evaluation in (a), (b))"
+        "vs no-sync: the median over the rounds; range: its lowest and highest. s/window: the "
+        "coordinator's seconds per window (the baseline: a pool's run); s/run: a device "
+        "pool's run of H steps (with level-1 aggregation and evaluation in (a), (b))"
     )
     return "\n".join(lines), data
 
@@ -243,15 +291,16 @@ def main(argv: list[str] | None = None) -> int:
     with contextlib.ExitStack() as stack:
         root = args.root or Path(stack.enter_context(tempfile.TemporaryDirectory()))
         print(f"bench-e2e: runs under {root}", flush=True)
-        loop, agents = deployment(plan, e2e, root / "loopback", 0.0)
-        print(f"  (a) loopback: {loop.rate.tokens_per_s:.0f} tokens/s", flush=True)
-        bases = [baseline(plan, agents, root / "baseline-1")]
-        print(f"  (c) no synchronization: {bases[0].rate.tokens_per_s:.0f} tokens/s", flush=True)
-        wan, _ = deployment(plan, e2e, root / "wan", plan.check.latency_ms)
-        print(f"  (b) {wan.name}: {wan.rate.tokens_per_s:.0f} tokens/s", flush=True)
-        bases.append(baseline(plan, agents, root / "baseline-2"))
-        print(f"  (c) again: {bases[1].rate.tokens_per_s:.0f} tokens/s", flush=True)
-        text, data = report(plan, e2e, bases, loop, wan)
+        sequence: list[tuple[str, Measured]] = []
+        for n in range(1, e2e.rounds + 1):
+            for kind, latency in (("loopback", 0.0), ("wan", plan.check.latency_ms)):
+                m, agents = deployment(plan, e2e, root / f"{kind}-{n}", latency)
+                print(f"  round {n}: {m.name}: {m.rate.tokens_per_s:.0f} tokens/s", flush=True)
+                sequence.append((kind, m))
+                base = baseline(plan, agents, root / f"baseline-{kind}-{n}")
+                print(f"  round {n}: no sync: {base.rate.tokens_per_s:.0f} tokens/s", flush=True)
+                sequence.append(("baseline", base))
+        text, data = report(plan, e2e, sequence)
     data["seconds"] = time.monotonic() - started
     print(text)
     print(f"bench-e2e: {data['seconds']:.0f} s")

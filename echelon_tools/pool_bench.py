@@ -28,6 +28,7 @@ from echelon_tools.corpus import fetch_domain
 from echelon_tools.runlogs import TrainingRun
 from services.boundary_agent.__main__ import load_setup
 from services.boundary_agent.training import DeviceSecurity, model_facts, pool_config
+from services.common.native import single_threaded_blas
 
 
 def measure(cfg: PoolConfig, *, steps: int, windows: int) -> tuple[float, float]:
@@ -63,7 +64,11 @@ def no_sync_runs(
     """Every boundary's pool runs `windows` windows of `steps` inner steps back to back, all
     pools at once and none waiting for another (the devices with no synchronization at all).
     Pools start together; windows begin once every pool is up. Raises the first pool's error.
+    This process drives the pools as the agents drive theirs, and so runs numpy's BLAS as
+    they do (single-threaded: services.common.native), lest its BLAS helper threads spin on
+    the devices' cores in the baseline only.
     """
+    single_threaded_blas()
     pools = {name: DevicePool(cfg) for name, cfg in configs.items()}
     ready = threading.Barrier(len(pools), timeout=timeout_s)
     runs: list[TrainingRun] = []
