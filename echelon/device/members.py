@@ -9,7 +9,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from multiprocessing.connection import Connection, wait
+from multiprocessing.connection import Connection
 from typing import TypeVar
 
 import structlog
@@ -28,7 +28,7 @@ from echelon.device.control import (
     WorkerSpec,
 )
 from echelon.device.group import LOOPBACK, GroupInfo, PointToPointGroup, connect, new_store
-from echelon.device.handle import WorkerHandle
+from echelon.device.handle import WorkerHandle, await_any
 from echelon.training.adapter import AdapterLayout
 
 log = structlog.get_logger(__name__)
@@ -232,9 +232,9 @@ class Membership:
         deadline = time.monotonic() + timeout_s
         while (remaining := deadline - time.monotonic()) > 0:
             try:
-                # Woken by the reply or by the worker's exit (its sentinel): a worker that
-                # trains for seconds costs one wake-up here, not one per POLL_S.
-                wait([handle.conn, handle.process.sentinel], timeout=remaining)
+                # Woken by the reply or by the worker's exit: a worker that trains for
+                # seconds costs one wake-up here, not one per POLL_S.
+                await_any([handle], remaining, POLL_S)
                 if handle.conn.poll(0):
                     reply: FromWorker = handle.conn.recv()
                     if isinstance(reply, kind):

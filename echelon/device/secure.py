@@ -20,7 +20,6 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from enum import Enum
-from multiprocessing.connection import wait
 
 import numpy as np
 import torch
@@ -33,7 +32,7 @@ from echelon.device.contribution import (
 )
 from echelon.device.control import SecureStart, SecureToWorker, WorkerError
 from echelon.device.drive import run_rounds
-from echelon.device.handle import WorkerHandle
+from echelon.device.handle import WorkerHandle, await_any
 from echelon.device.masking import LOSS_RANGE
 from echelon.device.members import POLL_S, Membership, PoolError
 from echelon.protocol.messages import (
@@ -161,7 +160,7 @@ class PipeTransport:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return None
-            wait([h.conn for h in handles], timeout=min(POLL_S, remaining))
+            await_any(handles, remaining, POLL_S)
 
     def _accept(self, shard: int, message: object) -> PartyMessage | str:
         if isinstance(message, WorkerError):
