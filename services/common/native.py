@@ -35,8 +35,10 @@ def _loaded_openblas(maps: Path = Path("/proc/self/maps")) -> list[str]:
         lines = maps.read_text().splitlines()
     except OSError:
         return []
-    paths = {line.split()[-1] for line in lines if "openblas" in line.rsplit("/", 1)[-1].lower()}
-    return sorted(p for p in paths if p.startswith("/"))
+    # numpy's wheels bundle libscipy_openblas64_-*.so; Debian's numpy maps
+    # .../openblas-pthread/libblas.so.3: "openblas" anywhere in the path.
+    paths = {line.split()[-1] for line in lines if "/" in line}
+    return sorted(p for p in paths if p.startswith("/") and "openblas" in p.lower())
 
 
 def single_threaded_blas() -> int:
@@ -58,5 +60,8 @@ def single_threaded_blas() -> int:
                 setter(1)
                 limited += 1
                 break
-    log.debug("blas_threads_limited", libraries=limited)
+    if limited:
+        log.debug("blas_threads_limited", libraries=limited)
+    else:  # MKL, BLIS, Accelerate, or not Linux: its helper threads may take the devices' CPU
+        log.info("blas_threads_not_limited", reason="no OpenBLAS with a thread setter is mapped")
     return limited

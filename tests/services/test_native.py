@@ -17,8 +17,12 @@ def test_loaded_openblas_reads_the_mapped_libraries(tmp_path: Path) -> None:
         "7f01-7f02 r--p 00001000 08:01 1 /opt/numpy.libs/libscipy_openblas64_-ab12.so\n"
         "7f02-7f03 r-xp 00000000 08:01 2 /usr/lib/libc.so.6\n"
         "7f03-7f04 rw-p 00000000 00:00 0 [heap]\n"
+        "7f04-7f05 r-xp 00000000 08:01 3 /usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3\n"
     )
-    assert _loaded_openblas(maps) == ["/opt/numpy.libs/libscipy_openblas64_-ab12.so"]
+    assert _loaded_openblas(maps) == [
+        "/opt/numpy.libs/libscipy_openblas64_-ab12.so",
+        "/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3",  # Debian's numpy
+    ]
     assert _loaded_openblas(tmp_path / "absent") == []
 
 
