@@ -416,19 +416,26 @@ def agent_model(agent_config: Path, *, timeout_s: float = 300.0) -> ModelIdentit
     Raises RuntimeError with the agent's error output when it fails."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("ECHELON_")}
     command = [sys.executable, "-m", "services.boundary_agent", "--config", str(agent_config)]
-    done = subprocess.run(
-        [*command, "--print-model"],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=timeout_s,
-        check=False,
-    )
+    try:
+        done = subprocess.run(
+            [*command, "--print-model"],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=timeout_s,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        raise RuntimeError(f"{agent_config}: --print-model took over {timeout_s:.0f}s") from None
     if done.returncode != 0:
         raise RuntimeError(
             f"{agent_config}: --print-model exited {done.returncode}:\n{done.stderr[-3000:]}"
         )
-    return parse_model(done.stdout.strip().splitlines()[-1], f"{agent_config} --print-model")
+    lines = done.stdout.strip().splitlines()
+    try:
+        return parse_model(lines[-1] if lines else "", f"{agent_config} --print-model")
+    except ValueError as exc:
+        raise RuntimeError(str(exc)) from None
 
 
 def coordinator_declaration(coordinator_config: Path, model: ModelIdentity) -> RunDeclaration:
