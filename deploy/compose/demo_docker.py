@@ -193,6 +193,9 @@ def provision_kits(out: Path, corpus: Path, model: Path) -> Path:
                     f"{path}: cannot hand it to the image's user {IMAGE_UID}, want to run "
                     "as root (as the docker engine does)"
                 ) from None
+    # The kits' folder is root's alone: the engine (root) bind-mounts each kit, and no other
+    # account on this host, whatever its uid, reaches a key through it.
+    kits.chmod(0o700)
     shutil.rmtree(work)
     print(
         f"  manifest: run {signed.run_id} version {signed.version}, parties "

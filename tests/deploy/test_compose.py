@@ -11,6 +11,7 @@ docker-compose comes from Debian (make deploy-tools), hadolint from the `deploy`
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import re
 import subprocess
@@ -232,15 +233,43 @@ def _kit_mounts(service: dict[str, Any]) -> list[tuple[str, str]]:
     return [(src, mode) for src, dst, mode in _mounts(service) if dst == KIT_INSIDE]
 
 
-@pytest.mark.parametrize("name", [*sorted(SPECS), "demo-watch", "demo-summary"])
-def test_each_party_gets_its_own_kit_read_only(name: str) -> None:
+def _kits_volumes(service: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """The volumes of a service that come from the federation's kits (KITS_DIR)."""
+    return [m for m in _mounts(service) if "KITS_DIR" in m[0]]
+
+
+@pytest.mark.parametrize("name", sorted(_services(with_profiles=True)))
+def test_each_party_gets_only_its_own_kit_read_only(name: str) -> None:
     """Each service is handed the kit of its own party (the party id is its certificate
-    identity), the demo's steps the operator's (an auditor), read-only; no service gets a
-    key that is not its own, and none gets the federation's root (KITS_DIR/root)."""
-    service = _services(with_profiles=True)[name]
-    party = {"org-a-agent": "org-a", "org-b-agent": "org-b"}.get(name, name)
-    if name.startswith("demo-"):
-        party = OPERATOR
-    assert _kit_mounts(service) == [(f"${{KITS_DIR:-{DEFAULT_KITS}}}/{party}", "ro")]
-    every = [src for s in _services(with_profiles=True).values() for src, _ in _kit_mounts(s)]
-    assert not [src for src in every if src.endswith("/root")], "the root stays on the host"
+    identity) read-only, the demo's watcher the operator's (an auditor), the summary only
+    the public manifest and root; nothing else reaches into the kits, and no one gets the
+    federation's root keys (KITS_DIR/root)."""
+    kits = f"${{KITS_DIR:-{DEFAULT_KITS}}}"
+    party = {"org-a-agent": "org-a", "org-b-agent": "org-b", "demo-watch": OPERATOR}.get(name, name)
+    want: list[tuple[str, str, str]] = []
+    if name in SPECS or name == "demo-watch":
+        want = [(f"{kits}/{party}", KIT_INSIDE, "ro")]
+    elif name == "demo-summary":
+        want = [
+            (f"{kits}/{OPERATOR}/{public}", f"/srv/manifest/{public}", "ro")
+            for public in ("manifest.json", "root.pub")
+        ]
+    assert _kits_volumes(_services(with_profiles=True)[name]) == want
+
+
+def _demo_docker() -> Any:
+    spec = importlib.util.spec_from_file_location("demo_docker", COMPOSE / "demo_docker.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_demo_provisions_kits_where_the_compose_file_looks_for_them_for_its_user() -> None:
+    demo = _demo_docker()
+    source = (COMPOSE / "demo_docker.py").read_text()
+    parser_default = re.search(r'"--out", type=Path, default=Path\("([^"]+)"\)', source)
+    assert parser_default is not None
+    assert (COMPOSE / DEFAULT_KITS).resolve() == (ROOT / parser_default[1] / "kits").resolve()
+    user = re.search(r"^USER (\d+):(\d+)$", (DOCKER / "Dockerfile").read_text(), re.M)
+    assert user is not None and int(user[1]) == demo.IMAGE_UID, "the kits' owner is the image's"

@@ -51,8 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--manifest",
         type=Path,
-        default=Path("/etc/echelon/kit/manifest.json"),
-        help="the signed manifest (the operator's kit)",
+        default=Path("/srv/manifest/manifest.json"),
+        help="the signed manifest, with the root.pub it verifies against beside it",
     )
     parser.add_argument("--tokens", type=int, required=True, help="tokens the agents trained")
     args = parser.parse_args(argv)

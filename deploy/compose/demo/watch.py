@@ -20,8 +20,7 @@ from echelon_proto.coordinator.v1 import coordinator_pb2, coordinator_pb2_grpc
 from services.audit_log.client import AuditClient
 from services.common.tls import secure_channel
 from services.common.wire import new_ref
-
-COORDINATOR = "coordinator"  # the coordinator's party id (its certificate identity)
+from services.global_coordinator.__main__ import PARTY as COORDINATOR
 
 
 def status(address: str, kit: Kit) -> coordinator_pb2.CoordinatorStatus | None:
