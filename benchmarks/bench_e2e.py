@@ -220,7 +220,7 @@ def report(
         "baselines next to it",
         "",
         f"{'run':<24}{'tokens/s':>10}{'vs no-sync':>12}{'range':>14}{'target':>8}{'':>6}"
-        f"{'devices idle':>14}{'s/window':>10}{'s/run':>8}",
+        f"{'rounds >=':>10}{'devices idle':>14}{'s/window':>10}{'s/run':>8}",
     ]
     data: dict[str, Any] = {
         "config": asdict(check),
@@ -234,7 +234,7 @@ def report(
     base_run_s = [s for b in bases for s in b.run_s]
     lines.append(
         f"{'(c) ' + bases[0].name:<24}{statistics.median(base_rates):>10.0f}{1.0:>12.3f}"
-        f"{'':>28}{statistics.fmean(b.rate.idle_fraction for b in bases):>14.1%}"
+        f"{'':>38}{statistics.fmean(b.rate.idle_fraction for b in bases):>14.1%}"
         f"{statistics.fmean(base_run_s):>10.2f}{statistics.fmean(base_run_s):>8.2f}"
     )
     rows = [
@@ -252,9 +252,10 @@ def report(
         per_window = statistics.fmean(s for m in ms for s in m.window_s)
         per_run = statistics.fmean(s for m in ms for s in m.run_s)
         span = f"{min(ratios):.3f}-{max(ratios):.3f}"
+        met = f"{sum(r >= target for r in ratios)}/{len(ratios)}"
         lines.append(
             f"{label:<24}{rate:>10.0f}{ratio:>12.3f}{span:>14}{target:>8.2f}{verdict:>6}"
-            f"{idle:>14.1%}{per_window:>10.2f}{per_run:>8.2f}"
+            f"{met:>10}{idle:>14.1%}{per_window:>10.2f}{per_run:>8.2f}"
         )
         data[key] = {
             "ratio": ratio,
@@ -264,7 +265,9 @@ def report(
             "runs": [{**p.measured.row(), "ratio": p.ratio} for p in mine],
         }
     lines.append(
-        "vs no-sync: the median over the rounds; range: its lowest and highest. s/window: the "
+        "tokens/s: the median of the runs' (the baseline's too); vs no-sync: the median over "
+        "the rounds of each deployment against its neighbouring baselines, and the verdict; "
+        "range: the lowest and highest; rounds >=: how many met the target. s/window: the "
         "coordinator's seconds per window (the baseline: a pool's run); s/run: a device "
         "pool's run of H steps (with level-1 aggregation and evaluation in (a), (b))"
     )
@@ -286,6 +289,8 @@ def main(argv: list[str] | None = None) -> int:
     if not plan.corpus.cache_dir.is_absolute():  # the repository's cache, from anywhere
         plan = replace(plan, corpus=replace(plan.corpus, cache_dir=ROOT / plan.corpus.cache_dir))
     e2e = build(E2EConfig, load_toml(args.config).get("e2e"), "e2e")
+    if e2e.rounds < 1:
+        parser.error(f"{args.config}: [e2e] rounds = {e2e.rounds}, want 1 or more")
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
     started = time.monotonic()
     with contextlib.ExitStack() as stack:
