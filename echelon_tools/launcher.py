@@ -226,8 +226,8 @@ class Deployment:
             model = agent_model(cfg)
         except RuntimeError as exc:
             raise LaunchError(str(exc)) from None
-        tables = _merge({"service": {"data_dir": str(spec.root / "coordinator")}}, {})
-        coordinator_cfg = self._write("coordinator", _merge(tables, spec.coordinator_tables))
+        service = {"service": {"data_dir": str(spec.root / "coordinator")}}
+        coordinator_cfg = self._write("coordinator", _merge(service, spec.coordinator_tables))
         provision(
             FederationSpec(
                 declaration=coordinator_declaration(coordinator_cfg, model),

@@ -167,9 +167,6 @@ def provision_kits(out: Path, corpus: Path, model: Path) -> Path:
     agent = _on_host(load_toml(CONFIG / f"{BOUNDARIES[0]}.toml"), host)
     agent["service"]["data_dir"] = str(work / BOUNDARIES[0])
     (work / "agent.toml").write_text(dumps(agent))
-    coordinator = load_toml(CONFIG / "coordinator.toml")
-    coordinator["service"]["data_dir"] = str(work / "coordinator")
-    (work / "coordinator.toml").write_text(dumps(coordinator))
     try:
         identity = agent_model(work / "agent.toml")
     except RuntimeError as exc:
@@ -177,7 +174,7 @@ def provision_kits(out: Path, corpus: Path, model: Path) -> Path:
     kits = out / "kits"
     signed = provision(
         FederationSpec(
-            declaration=coordinator_declaration(work / "coordinator.toml", identity),
+            declaration=coordinator_declaration(CONFIG / "coordinator.toml", identity),
             boundaries=BOUNDARIES,
             auditors=(OPERATOR,),
         ),

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypedDict
 
 import grpc
 import numpy as np
@@ -66,7 +66,15 @@ Fault = Callable[[ToCoordinator], ToCoordinator | None]
 _END = object()
 
 
-def session_trust(transport: Transport, boundary: str) -> dict[str, Any]:
+class SessionTrust(TypedDict):
+    """`AgentSession`'s transport arguments (passed as `**trust`, checked by type)."""
+
+    dial: Callable[[str, list[tuple[str, Any]]], grpc.Channel]
+    prove: Callable[[str, bytes], bytes] | None
+    manifest_keys: dict[str, bytes] | None
+
+
+def session_trust(transport: Transport, boundary: str) -> SessionTrust:
     """`AgentSession`'s transport arguments for the party `boundary`: `dial` (mTLS with a
     kit, plaintext without), and with a kit `prove` (its registration proof, signed by the
     kit's identity key) and `manifest_keys` (the manifest's boundaries' identity keys)."""
